@@ -1,0 +1,144 @@
+"""The route table: an immutable snapshot of services, routes, weighted splits and balancers. No I/O.
+
+A `RouteTable` is built from a `Config` whenever the configuration changes and swapped in with one reference
+assignment; requests in flight keep the table they started with. Lookup is: authority -> `ServiceRoutes`
+(`RouteTable.lookup`), then path and headers -> `RouteEntry` (`ServiceRoutes.match`), then the entry's smooth
+weighted split -> `SubsetTarget`, whose balancer picks an endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from gateway.balancer import Balancer, Endpoint
+from gateway.config import Address, Config, Route, Service
+
+EndpointFactory = Callable[[str, Address], Endpoint]
+
+_HOST_CACHE_LIMIT = 4096  # bounded: a flood of random Host headers must not grow memory
+
+
+class SmoothWeighted:
+    """nginx's smooth weighted round robin: exact proportions, evenly interleaved, no random drift.
+
+    >>> split = SmoothWeighted([90, 10])
+    >>> [split.next() for _ in range(10)]
+    [0, 0, 0, 0, 0, 1, 0, 0, 0, 0]
+    """
+
+    __slots__ = ("weights", "current", "total")
+
+    def __init__(self, weights: list[int]) -> None:
+        self.weights = weights
+        self.current = [0] * len(weights)
+        self.total = sum(weights)
+
+    def next(self) -> int:
+        current, weights = self.current, self.weights
+        best = 0
+        for i, weight in enumerate(weights):
+            current[i] += weight
+            if current[i] > current[best]:
+                best = i
+        current[best] -= self.total
+        return best
+
+
+class SubsetTarget:
+    __slots__ = ("service", "name", "balancer")
+
+    def __init__(self, service: ServiceRoutes, name: str, balancer: Balancer) -> None:
+        self.service = service
+        self.name = name
+        self.balancer = balancer
+
+
+class RouteEntry:
+    __slots__ = ("name", "path_prefix", "headers", "targets", "_split", "_only")
+
+    def __init__(self, route: Route, subsets: Mapping[str, SubsetTarget]) -> None:
+        self.name = route.name
+        self.path_prefix = route.match.path_prefix.encode() if route.match else b"/"
+        self.headers = tuple((k.encode(), v.encode()) for k, v in route.match.headers) if route.match else ()
+        weighted = [(subsets[name], weight) for name, weight in route.split if weight > 0]
+        self.targets = tuple(target for target, _ in weighted)
+        self._split = SmoothWeighted([weight for _, weight in weighted])
+        self._only = self.targets[0] if len(self.targets) == 1 else None
+
+    def matches(self, path: bytes, headers: Mapping[bytes, bytes]) -> bool:
+        if not path.startswith(self.path_prefix):
+            return False
+        return all(headers.get(name) == value for name, value in self.headers)
+
+    def pick(self) -> SubsetTarget:
+        if self._only is not None:
+            return self._only
+        return self.targets[self._split.next()]
+
+
+class ServiceRoutes:
+    """One service of the snapshot: its config, subsets and ordered routes."""
+
+    __slots__ = ("name", "config", "subsets", "routes", "_catch_all", "needs_headers", "active", "pending", "retrying")
+
+    def __init__(self, service: Service, endpoint: EndpointFactory) -> None:
+        self.name = service.name
+        self.config = service
+        self.subsets = {
+            subset.name: SubsetTarget(
+                self,
+                subset.name,
+                Balancer(
+                    [endpoint(service.name, address) for address in subset.endpoints],
+                    service.lb.policy,
+                    service.outlier,
+                    service.lb.hash_header,
+                ),
+            )
+            for subset in service.subsets
+        }
+        self.routes = tuple(RouteEntry(route, self.subsets) for route in service.routes)
+        self._catch_all = self.routes[-1] if len(self.routes) == 1 and not self.routes[-1].headers else None
+        self.needs_headers = any(route.headers for route in self.routes)
+        # Breaker and retry-budget counters, per snapshot: a reload starts them afresh, which only
+        # under-counts requests still finishing on the old snapshot.
+        self.active = 0
+        self.pending = 0
+        self.retrying = 0
+
+    def match(self, path: bytes, headers: Mapping[bytes, bytes]) -> RouteEntry | None:
+        if self._catch_all is not None and path.startswith(self._catch_all.path_prefix):
+            return self._catch_all
+        for route in self.routes:
+            if route.matches(path, headers):
+                return route
+        return None
+
+
+class RouteTable:
+    """An immutable routing snapshot.
+
+    >>> table = RouteTable(config, registry.endpoint)
+    >>> service = table.lookup(b"catalog:8080")
+    >>> target = service.match(b"/items", {}).pick()
+    """
+
+    def __init__(self, config: Config, endpoint: EndpointFactory, version: int = 0) -> None:
+        self.config = config
+        self.version = version
+        self.services = {service.name: ServiceRoutes(service, endpoint) for service in config.services}
+        self._hosts: dict[bytes, ServiceRoutes | None] = {}
+
+    def lookup(self, authority: bytes) -> ServiceRoutes | None:
+        """The service an authority names: `catalog`, `catalog:80` or `catalog.<anything>` (a DNS first label)."""
+        try:
+            return self._hosts[authority]
+        except KeyError:
+            pass
+        host = authority.rsplit(b":", 1)[0] if not authority.endswith(b"]") else authority
+        name = host.lower().decode("ascii", "replace")
+        service = self.services.get(name) or self.services.get(name.split(".", 1)[0])
+        if len(self._hosts) >= _HOST_CACHE_LIMIT:
+            self._hosts.clear()
+        self._hosts[authority] = service
+        return service

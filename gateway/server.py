@@ -1,0 +1,289 @@
+"""Listeners, the per-process runtime, config reload and graceful shutdown.
+
+`Runtime` is the state one serving process keeps: the live `RouteTable` snapshot, the upstream pools and
+endpoints (which outlive snapshots), open client connections, and the background tasks (sweeper, health
+checks). `serve()` runs a whole gateway in one process; supervisor.py runs the same pieces split between a
+supervisor (admin, reload) and N workers (data listeners on SO_REUSEPORT sockets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+from collections.abc import Coroutine
+from typing import Any
+
+from gateway.admin import AdminState, admin_handler
+from gateway.balancer import Endpoint
+from gateway.config import Address, Config, ConfigError
+from gateway.health import HealthChecks
+from gateway.proxy import DownstreamProtocol, Listener
+from gateway.routing import RouteTable
+from gateway.upstream import Pool
+
+log = logging.getLogger("meshgate.gateway")
+
+SWEEP_INTERVAL = 0.5
+# Idle upstream connections are closed well before common servers' own keep-alive timeouts (uvicorn and
+# Node.js use 5 s), so a request is never written onto a connection the server is closing at that moment.
+UPSTREAM_IDLE_TIMEOUT = 3.0
+DATA_LISTENERS = ("inbound", "edge", "outbound")
+
+
+class Runtime:
+    """The serving state of one process. `apply()` swaps in a new snapshot; requests in flight keep theirs."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.limits = config.gateway.limits
+        self.table: RouteTable | None = None
+        self.version = 0
+        self.pools: dict[Address, Pool] = {}
+        self.endpoints: dict[tuple[str, Address], Endpoint] = {}
+        self.connections: set[DownstreamProtocol] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.health = HealthChecks(self)
+        self.draining = False
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Start a background task, keep a reference until it ends, and log it if it fails."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    def apply(self, config: Config, version: int) -> None:
+        table = RouteTable(config, self.endpoint, version)
+        self.config, self.table, self.version = config, table, version
+        self.limits = config.gateway.limits
+        live = {
+            (name, ep.address)
+            for name, svc in table.services.items()
+            for sub in svc.subsets.values()
+            for ep in sub.balancer.endpoints
+        }
+        for key in [key for key in self.endpoints if key not in live]:
+            del self.endpoints[key]
+        addresses = {address for _, address in live}
+        for address in [address for address in self.pools if address not in addresses]:
+            self.pools.pop(address).close()
+        self.health.reconcile(table)
+
+    def endpoint(self, service: str, address: Address) -> Endpoint:
+        key = (service, address)
+        endpoint = self.endpoints.get(key)
+        if endpoint is None:
+            pool = self.pools.get(address)
+            if pool is None:
+                pool = self.pools[address] = Pool(address)
+            endpoint = self.endpoints[key] = Endpoint(address, pool)
+        return endpoint
+
+    def invalidate_balancers(self) -> None:
+        if self.table is not None:
+            for service in self.table.services.values():
+                for subset in service.subsets.values():
+                    subset.balancer.invalidate()
+
+    async def sweep(self) -> None:
+        """Enforce header and idle timeouts and expire idle upstream connections, twice a second.
+
+        One periodic pass instead of a timer per connection keeps timers off the hot path.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = loop.time()
+            limits = self.limits
+            for conn in list(self.connections):
+                parsing = conn.parsing
+                if conn.in_head and parsing is not None and not parsing.method and not parsing.done:
+                    if now - conn.head_start > limits.header_timeout:
+                        conn.refuse(408, f"request headers not complete within {limits.header_timeout:g}s")
+                elif conn.exchange is None:
+                    limit = limits.idle_timeout if conn.parsing is not None else limits.header_timeout
+                    if now - conn.idle_since > limit:
+                        conn.close()
+            for pool in self.pools.values():
+                pool.expire(now - UPSTREAM_IDLE_TIMEOUT)
+
+    async def drain(self, servers: list[asyncio.AbstractServer], timeout: float) -> None:
+        """Stop accepting, let requests in flight finish (up to `timeout`), then close everything."""
+        self.draining = True
+        for server in servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for conn in list(self.connections):
+                conn.closing = True
+                if conn.exchange is None:
+                    conn.close()
+            if not self.connections or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.transport.abort()
+        for pool in self.pools.values():
+            pool.close()
+        await self.health.close()
+        for task in list(self.tasks):
+            task.cancel()
+
+
+def bind_socket(address: Address, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((address.host, address.port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+def listener_addresses(config: Config) -> dict[str, Address]:
+    listen = config.gateway.listen
+    found = {"inbound": listen.inbound, "outbound": listen.outbound, "admin": listen.admin}
+    if listen.edge is not None:
+        found["edge"] = listen.edge
+    if listen.metrics is not None:
+        found["metrics"] = listen.metrics
+    return found
+
+
+def server_tls(config: Config) -> ssl.SSLContext | None:
+    """Inbound mTLS for a standalone gateway with a `tls` block: peers must present a cert from `ca`."""
+    tls = config.gateway.tls
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca)
+    context.load_cert_chain(tls.cert, tls.key)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def data_listener(kind: str, runtime: Runtime, tls: ssl.SSLContext | None) -> Listener:
+    group = runtime.config.gateway.group
+    if kind == "edge":
+        return Listener(kind, runtime, "external", trust_request_id=runtime.config.gateway.preserve_request_id)
+    if kind == "outbound":
+        return Listener(kind, runtime, group, trust_request_id=True)
+    return Listener(kind, runtime, "unknown", scheme=b"https" if tls else b"http")
+
+
+async def start_listener(
+    listener: Listener, sock: socket.socket, tls: ssl.SSLContext | None = None
+) -> asyncio.AbstractServer:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: DownstreamProtocol(listener, loop), sock=sock, backlog=1024, ssl=tls)
+
+
+def describe(sockets: dict[str, socket.socket]) -> str:
+    return " ".join(f"{kind}={format_sockname(sock)}" for kind, sock in sockets.items())
+
+
+def format_sockname(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ConfigFile:
+    """The config file a standalone gateway runs from; reloaded on SIGHUP and when it changes on disk."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.signature = self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def changed(self) -> bool:
+        signature = self._stat()
+        if signature == self.signature:
+            return False
+        self.signature = signature
+        return True
+
+    def load(self) -> Config:
+        self.signature = self._stat()
+        return Config.load(self.path)
+
+
+class Reloader:
+    """Validates a changed config and hands it on; a bad file is logged and the last good config stays."""
+
+    def __init__(self, source: ConfigFile, state: AdminState, publish: Any) -> None:
+        self.source = source
+        self.state = state
+        self.publish = publish
+
+    def reload(self, reason: str) -> None:
+        try:
+            config = self.source.load()
+        except ConfigError as exc:
+            self.state.last_reload = f"rejected: {exc}"
+            log.error("config reload (%s) rejected, keeping version %d: %s", reason, self.state.version, exc)
+            return
+        if listener_addresses(config) != listener_addresses(self.state.config):
+            log.warning("config reload (%s): listener addresses change only on restart", reason)
+        self.state.config = config
+        self.state.version += 1
+        self.state.last_reload = "ok"
+        self.publish(config, self.state.version)
+        log.info("config version %d applied (%s)", self.state.version, reason)
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.source.changed():
+                self.reload("file changed")
+
+
+async def serve(path: str, config: Config, drain_timeout: float) -> None:
+    """Run a whole standalone gateway in this process until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    runtime = Runtime(config)
+    state = AdminState(config=config, version=1)
+    runtime.apply(config, state.version)
+    state.ready = True
+    tls = server_tls(config)
+    sockets = {kind: bind_socket(address, reuse_port=False) for kind, address in listener_addresses(config).items()}
+    servers = []
+    for kind, sock in sockets.items():
+        if kind in DATA_LISTENERS:
+            listener = data_listener(kind, runtime, tls if kind == "inbound" else None)
+            servers.append(await start_listener(listener, sock, tls if kind == "inbound" else None))
+        else:
+            local = admin_handler(state, metrics_only=kind == "metrics")
+            servers.append(await start_listener(Listener(kind, runtime, "unknown", local=local), sock))
+    reloader = Reloader(ConfigFile(path), state, runtime.apply)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    runtime.spawn(runtime.sweep())
+    runtime.spawn(reloader.watch())
+    log.info("meshgate gateway %s listening %s", config.gateway.group, describe(sockets))
+    await stop.wait()
+    log.info("draining %d connections (up to %gs)", len(runtime.connections), drain_timeout)
+    await runtime.drain(servers, drain_timeout)
+    log.info("stopped")

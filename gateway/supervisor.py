@@ -1,0 +1,191 @@
+"""`--workers N`: a supervisor process and N workers sharing the data listeners through SO_REUSEPORT.
+
+The supervisor reserves the data ports (bound, never listening, so port 0 resolves once for everyone), starts
+the workers, and owns what must exist once per gateway: the admin listener, config reload (SIGHUP and file
+changes) and, later, the control-server watch. It hands each validated config to the workers over a pipe;
+each worker builds its own snapshot. Limits, retry budgets and breakers are therefore per worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import uvloop
+
+from gateway.admin import AdminState, admin_handler
+from gateway.config import Address, Config
+from gateway.proxy import Listener
+from gateway.server import (
+    DATA_LISTENERS,
+    ConfigFile,
+    Reloader,
+    Runtime,
+    bind_socket,
+    data_listener,
+    describe,
+    listener_addresses,
+    server_tls,
+    start_listener,
+)
+
+log = logging.getLogger("meshgate.supervisor")
+
+READY_TIMEOUT = 30.0
+
+
+def supervise(path: str, config: Config, workers: int, drain_timeout: float) -> None:
+    uvloop.run(Supervisor(path, config, workers, drain_timeout).run())
+
+
+class Supervisor:
+    def __init__(self, path: str, config: Config, workers: int, drain_timeout: float) -> None:
+        self.path = path
+        self.state = AdminState(config=config, version=1)
+        self.count = workers
+        self.drain_timeout = drain_timeout
+        self.context = multiprocessing.get_context("spawn")
+        self.workers: list[tuple[BaseProcess, Connection]] = []
+        self.addresses: dict[str, Address] = {}
+        self.stopping = False
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.state.config
+        kinds = listener_addresses(config)
+        reserved: dict[str, socket.socket] = {
+            kind: bind_socket(kinds[kind], reuse_port=True) for kind in DATA_LISTENERS if kind in kinds
+        }
+        self.addresses = {kind: Address(*sock.getsockname()[:2]) for kind, sock in reserved.items()}
+        for _ in range(self.count):
+            self.start_worker()
+        await self.wait_ready()
+        self.state.ready = True
+        runtime = Runtime(config)  # only for the admin listener's connections; it holds no routes
+        admin_sockets: dict[str, socket.socket] = {
+            kind: bind_socket(kinds[kind], reuse_port=False) for kind in ("admin", "metrics") if kind in kinds
+        }
+        servers = [
+            await start_listener(
+                Listener(kind, runtime, "unknown", local=admin_handler(self.state, metrics_only=kind == "metrics")),
+                sock,
+            )
+            for kind, sock in admin_sockets.items()
+        ]
+        reloader = Reloader(ConfigFile(self.path), self.state, self.broadcast)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        watch = runtime.spawn(reloader.watch())
+        monitor = runtime.spawn(self.monitor())
+        log.info(
+            "meshgate gateway %s (%d workers) listening %s",
+            config.gateway.group,
+            self.count,
+            describe({**reserved, **admin_sockets}),
+        )
+        await stop.wait()
+        self.stopping = True
+        watch.cancel()
+        monitor.cancel()
+        await self.stop_workers()
+        await runtime.drain(servers, 0.0)
+        for sock in reserved.values():
+            sock.close()
+        log.info("stopped")
+
+    def start_worker(self) -> None:
+        parent, child = self.context.Pipe()
+        process = self.context.Process(
+            target=worker_main,
+            args=(child, self.state.config, self.state.version, self.addresses, self.drain_timeout),
+            name="meshgate-worker",
+        )
+        process.start()
+        child.close()
+        self.workers.append((process, parent))
+
+    async def wait_ready(self) -> None:
+        loop = asyncio.get_running_loop()
+        for process, conn in self.workers:
+            ready = await asyncio.wait_for(loop.run_in_executor(None, _receive, conn, READY_TIMEOUT), READY_TIMEOUT)
+            if ready is None:
+                raise SystemExit(f"meshgate: worker {process.pid} did not start")
+
+    async def monitor(self) -> None:
+        """Replace a worker that died, so the gateway keeps its capacity."""
+        while True:
+            await asyncio.sleep(1.0)
+            for process, conn in list(self.workers):
+                if not process.is_alive() and not self.stopping:
+                    log.error("worker %s exited with %s; starting a new one", process.pid, process.exitcode)
+                    self.workers.remove((process, conn))
+                    conn.close()
+                    self.start_worker()
+
+    def broadcast(self, config: Config, version: int) -> None:
+        for _, conn in self.workers:
+            # A dead worker raises OSError; the monitor replaces it and the new one starts from the current config.
+            with contextlib.suppress(OSError):
+                conn.send(("config", config, version))
+
+    async def stop_workers(self) -> None:
+        for _, conn in self.workers:
+            with contextlib.suppress(OSError):  # already gone
+                conn.send(("drain",))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.drain_timeout + 5.0
+        for process, _ in self.workers:
+            await loop.run_in_executor(None, process.join, max(0.0, deadline - loop.time()))
+            if process.is_alive():
+                process.kill()
+
+
+def _receive(conn: Connection, timeout: float) -> Any:
+    return conn.recv() if conn.poll(timeout) else None
+
+
+def worker_main(conn: Connection, config: Config, version: int, addresses: dict[str, Address], drain: float) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the supervisor leads
+    uvloop.run(_worker(conn, config, version, addresses, drain))
+
+
+async def _worker(conn: Connection, config: Config, version: int, addresses: dict[str, Address], drain: float) -> None:
+    loop = asyncio.get_running_loop()
+    runtime = Runtime(config)
+    runtime.apply(config, version)
+    tls = server_tls(config)
+    servers = []
+    for kind, address in addresses.items():
+        sock: socket.socket = bind_socket(address, reuse_port=True)
+        context = tls if kind == "inbound" else None
+        servers.append(await start_listener(data_listener(kind, runtime, context), sock, context))
+    stop = asyncio.Event()
+
+    def on_message() -> None:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            message = ("drain",)  # the supervisor is gone: finish what is in flight and exit
+        if message[0] == "config":
+            runtime.apply(message[1], message[2])
+        elif message[0] == "drain":
+            loop.remove_reader(conn.fileno())
+            stop.set()
+
+    loop.add_reader(conn.fileno(), on_message)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    runtime.spawn(runtime.sweep())
+    conn.send(("ready", os.getpid()))
+    await stop.wait()
+    await runtime.drain(servers, drain)

@@ -1,0 +1,242 @@
+"""Upstream connections: keep-alive pools per address and the response side of the HTTP/1.1 exchange.
+
+`Pool.acquire()` hands out an idle connection (most recently used first) or None; `Pool.connect()` opens a new
+one within the connect timeout and maps every failure to `ConnectFailed`. An `UpstreamProtocol` parses one
+response at a time with httptools, filters hop-by-hop headers, and forwards head, body and completion to the
+`Exchange` bound to it (see proxy.py), which decides what the client sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from gateway.config import Address
+from gateway.errors import ConnectFailed, UpstreamProtocolError
+
+if TYPE_CHECKING:
+    from gateway.proxy import Exchange
+
+MAX_IDLE_PER_ADDRESS = 256
+
+# Response headers the gateway drops or rewrites. Value: what on_header does with them.
+_DROP, _CONNECTION, _TRANSFER_ENCODING, _CONTENT_LENGTH = 1, 2, 3, 4
+_RESPONSE_SPECIAL = {
+    b"connection": _CONNECTION,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"proxy-authenticate": _DROP,
+    b"proxy-authorization": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"upgrade": _DROP,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"content-length": _CONTENT_LENGTH,
+    b"x-request-id": _DROP,  # the gateway sets its own, the same one it sent upstream
+}
+
+
+class Pool:
+    """Keep-alive connections to one upstream address.
+
+    >>> conn = pool.acquire() or await pool.connect(timeout=1.0)
+    >>> ...  # one request/response on conn
+    >>> pool.release(conn)
+    """
+
+    __slots__ = ("address", "idle", "ssl", "server_hostname", "retired")
+
+    def __init__(self, address: Address, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.address = address
+        self.idle: list[UpstreamProtocol] = []
+        self.ssl = ssl_context
+        self.server_hostname: str | None = None
+        self.retired = False  # no snapshot names this address any more: close connections as they come back
+
+    def acquire(self) -> UpstreamProtocol | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def connect(self, timeout: float) -> UpstreamProtocol:
+        loop = asyncio.get_running_loop()
+        host, port = self.address
+        try:
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamProtocol(self), host, port, ssl=self.ssl, server_hostname=self.server_hostname
+                )
+        except TimeoutError as exc:
+            raise ConnectFailed(f"connect to {self.address} timed out after {timeout:g}s") from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectFailed(f"connect to {self.address} failed: {exc.strerror or exc}") from exc
+        return conn
+
+    def release(self, conn: UpstreamProtocol, now: float) -> None:
+        if conn.closed or self.retired or len(self.idle) >= MAX_IDLE_PER_ADDRESS:
+            conn.close()
+            return
+        conn.idle_since = now
+        self.idle.append(conn)
+
+    def expire(self, deadline: float) -> None:
+        """Close connections idle since before `deadline` (they sit oldest-first at the front)."""
+        idle = self.idle
+        expired = 0
+        while expired < len(idle) and idle[expired].idle_since < deadline:
+            idle[expired].close()
+            expired += 1
+        del idle[:expired]
+
+    def close(self) -> None:
+        self.retired = True
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    """One upstream connection. Parses responses and hands them to the bound exchange."""
+
+    __slots__ = (
+        "pool",
+        "transport",
+        "parser",
+        "exchange",
+        "closed",
+        "idle_since",
+        "reason",
+        "headers",
+        "keep_alive",
+        "chunked",
+        "content_length",
+        "connection_tokens",
+        "tunnel",
+    )
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
+        self.parser = HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.reason = b""
+        self.headers: list[bytes] = []
+        self.keep_alive = True
+        self.chunked = False
+        self.content_length = -1
+        self.connection_tokens: list[bytes] | None = None
+        self.tunnel: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        exchange = self.exchange
+        if exchange is not None:
+            self.exchange = None
+            exchange.upstream_lost(self)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.exchange = None
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.downstream.pause_for_peer()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.downstream.resume_for_peer()
+
+    def reset_parser(self) -> None:
+        """After a response to HEAD: httptools cannot be told to skip the body, so start a fresh parser."""
+        self.parser = HttpResponseParser(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        exchange = self.exchange
+        if exchange is None:
+            self.close()  # nobody asked: a stray byte on an idle connection makes it untrustworthy
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            exchange.start_tunnel(self, data[upgrade.args[0] :])
+        except HttpParserError as exc:
+            if self.exchange is exchange:
+                self.exchange = None
+                self.transport.abort()
+                exchange.upstream_failed(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
+            return
+        if self.exchange is exchange:
+            exchange.after_upstream_data(self)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+        self.keep_alive = True
+        self.chunked = False
+        self.content_length = -1
+        self.connection_tokens = None
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        kind = _RESPONSE_SPECIAL.get(name.lower())
+        if kind is None:
+            self.headers += (name, b": ", value, b"\r\n")
+        elif kind == _CONTENT_LENGTH:
+            self.content_length = int(value)
+            self.headers += (name, b": ", value, b"\r\n")
+        elif kind == _TRANSFER_ENCODING:
+            self.chunked = value.lower().endswith(b"chunked")
+        elif kind == _CONNECTION:
+            tokens = [token.strip().lower() for token in value.split(b",")]
+            if b"close" in tokens:
+                self.keep_alive = False
+            listed = [token for token in tokens if token not in (b"close", b"keep-alive", b"upgrade")]
+            if listed:
+                self.connection_tokens = (self.connection_tokens or []) + listed
+
+    def on_headers_complete(self) -> None:
+        if self.connection_tokens:
+            self.headers = drop_headers(self.headers, self.connection_tokens)
+        if self.parser.get_http_version() == "1.0" and not self.parser.should_keep_alive():
+            self.keep_alive = False
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.on_response_head(self, self.parser.get_status_code())
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.on_response_complete(self)
+
+
+def drop_headers(parts: list[bytes], names: list[bytes]) -> list[bytes]:
+    """Drop the headers a Connection header names (hop-by-hop by declaration)."""
+    kept: list[bytes] = []
+    for i in range(0, len(parts), 4):
+        if parts[i].lower() not in names:
+            kept += parts[i : i + 4]
+    return kept
