@@ -160,7 +160,7 @@ def parse_percent(text: str | int | float) -> float:
         match = _PERCENT.fullmatch(text)
         if match is None:
             raise ValueError(f"not a percentage: {text!r} (use 20%)")
-        ratio = float(match[1]) / 100
+        ratio = float(Decimal(match[1]) / 100)  # decimal, so that format_percent round-trips exactly
     if not 0 <= ratio <= 1:
         raise ValueError("a percentage must be from 0% to 100%")
     return ratio
@@ -168,12 +168,7 @@ def parse_percent(text: str | int | float) -> float:
 
 def format_percent(ratio: float) -> str:
     """The inverse of `parse_percent`: 0.2 -> "20%", 0.125 -> "12.5%"."""
-    for digits in range(18):
-        text = f"{ratio * 100:.{digits}f}"
-        text = text.rstrip("0").rstrip(".") if digits else text
-        if parse_percent(f"{text}%") == ratio:
-            return f"{text}%"
-    return f"{ratio * 100!r}%"
+    return f"{(Decimal(repr(ratio)) * 100).normalize():f}%"  # exact decimals, so parsing gives `ratio` back
 
 
 # Reading plain data. A converter takes (value, path) and returns a typed value or raises _Invalid, which

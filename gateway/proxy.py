@@ -1,57 +1,33 @@
-"""The per-request path: a client connection (`DownstreamProtocol`) and one proxied request (`Exchange`).
+"""The client side of the hot path: `DownstreamProtocol` parses requests on one client connection.
 
-Data flow for one request:
-1. httptools parses the request; `on_header` sorts each header once (hop-by-hop ones are dropped, identity
-   and forwarding headers are remembered) and enforces the header limits.
-2. `Exchange.start()` routes the authority to a service and a route, picks a subset with the route's smooth
-   weighted split, decides the request ID, and renders the upstream request head once.
-3. `Exchange.attempt()` picks an endpoint, takes a pooled keep-alive connection (or opens one), and writes head
-   and body. Bodies stream with backpressure both ways: a full write buffer on one side pauses reading on the
-   other.
-4. The upstream side (upstream.py) feeds the response back through `on_response_head/body/complete`; response
-   bytes are gathered and written once per upstream read.
-Failures before the response is committed retry when the policy allows, else become one `local_reply`.
+httptools calls `on_header` once per header; each is sorted with one dict lookup (hop-by-hop ones are dropped,
+identity and forwarding headers are remembered) and counted against the header limits. When the head is
+complete, the request's `Exchange` (exchange.py) takes over. One exchange runs at a time per connection;
+pipelined requests wait in a queue and are answered in order. Bytes that cannot be trusted (bad framing,
+oversized or slow headers) are refused with a 4xx and the connection is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from random import getrandbits, random
 from typing import TYPE_CHECKING
 
-import httptools
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from gateway.errors import (
-    ConnectFailed,
-    RequestTimeout,
-    TryTimeout,
-    UpstreamError,
-    UpstreamReset,
-    local_reply,
-    reason_phrase,
-)
-from gateway.upstream import Pool, UpstreamProtocol, drop_headers
+from gateway.errors import local_reply
+from gateway.exchange import PAUSE_PEER, PAUSE_QUEUE, PAUSE_UPGRADE, Exchange, new_request_id
 
 if TYPE_CHECKING:
-    from gateway.balancer import Endpoint
-    from gateway.routing import RouteEntry, ServiceRoutes, SubsetTarget
     from gateway.server import Runtime
 
 log = logging.getLogger("meshgate.proxy")
 
 MAX_URL_BYTES = 8 * 1024
-REPLAY_LIMIT = 64 * 1024  # request bodies up to this size are kept so an idempotent request can be retried
-BUFFER_LIMIT = 64 * 1024  # body bytes held while the upstream connection is being opened
 MAX_QUEUED = 16  # pipelined requests held while an earlier one is answered
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
-
-_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}").fullmatch
 
 # What on_header does with a request header.
 _DROP, _HOST, _CONNECTION, _TRANSFER_ENCODING, _UPGRADE, _CONTENT_LENGTH, _REQUEST_ID, _XFF, _XFP, _XFH = range(1, 11)
@@ -69,9 +45,6 @@ _REQUEST_SPECIAL = {
     b"x-forwarded-proto": _XFP,
     b"x-forwarded-host": _XFH,
 }
-
-# Reasons a client connection's reading is paused; reading resumes when none is left.
-PAUSE_PEER, PAUSE_QUEUE, PAUSE_BUFFER, PAUSE_UPGRADE = 1, 2, 4, 8
 
 LocalHandler = Callable[[bytes, bytes], tuple[int, str, bytes]]
 
@@ -97,13 +70,6 @@ class Listener:
     local: LocalHandler | None = None  # admin and metrics listeners answer locally
 
 
-def new_request_id() -> bytes:
-    """A random UUID4, without a system call per request (uuid.uuid4 reads os.urandom every time)."""
-    n = getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48) | (0x4000 << 64) | (0x8000 << 48)
-    h = b"%032x" % n
-    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
-
-
 class DownstreamProtocol(asyncio.Protocol):
     """One client connection: parses requests, runs one exchange at a time, answers in order."""
 
@@ -125,6 +91,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "header_count",
         "idle_since",
         "paused",
+        "write_paused",
         "closing",
         "closed",
         "tunnel",
@@ -150,6 +117,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.header_count = 0
         self.idle_since = self.head_start
         self.paused = 0
+        self.write_paused = False  # the client is not keeping up: upstream reads wait
         self.closing = False
         self.closed = False
         self.tunnel: asyncio.Transport | None = None
@@ -208,11 +176,13 @@ class DownstreamProtocol(asyncio.Protocol):
             self.refuse(400, f"malformed request: {parser_reason(exc)}")
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         exchange = self.exchange
         if exchange is not None and exchange.upstream is not None:
             exchange.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         exchange = self.exchange
         if exchange is not None and exchange.upstream is not None and not exchange.upstream.closed:
             exchange.upstream.transport.resume_reading()
@@ -354,535 +324,6 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         self.exchange = None
         self.idle_since = self.loop.time()
-
-
-class Exchange:
-    """One proxied request: routing decision, tries, and the response relayed to the client."""
-
-    __slots__ = (
-        "downstream",
-        "method",
-        "url",
-        "version",
-        "host",
-        "headers",
-        "keep_alive",
-        "has_body",
-        "chunked",
-        "upgrade",
-        "tunnel_data",
-        "request_id",
-        "forwarded_for",
-        "forwarded_proto",
-        "forwarded_host",
-        "connection_tokens",
-        "service",
-        "route",
-        "target",
-        "endpoint",
-        "upstream",
-        "head",
-        "body",
-        "body_size",
-        "replayable",
-        "request_done",
-        "tries",
-        "attempt_id",
-        "timer",
-        "start_time",
-        "try_start",
-        "deadline",
-        "status",
-        "resp_chunked",
-        "resp_close_delimited",
-        "resp_done",
-        "out",
-        "done",
-        "error",
-    )
-
-    def __init__(self, downstream: DownstreamProtocol) -> None:
-        self.downstream = downstream
-        self.method = b""
-        self.url = b""
-        self.version = "1.1"
-        self.host = b""
-        self.headers: list[bytes] = []
-        self.keep_alive = True
-        self.has_body = False
-        self.chunked = False
-        self.upgrade = b""
-        self.tunnel_data = b""
-        self.request_id = b""
-        self.forwarded_for = b""
-        self.forwarded_proto = b""
-        self.forwarded_host = b""
-        self.connection_tokens: list[bytes] | None = None
-        self.service: ServiceRoutes | None = None
-        self.route: RouteEntry | None = None
-        self.target: SubsetTarget | None = None
-        self.endpoint: Endpoint | None = None
-        self.upstream: UpstreamProtocol | None = None
-        self.head = b""
-        self.body: list[bytes] = []
-        self.body_size = 0
-        self.replayable = True
-        self.request_done = False
-        self.tries = 0
-        self.attempt_id = 0
-        self.timer: asyncio.TimerHandle | None = None
-        self.start_time = 0.0
-        self.try_start = 0.0
-        self.deadline = 0.0
-        self.status = 0  # the status sent to the client; 0 until the response is committed
-        self.resp_chunked = False
-        self.resp_close_delimited = False
-        self.resp_done = False
-        self.out: list[bytes] = []
-        self.done = False
-        self.error = ""
-
-    def note_connection(self, value: bytes) -> None:
-        tokens = [token.strip().lower() for token in value.split(b",")]
-        listed = [token for token in tokens if token not in (b"close", b"keep-alive", b"upgrade")]
-        if listed:
-            self.connection_tokens = (self.connection_tokens or []) + listed
-
-    # request side
-
-    def start(self) -> None:
-        downstream = self.downstream
-        listener = downstream.listener
-        self.start_time = downstream.loop.time()
-        if not (downstream.trusted or (listener.trust_request_id and downstream.source == "external")) or (
-            not self.request_id or _VALID_REQUEST_ID(self.request_id) is None
-        ):
-            self.request_id = new_request_id()
-        if self.method == b"CONNECT":
-            return self.fail_local(405, "CONNECT tunnels are not supported", close=True)
-        if listener.local is not None:
-            return self.answer_locally(listener.local)
-        if self.url[:1] != b"/" and not self.absolute_form(listener.kind):
-            return
-        table = downstream.runtime.table
-        if table is None:
-            return self.fail_local(503, "no configuration loaded yet")
-        if not self.host:
-            return self.fail_local(400, "missing Host header")
-        service = table.lookup(self.host)
-        if service is None:
-            host = self.host.decode("ascii", "replace")[:200]
-            return self.fail_local(404, f"no service matches host {host!r}")
-        self.service = service
-        allow = service.config.authorization.allow
-        if "*" not in allow and downstream.source not in allow:
-            return self.fail_local(403, f"source {downstream.source!r} may not call service {service.name!r}")
-        route = service.match(self.url, self.header_map() if service.needs_headers else {})
-        if route is None:
-            return self.fail_local(404, f"no route of service {service.name!r} matches")
-        self.route = route
-        self.target = route.pick()
-        limits = service.config.limits
-        if service.active >= limits.max_requests:
-            return self.fail_local(503, f"circuit breaker open: {limits.max_requests} requests active")
-        service.active += 1
-        self.deadline = self.start_time + service.config.timeouts.request
-        if self.connection_tokens:
-            self.headers = drop_headers(self.headers, self.connection_tokens)
-        self.head = self.render_head()
-        self.attempt()
-
-    def absolute_form(self, kind: str) -> bool:
-        """Turn an absolute-form target (an app using HTTP_PROXY) into origin form plus Host."""
-        if kind != "outbound" or not self.url.startswith(b"http://"):
-            self.fail_local(400, "request target must be origin-form (absolute-form only on the outbound listener)")
-            return False
-        try:
-            parsed = httptools.parse_url(self.url)
-        except HttpParserError:
-            self.fail_local(400, "malformed absolute-form request target")
-            return False
-        self.host = parsed.host + (b":%d" % parsed.port if parsed.port else b"")
-        self.url = (parsed.path or b"/") + (b"?" + parsed.query if parsed.query else b"")
-        return True
-
-    def header_map(self) -> dict[bytes, bytes]:
-        headers = self.headers
-        return {headers[i].lower(): headers[i + 2] for i in range(0, len(headers), 4)}
-
-    def render_head(self) -> bytes:
-        downstream = self.downstream
-        forwarded_for = self.forwarded_for + b", " + downstream.peer_ip if self.forwarded_for else downstream.peer_ip
-        trusted = downstream.trusted
-        proto = self.forwarded_proto if trusted and self.forwarded_proto else downstream.listener.scheme
-        forwarded_host = self.forwarded_host if trusted and self.forwarded_host else self.host
-        parts = [self.method, b" ", self.url, b" HTTP/1.1\r\nhost: ", self.host, b"\r\n"]
-        parts += self.headers
-        parts += (
-            b"x-forwarded-for: ",
-            forwarded_for,
-            b"\r\nx-forwarded-proto: ",
-            proto,
-            b"\r\nx-forwarded-host: ",
-            forwarded_host,
-            b"\r\nx-request-id: ",
-            self.request_id,
-            b"\r\n",
-        )
-        if self.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        if self.upgrade:
-            parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade, b"\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
-
-    def on_request_body(self, chunk: bytes) -> None:
-        if self.chunked:
-            chunk = b"%x\r\n%s\r\n" % (len(chunk), chunk)
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.transport.write(chunk)
-            if self.replayable:
-                self._keep_for_replay(chunk)
-            return
-        if self.done:
-            return  # already answered (e.g. refused): the rest of the body is read and dropped
-        self.body.append(chunk)
-        self.body_size += len(chunk)
-        if self.body_size > BUFFER_LIMIT:
-            self.downstream.pause(PAUSE_BUFFER)
-
-    def _keep_for_replay(self, chunk: bytes) -> None:
-        self.body_size += len(chunk)
-        if self.body_size > REPLAY_LIMIT:
-            self.replayable = False
-            self.body = []
-        else:
-            self.body.append(chunk)
-
-    def on_request_complete(self) -> None:
-        self.request_done = True
-        if self.chunked:
-            self.on_request_body(b"")  # the zero-length chunk ends the body
-        if self.done and self.downstream.exchange is self:
-            self.downstream.exchange_done(self)
-
-    # tries
-
-    def attempt(self) -> None:
-        service, target = self.service, self.target
-        assert service is not None and target is not None
-        if self.done:
-            return
-        loop = self.downstream.loop
-        now = loop.time()
-        key = None
-        balancer = target.balancer
-        if balancer.hash_header is not None:
-            key = self.header_map().get(balancer.hash_header)
-        endpoint = balancer.pick(now, self.endpoint, key)
-        if endpoint is None:
-            return self.fail_local(503, f"no endpoints available in {service.name}/{target.name}")
-        self.endpoint = endpoint
-        endpoint.active += 1
-        self.tries += 1
-        self.attempt_id += 1
-        self.try_start = now
-        timeouts = service.config.timeouts
-        per_try = min(timeouts.per_try, self.deadline - now)
-        self.timer = loop.call_at(now + per_try, self.on_try_timeout)
-        upstream = endpoint.pool.acquire()
-        if upstream is not None:
-            return self.send(upstream)
-        limits = service.config.limits
-        if service.pending >= limits.max_pending:
-            self.end_try(failed=False)
-            return self.fail_local(503, f"circuit breaker open: {limits.max_pending} requests pending")
-        service.pending += 1
-        self.downstream.runtime.spawn(self.connect(endpoint.pool, self.attempt_id, timeouts.connect))
-
-    async def connect(self, pool: Pool, attempt_id: int, timeout: float) -> None:
-        service = self.service
-        assert service is not None
-        try:
-            upstream = await pool.connect(timeout)
-        except ConnectFailed as exc:
-            if self.attempt_id == attempt_id and not self.done:
-                self.try_failed(exc)
-            return
-        finally:
-            service.pending -= 1
-        if self.attempt_id == attempt_id and not self.done:
-            self.send(upstream)
-        else:
-            pool.release(upstream, self.downstream.loop.time())
-
-    def send(self, upstream: UpstreamProtocol) -> None:
-        self.upstream = upstream
-        upstream.exchange = self
-        if not self.body:
-            upstream.transport.write(self.head)
-        else:
-            upstream.transport.write(self.head + b"".join(self.body))
-            if self.body_size > REPLAY_LIMIT or not self.replayable:
-                self.replayable = False
-                self.body = []
-            self.downstream.resume(PAUSE_BUFFER)
-
-    def on_try_timeout(self) -> None:
-        self.timer = None
-        if self.done or self.status:
-            return
-        if self.downstream.loop.time() >= self.deadline - 0.001:
-            timeout = self.service.config.timeouts.request if self.service else 0.0
-            return self.try_failed(RequestTimeout(f"upstream did not answer within the {timeout:g}s request timeout"))
-        per_try = self.service.config.timeouts.per_try if self.service else 0.0
-        self.try_failed(TryTimeout(f"upstream did not answer within the {per_try:g}s per-try timeout"))
-
-    def try_failed(self, error: UpstreamError) -> None:
-        """A try ended without a usable response: retry when allowed, else tell the client why."""
-        upstream = self.upstream
-        if upstream is not None:
-            self.upstream = None
-            upstream.close()
-        self.end_try(failed=True)
-        if self.may_retry(error.retry_on, isinstance(error, ConnectFailed)):
-            return self.retry()
-        self.error = error.error_type
-        self.fail_local(error.status, str(error))
-
-    def may_retry(self, condition: str, nothing_sent: bool) -> bool:
-        service = self.service
-        if service is None or not condition or self.downstream.closed:
-            return False
-        retries = service.config.retries
-        if self.tries > retries.attempts or condition not in retries.on:
-            return False
-        if not nothing_sent and not (self.method in IDEMPOTENT and self.replayable):
-            return False
-        if self.downstream.loop.time() >= self.deadline:
-            return False
-        budget = max(3, int(retries.budget * service.active))
-        return service.retrying < budget
-
-    def retry(self) -> None:
-        service = self.service
-        assert service is not None
-        service.retrying += 1
-        backoff = random() * min(0.25, 0.025 * (1 << (self.tries - 1)))
-        self.downstream.loop.call_later(backoff, self._retry_now)
-
-    def _retry_now(self) -> None:
-        service = self.service
-        assert service is not None
-        service.retrying -= 1
-        if not self.done:
-            self.attempt()
-
-    def end_try(self, failed: bool) -> None:
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
-        endpoint, target = self.endpoint, self.target
-        if endpoint is not None and target is not None:
-            endpoint.active -= 1
-            now = self.downstream.loop.time()
-            if not failed:
-                endpoint.observe(now - self.try_start, now)
-            target.balancer.record(endpoint, failed, now)
-
-    # response side
-
-    def on_response_head(self, upstream: UpstreamProtocol, status: int) -> None:
-        if 100 <= status < 200 and status != 101:
-            if self.version == "1.1" and not self.out:
-                self.downstream.transport.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, upstream.reason))
-            return
-        service = self.service
-        assert service is not None
-        if status >= 400 and self.may_retry(self.status_condition(status), nothing_sent=False):
-            self.upstream = None
-            upstream.close()
-            self.end_try(failed=True)
-            return self.retry()
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
-        self.status = status
-        downstream = self.downstream
-        close = not self.keep_alive or downstream.closing or (self.has_body and not self.request_done and status != 101)
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, upstream.reason)]
-        parts += upstream.headers
-        parts += (b"x-request-id: ", self.request_id, b"\r\n")
-        bodiless = self.method == b"HEAD" or status in (204, 304) or status == 101
-        if status == 101:
-            parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade, b"\r\n")
-        elif not bodiless and upstream.content_length < 0:
-            if upstream.chunked and self.version == "1.1":
-                self.resp_chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n")
-            else:
-                # Body ends when the connection does (or HTTP/1.0 client): close-delimited to the client too.
-                self.resp_close_delimited = not upstream.chunked
-                close = True
-        if close:
-            self.keep_alive = False
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        self.out.append(b"".join(parts))
-        if bodiless and status != 101:
-            if self.method == b"HEAD":
-                upstream.reset_parser()
-            self.on_response_complete(upstream)
-
-    def status_condition(self, status: int) -> str:
-        """The `retries.on` condition a response status satisfies, or "" when it is not retryable."""
-        assert self.service is not None
-        retries = self.service.config.retries
-        if status >= 500 and "5xx" in retries.on:
-            return "5xx"
-        if status in (502, 503, 504) and "gateway-error" in retries.on:
-            return "gateway-error"
-        if status in retries.statuses and "retriable-status" in retries.on:
-            return "retriable-status"
-        return ""
-
-    def on_response_body(self, chunk: bytes) -> None:
-        if self.resp_chunked:
-            self.out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-        else:
-            self.out.append(chunk)
-
-    def after_upstream_data(self, upstream: UpstreamProtocol) -> None:
-        """End of one upstream read: write what it produced in one go, and arm the overall deadline."""
-        if self.out:
-            self.flush()
-        if self.status and not self.resp_done and self.timer is None and not self.done:
-            self.timer = self.downstream.loop.call_at(self.deadline, self.on_request_deadline)
-
-    def flush(self) -> None:
-        out = self.out
-        self.downstream.transport.write(out[0] if len(out) == 1 else b"".join(out))
-        out.clear()
-
-    def on_request_deadline(self) -> None:
-        self.timer = None
-        if not self.done:
-            self.error = RequestTimeout.error_type
-            self.abort()
-
-    def on_response_complete(self, upstream: UpstreamProtocol) -> None:
-        if self.status == 0:
-            return  # an interim (1xx) response, or one discarded for a retry
-        if self.resp_chunked:
-            self.out.append(b"0\r\n\r\n")
-        self.resp_done = True
-        self.flush()
-        self.upstream = None
-        upstream.exchange = None
-        if upstream.keep_alive and self.request_done and not upstream.closed:
-            upstream.pool.release(upstream, self.downstream.loop.time())
-        else:
-            upstream.close()
-        self.end_try(failed=self.status >= 500)
-        self.finish()
-
-    def start_tunnel(self, upstream: UpstreamProtocol, rest: bytes) -> None:
-        """After 101 Switching Protocols both connections carry opaque bytes until either side closes."""
-        downstream = self.downstream
-        if self.out:
-            self.flush()
-        if rest:
-            downstream.transport.write(rest)
-        self.upstream = None
-        upstream.exchange = None
-        upstream.tunnel = downstream.transport
-        downstream.tunnel = upstream.transport
-        if self.tunnel_data:
-            upstream.transport.write(self.tunnel_data)
-        self.end_try(failed=False)
-        self.finish()
-        downstream.resume(PAUSE_UPGRADE)
-
-    def upstream_lost(self, upstream: UpstreamProtocol) -> None:
-        if self.upstream is not upstream:
-            return
-        if self.status and self.resp_close_delimited:
-            self.upstream = None
-            self.on_response_complete(upstream)
-        elif self.status:
-            self.error = UpstreamReset.error_type
-            self.abort()
-        else:
-            self.try_failed(UpstreamReset("upstream closed the connection before responding"))
-
-    def upstream_failed(self, error: UpstreamError) -> None:
-        if self.status:
-            self.error = error.error_type
-            self.abort()
-        else:
-            self.try_failed(error)
-
-    def downstream_lost(self) -> None:
-        if not self.done:
-            self.error = "downstream_disconnect"
-            if not self.status:
-                self.status = 499  # nginx's code for "client closed request"; never sent, only recorded
-            self.abort()
-
-    def abort(self) -> None:
-        """Give up mid-response: nothing valid can be sent any more, so both connections close."""
-        upstream = self.upstream
-        if upstream is not None:
-            self.upstream = None
-            upstream.close()
-        self.end_try(failed=True)
-        self.finish()
-        self.downstream.close()
-
-    def fail_local(self, status: int, reason: str, close: bool = False) -> None:
-        """Answer with the gateway's own response (nothing was committed from upstream yet)."""
-        if self.done:
-            return
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
-        self.status = status
-        if close or (self.has_body and not self.request_done):
-            self.keep_alive = False
-        self.out.append(local_reply(status, reason, self.request_id or new_request_id(), self.keep_alive))
-        self.flush()
-        self.finish()
-
-    def answer_locally(self, handler: LocalHandler) -> None:
-        status, content_type, body = handler(self.method, self.url)
-        self.status = status
-        if self.has_body and not self.request_done:
-            self.keep_alive = False
-        head = b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nx-request-id: %s\r\n%s\r\n" % (
-            status,
-            reason_phrase(status),
-            content_type.encode(),
-            len(body),
-            self.request_id,
-            b"" if self.keep_alive else b"connection: close\r\n",
-        )
-        self.out.append(head if self.method == b"HEAD" else head + body)
-        self.flush()
-        self.finish()
-
-    def finish(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        service = self.service
-        if service is not None and self.head:
-            service.active -= 1
-        if self.request_done or not self.keep_alive:
-            self.downstream.exchange_done(self)
 
 
 def peer_group(cert: object) -> str | None:

@@ -18,7 +18,7 @@ from gateway.config import Address
 from gateway.errors import ConnectFailed, UpstreamProtocolError
 
 if TYPE_CHECKING:
-    from gateway.proxy import Exchange
+    from gateway.exchange import Exchange
 
 MAX_IDLE_PER_ADDRESS = 256
 
@@ -82,6 +82,8 @@ class Pool:
         if conn.closed or self.retired or len(self.idle) >= MAX_IDLE_PER_ADDRESS:
             conn.close()
             return
+        if not conn.transport.is_reading():
+            conn.transport.resume_reading()  # paused for a slow client of the exchange that just ended
         conn.idle_since = now
         self.idle.append(conn)
 
