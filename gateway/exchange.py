@@ -139,12 +139,6 @@ class Exchange:
         self.done = False
         self.error = ""
 
-    def note_connection(self, value: bytes) -> None:
-        tokens = [token.strip().lower() for token in value.split(b",")]
-        listed = [token for token in tokens if token not in (b"close", b"keep-alive", b"upgrade")]
-        if listed:
-            self.connection_tokens = (self.connection_tokens or []) + listed
-
     # request side
 
     def start(self) -> None:

@@ -20,6 +20,7 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 
 from gateway.errors import local_reply
 from gateway.exchange import PAUSE_PEER, PAUSE_QUEUE, PAUSE_UPGRADE, Exchange, new_request_id
+from gateway.upstream import connection_options
 
 if TYPE_CHECKING:
     from gateway.server import Runtime
@@ -88,6 +89,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "in_head",
         "head_start",
         "head_bytes",
+        "partial_head",
         "header_count",
         "idle_since",
         "paused",
@@ -114,6 +116,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.in_head = True
         self.head_start = loop.time()
         self.head_bytes = 0
+        self.partial_head = 0
         self.header_count = 0
         self.idle_since = self.head_start
         self.paused = 0
@@ -153,12 +156,6 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
-        if self.in_head:
-            # A coarse guard against one enormous header that httptools would accumulate before calling us.
-            self.head_bytes += len(data)
-            if self.head_bytes > self.max_head + MAX_URL_BYTES:
-                self.refuse(431, f"request header block exceeds {self.max_head} bytes")
-                return
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -174,6 +171,13 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.refuse(500, "internal error")
         except HttpParserError as exc:
             self.refuse(400, f"malformed request: {parser_reason(exc)}")
+        else:
+            if self.in_head and self.parsing is not None and not self.parsing.method:
+                # Still inside a head: httptools accumulates a header across reads before calling on_header,
+                # so count raw bytes too, to bound one enormous header.
+                self.partial_head += len(data)
+                if self.partial_head > self.max_head + MAX_URL_BYTES:
+                    self.refuse(431, f"request header block exceeds {self.max_head} bytes")
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -205,13 +209,18 @@ class DownstreamProtocol(asyncio.Protocol):
         self.resume(PAUSE_PEER)
 
     def refuse(self, status: int, reason: str) -> None:
-        """Answer a request the gateway will not forward, then close: the byte stream is no longer trusted."""
+        """Refuse a request the gateway will not forward, then close: the byte stream is no longer trusted."""
         exchange = self.parsing
-        if exchange is not None and exchange.status == 0 and exchange is self.exchange:
+        if exchange is None or (exchange.done and self.exchange is None):
+            self.transport.write(local_reply(status, reason, new_request_id(), keep_alive=False))
+        elif exchange is not self.exchange:
+            # Queued behind a request still being answered: let that one finish in order, then close.
+            self.queue.clear()
+            self.closing = True
+            self.pause(PAUSE_QUEUE)
+            return
+        elif exchange.status == 0:
             exchange.fail_local(status, reason, close=True)
-        elif exchange is None or exchange.status == 0:
-            request_id = exchange.request_id if exchange is not None and exchange.request_id else new_request_id()
-            self.transport.write(local_reply(status, reason, request_id, keep_alive=False))
         self.close()
 
     def close(self) -> None:
@@ -266,7 +275,9 @@ class DownstreamProtocol(asyncio.Protocol):
             exchange.chunked = True
             exchange.has_body = True
         elif kind == _CONNECTION:
-            exchange.note_connection(value)
+            listed = connection_options(value)
+            if listed:
+                exchange.connection_tokens = (exchange.connection_tokens or []) + listed
         elif kind == _UPGRADE:
             exchange.upgrade = value
         elif kind == _REQUEST_ID:
@@ -282,6 +293,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.head_bytes > self.max_head:
             raise Reject(431, f"request header block exceeds {self.max_head} bytes")
         self.in_head = False
+        self.partial_head = 0
         parser = self.parser
         exchange = self.parsing
         assert exchange is not None

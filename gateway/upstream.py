@@ -190,7 +190,6 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.headers = []
-        self.keep_alive = True
         self.chunked = False
         self.content_length = -1
         self.connection_tokens = None
@@ -208,18 +207,14 @@ class UpstreamProtocol(asyncio.Protocol):
         elif kind == _TRANSFER_ENCODING:
             self.chunked = value.lower().endswith(b"chunked")
         elif kind == _CONNECTION:
-            tokens = [token.strip().lower() for token in value.split(b",")]
-            if b"close" in tokens:
-                self.keep_alive = False
-            listed = [token for token in tokens if token not in (b"close", b"keep-alive", b"upgrade")]
+            listed = connection_options(value)
             if listed:
                 self.connection_tokens = (self.connection_tokens or []) + listed
 
     def on_headers_complete(self) -> None:
         if self.connection_tokens:
             self.headers = drop_headers(self.headers, self.connection_tokens)
-        if self.parser.get_http_version() == "1.0" and not self.parser.should_keep_alive():
-            self.keep_alive = False
+        self.keep_alive = self.parser.should_keep_alive()
         exchange = self.exchange
         if exchange is not None:
             exchange.on_response_head(self, self.parser.get_status_code())
@@ -233,6 +228,12 @@ class UpstreamProtocol(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None:
             exchange.on_response_complete(self)
+
+
+def connection_options(value: bytes) -> list[bytes]:
+    """The header names a Connection header declares hop-by-hop (besides close, keep-alive and upgrade)."""
+    tokens = (token.strip().lower() for token in value.split(b","))
+    return [token for token in tokens if token not in (b"close", b"keep-alive", b"upgrade")]
 
 
 def drop_headers(parts: list[bytes], names: list[bytes]) -> list[bytes]:
