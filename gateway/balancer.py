@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from random import random
 from typing import TYPE_CHECKING
 
-from gateway.config import Address, Outlier
+from gateway.config import Outlier
+from gateway.units import Address
 
 if TYPE_CHECKING:
     from gateway.upstream import Pool

@@ -6,7 +6,8 @@ import argparse
 import logging
 import sys
 
-from gateway.config import Config, ConfigError, parse_duration
+from gateway.config import Config, ConfigError
+from gateway.units import parse_duration
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -17,158 +17,32 @@ Every problem raises one `ConfigError` naming the file, the field path, what is 
 
 from __future__ import annotations
 
-import ipaddress
-import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
-from decimal import Decimal
 from functools import partial
-from typing import Any, NamedTuple, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
+
+from gateway.units import (
+    Address,
+    format_duration,
+    format_percent,
+    is_wildcard,
+    parse_address,
+    parse_duration,
+    parse_percent,
+    parse_size,
+)
 
 _T = TypeVar("_T")
 
 
 class ConfigError(Exception):
     """A configuration that cannot be used. `str(err)` is the whole one-line message."""
-
-
-class Address(NamedTuple):
-    """A `host:port` pair. IPv6 hosts are kept without brackets.
-
-    >>> str(parse_address("[::1]:80")), parse_address("127.0.0.1:9101").port
-    ('[::1]:80', 9101)
-    """
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-_PORT = re.compile(r"[0-9]{1,5}")
-_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[-A-Za-z0-9_]{0,61}[A-Za-z0-9_])?")
-_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
-_DURATION = re.compile(rf"\s*({_NUMBER})\s*(ms|s|m|h)?\s*")
-_DURATION_UNITS = {"h": (3600, 1), "m": (60, 1), "s": (1, 1), "ms": (1, 1000)}  # (multiply, divide) for exactness
-_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(B|kB|KB|MB|GB|KiB|MiB|GiB)?\s*")
-_SIZE_UNITS = {"B": 1, "kB": 10**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-_PERCENT = re.compile(rf"\s*({_NUMBER})\s*%\s*")
-
-
-def parse_address(text: str) -> Address:
-    """Parse `host:port`: an IPv4 address, a hostname or a bracketed IPv6 address. Port 0 is allowed here."""
-    host, colon, port = text.rpartition(":")
-    if not colon or not host:
-        raise ValueError("missing host or port")
-    if not _PORT.fullmatch(port) or int(port) > 65535:
-        raise ValueError("port must be a number from 0 to 65535")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if not isinstance(_ip(host), ipaddress.IPv6Address):
-            raise ValueError(f"invalid IPv6 address {host!r}")
-    elif ":" in host:
-        raise ValueError("IPv6 addresses need brackets, as in [::1]:80")
-    elif not _is_hostname(host):
-        raise ValueError(f"invalid host {host!r}")
-    return Address(host, int(port))
-
-
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-def _is_hostname(host: str) -> bool:
-    labels = host.split(".")
-    if all(label.isdigit() for label in labels):  # all-numeric must be a real IPv4 address, not a hostname
-        return isinstance(_ip(host), ipaddress.IPv4Address)
-    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
-
-
-def _is_wildcard(host: str) -> bool:
-    return (ip := _ip(host)) is not None and ip.is_unspecified
-
-
-def parse_duration(text: str | int | float) -> float:
-    """Seconds from `250ms`, `2s`, `1.5s`, `1m` or `1h`; a bare number is seconds. Raises ValueError."""
-    if isinstance(text, bool):
-        raise ValueError("a boolean is not a duration")
-    if isinstance(text, int | float):
-        seconds = float(text)
-    else:
-        match = _DURATION.fullmatch(text)
-        if match is None:
-            raise ValueError(f"not a duration: {text!r} (use 250ms, 2s, 1m or 1h)")
-        multiply, divide = _DURATION_UNITS[match[2] or "s"]
-        seconds = float(match[1]) * multiply / divide
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError("a duration must be finite and not negative")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """The inverse of `parse_duration`: 0.25 -> "250ms", 2.0 -> "2s", 60.0 -> "1m", 1.5 -> "1.5s"."""
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"cannot format duration {seconds!r}")
-    if seconds == 0:
-        return "0s"
-    for unit in ("h", "m", "s") if seconds >= 1 else ("ms",):
-        multiply, divide = _DURATION_UNITS[unit]
-        count = seconds * divide / multiply
-        if count.is_integer() and parse_duration(f"{int(count)}{unit}") == seconds:
-            return f"{int(count)}{unit}"
-    return f"{seconds!r}s"
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from `512`, `60KiB`, `1MiB` or `1KB` (= 1000). Raises ValueError."""
-    if isinstance(text, bool):
-        raise ValueError("a boolean is not a size")
-    if isinstance(text, int):
-        size = text
-    else:
-        match = _SIZE.fullmatch(text)
-        if match is None:
-            raise ValueError(f"not a size: {text!r} (use 512, 60KiB, 1MiB or 1KB)")
-        exact = Decimal(match[1]) * _SIZE_UNITS[match[2] or "B"]
-        if exact != exact.to_integral_value():
-            raise ValueError(f"not a whole number of bytes: {text!r}")
-        size = int(exact)
-    if size < 0:
-        raise ValueError("a size must not be negative")
-    return size
-
-
-def parse_percent(text: str | int | float) -> float:
-    """A ratio from `20%` (-> 0.2). A bare number is already a ratio (0.2), as for tracing sampling.
-
-    Either way the result lies in 0..1 (0%..100%), so `budget: 20` is an error rather than 2000%.
-    """
-    if isinstance(text, bool):
-        raise ValueError("a boolean is not a percentage")
-    if isinstance(text, int | float):
-        ratio = float(text)
-    else:
-        match = _PERCENT.fullmatch(text)
-        if match is None:
-            raise ValueError(f"not a percentage: {text!r} (use 20%)")
-        ratio = float(Decimal(match[1]) / 100)  # decimal, so that format_percent round-trips exactly
-    if not 0 <= ratio <= 1:
-        raise ValueError("a percentage must be from 0% to 100%")
-    return ratio
-
-
-def format_percent(ratio: float) -> str:
-    """The inverse of `parse_percent`: 0.2 -> "20%", 0.125 -> "12.5%"."""
-    return f"{(Decimal(repr(ratio)) * 100).normalize():f}%"  # exact decimals, so parsing gives `ratio` back
 
 
 # Reading plain data. A converter takes (value, path) and returns a typed value or raises _Invalid, which
@@ -328,7 +202,7 @@ def _address(min_port: int = 0, reachable: bool = False) -> Callable[[object, st
             _fail(path, f"expected host:port ({err})", value)
         if address.port < min_port:
             _fail(path, f"expected a port from {min_port} to 65535", value)
-        if reachable and _is_wildcard(address.host):
+        if reachable and is_wildcard(address.host):
             _fail(path, "expected an address peers can reach, not a wildcard", value)
         return address
 
@@ -393,7 +267,7 @@ class Listen:
         """`advertise`, else `inbound` unless it binds a wildcard host (peers cannot be told that one)."""
         if self.advertise is not None:
             return self.advertise
-        return None if _is_wildcard(self.inbound.host) else self.inbound
+        return None if is_wildcard(self.inbound.host) else self.inbound
 
 
 def _listen(value: object, path: str) -> Listen:
@@ -404,7 +278,7 @@ def _listen(value: object, path: str) -> Listen:
         if address is None or address.port == 0:  # port 0 binds an ephemeral port: never a clash
             continue
         for other, used in bound:
-            hosts_overlap = used.host == address.host or _is_wildcard(used.host) or _is_wildcard(address.host)
+            hosts_overlap = used.host == address.host or is_wildcard(used.host) or is_wildcard(address.host)
             if used.port == address.port and hosts_overlap:
                 _fail(_join(path, key), f"address already used by {other}", str(address))
         bound.append((key, address))

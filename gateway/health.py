@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from gateway.balancer import Endpoint
-from gateway.config import Address, Health
+from gateway.config import Health
+from gateway.units import Address
 
 if TYPE_CHECKING:
     from gateway.routing import RouteTable

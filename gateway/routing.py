@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from gateway.balancer import Balancer, Endpoint
-from gateway.config import Address, Config, Route, Service
+from gateway.config import Config, Route, Service
+from gateway.units import Address
 
 EndpointFactory = Callable[[str, Address], Endpoint]
 

@@ -19,10 +19,11 @@ from typing import Any
 
 from gateway.admin import AdminState, admin_handler
 from gateway.balancer import Endpoint
-from gateway.config import Address, Config, ConfigError
+from gateway.config import Config, ConfigError
 from gateway.health import HealthChecks
 from gateway.proxy import DownstreamProtocol, Listener
 from gateway.routing import RouteTable
+from gateway.units import Address
 from gateway.upstream import Pool
 
 log = logging.getLogger("meshgate.gateway")

@@ -22,7 +22,7 @@ from typing import Any
 import uvloop
 
 from gateway.admin import AdminState, admin_handler
-from gateway.config import Address, Config
+from gateway.config import Config
 from gateway.proxy import Listener
 from gateway.server import (
     DATA_LISTENERS,
@@ -36,6 +36,7 @@ from gateway.server import (
     server_tls,
     start_listener,
 )
+from gateway.units import Address
 
 log = logging.getLogger("meshgate.supervisor")
 

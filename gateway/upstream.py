@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from gateway.config import Address
 from gateway.errors import ConnectFailed, UpstreamProtocolError
+from gateway.units import Address
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from gateway.config import (
-    Address,
     Config,
     ConfigError,
     Health,
@@ -18,6 +17,9 @@ from gateway.config import (
     Retries,
     Route,
     RouteMatch,
+)
+from gateway.units import (
+    Address,
     format_duration,
     format_percent,
     parse_address,
