@@ -62,6 +62,7 @@ class Exchange:
         "url",
         "version",
         "host",
+        "host_seen",
         "headers",
         "keep_alive",
         "has_body",
@@ -84,6 +85,7 @@ class Exchange:
         "replayable",
         "request_done",
         "tries",
+        "trying",
         "attempt_id",
         "timer",
         "start_time",
@@ -104,10 +106,11 @@ class Exchange:
         self.url = b""
         self.version = "1.1"
         self.host = b""
+        self.host_seen = False
         self.headers: list[bytes] = []
         self.keep_alive = True
         self.has_body = False
-        self.chunked = False
+        self.chunked = b""  # the Transfer-Encoding value (ending in chunked) when the body is chunked
         self.upgrade = b""
         self.tunnel_data = b""
         self.request_id = b""
@@ -126,6 +129,7 @@ class Exchange:
         self.replayable = True
         self.request_done = False
         self.tries = 0
+        self.trying = False  # a try holds the endpoint (counted in its `active`) until end_try
         self.attempt_id = 0
         self.timer: asyncio.TimerHandle | None = None
         self.start_time = 0.0
@@ -219,7 +223,7 @@ class Exchange:
             b"\r\n",
         )
         if self.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")
+            parts += (b"transfer-encoding: ", self.chunked, b"\r\n")  # inner codings stay; we re-frame the chunks
         if self.upgrade:
             parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade, b"\r\n")
         parts.append(b"\r\n")
@@ -274,6 +278,7 @@ class Exchange:
             return self.fail_local(503, f"no endpoints available in {service.name}/{target.name}")
         self.endpoint = endpoint
         endpoint.active += 1
+        self.trying = True
         self.tries += 1
         self.attempt_id += 1
         self.try_start = now
@@ -285,7 +290,6 @@ class Exchange:
             return self.send(upstream)
         limits = service.config.limits
         if service.pending >= limits.max_pending:
-            self.end_try(failed=False)
             return self.fail_local(503, f"circuit breaker open: {limits.max_pending} requests pending")
         service.pending += 1
         self.downstream.runtime.spawn(self.connect(endpoint.pool, self.attempt_id, timeouts.connect))
@@ -375,6 +379,9 @@ class Exchange:
         if timer is not None:
             self.timer = None
             timer.cancel()
+        if not self.trying:
+            return
+        self.trying = False
         endpoint, target = self.endpoint, self.target
         if endpoint is not None and target is not None:
             endpoint.active -= 1
@@ -413,7 +420,7 @@ class Exchange:
         elif not bodiless and upstream.content_length < 0:
             if upstream.chunked and self.version == "1.1":
                 self.resp_chunked = True
-                parts.append(b"transfer-encoding: chunked\r\n")
+                parts += (b"transfer-encoding: ", upstream.chunked, b"\r\n")
             else:
                 # Body ends when the connection does (or HTTP/1.0 client): close-delimited to the client too.
                 self.resp_close_delimited = not upstream.chunked
@@ -537,10 +544,11 @@ class Exchange:
         """Answer with the gateway's own response (nothing was committed from upstream yet)."""
         if self.done:
             return
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
+        upstream = self.upstream
+        if upstream is not None:  # e.g. the client's body framing broke mid-stream: the upstream request is void
+            self.upstream = None
+            upstream.close()
+        self.end_try(failed=False)  # not the endpoint's fault
         self.status = status
         if close or (self.has_body and not self.request_done):
             self.keep_alive = False

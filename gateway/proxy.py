@@ -265,14 +265,15 @@ class DownstreamProtocol(asyncio.Protocol):
             if not lname.startswith(b"proxy-"):
                 exchange.headers += (name, b": ", value, b"\r\n")
         elif kind == _HOST:
-            if exchange.host:
+            if exchange.host_seen:
                 raise Reject(400, "more than one Host header")
+            exchange.host_seen = True
             exchange.host = value
         elif kind == _CONTENT_LENGTH:
             exchange.has_body = value != b"0"
             exchange.headers += (name, b": ", value, b"\r\n")
         elif kind == _TRANSFER_ENCODING:
-            exchange.chunked = True
+            exchange.chunked = value if not exchange.chunked else exchange.chunked + b", " + value
             exchange.has_body = True
         elif kind == _CONNECTION:
             listed = connection_options(value)

@@ -132,7 +132,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.reason = b""
         self.headers: list[bytes] = []
         self.keep_alive = True
-        self.chunked = False
+        self.chunked = b""  # the Transfer-Encoding value when the response is chunked
         self.content_length = -1
         self.connection_tokens: list[bytes] | None = None
         self.tunnel: asyncio.Transport | None = None
@@ -190,7 +190,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.headers = []
-        self.chunked = False
+        self.chunked = b""  # the Transfer-Encoding value when the response is chunked
         self.content_length = -1
         self.connection_tokens = None
 
@@ -205,7 +205,8 @@ class UpstreamProtocol(asyncio.Protocol):
             self.content_length = int(value)
             self.headers += (name, b": ", value, b"\r\n")
         elif kind == _TRANSFER_ENCODING:
-            self.chunked = value.lower().endswith(b"chunked")
+            # httptools has already refused a final coding other than chunked; keep inner ones (gzip, ...)
+            self.chunked = value
         elif kind == _CONNECTION:
             listed = connection_options(value)
             if listed:
