@@ -57,6 +57,7 @@ SMOKE_MIN_RATIO = 0.25
 STRACE_REQUESTS = 4000
 STRACE_CONNS = 16
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+NGINX, MESHGATE = "nginx-proxy", "meshgate"  # the pair every ratio compares
 
 
 class BenchError(Exception):
@@ -69,7 +70,7 @@ class Target:
     port: int
     pid: int  # root of the target's process tree: CPU time, peak RSS and strace attach to it
     conns: tuple[int, ...]
-    request_id: bool = False  # responses must carry x-request-id
+    adds_request_id: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,7 +279,7 @@ def verify(target: Target) -> None:
     reply = http_get(target.port)
     if reply.status != 200 or reply.body != BODY.encode():
         raise BenchError(f"{target.name}: expected 200 with the upstream body, got {reply.status} {reply.body[:80]!r}")
-    if target.request_id and not reply.headers.get("x-request-id"):
+    if target.adds_request_id and not reply.headers.get("x-request-id"):
         raise BenchError(f"{target.name}: response has no x-request-id header")
 
 
@@ -352,7 +353,7 @@ def start_meshgate(
     log = workdir / "gateway.log"
     proc = procs.start(argv, log, cpus)
     wait_ready(workdir.name, admin, "/ready", proc, log)
-    return Target(workdir.name, inbound, proc.pid, ALL_CONNS if workers == 1 else WIDE_CONNS, request_id=True)
+    return Target(workdir.name, inbound, proc.pid, ALL_CONNS if workers == 1 else WIDE_CONNS, adds_request_id=True)
 
 
 # --- wrk -------------------------------------------------------------------------------------------------------
@@ -471,12 +472,11 @@ def count_syscalls(procs: ProcessSet, tmp: Path, target: Target) -> SyscallCount
         if tracer.poll() is not None or time.monotonic() > deadline:
             raise BenchError(f"strace could not attach to {target.name}:\n{log_tail(log)}")
         time.sleep(0.01)
-    requests = STRACE_REQUESTS // STRACE_CONNS * STRACE_CONNS
-    fixed_count_load(target.port, requests, STRACE_CONNS)
+    fixed_count_load(target.port, STRACE_REQUESTS, STRACE_CONNS)
     procs.stop(tracer, signal.SIGINT)  # strace writes its summary when interrupted
     calls = parse_strace_summary(out.read_text())
-    top = sorted(calls.items(), key=lambda item: -item[1])[:8]
-    return SyscallCount(target.name, requests, sum(calls.values()) / requests, [(n, c / requests) for n, c in top])
+    top = [(name, n / STRACE_REQUESTS) for name, n in sorted(calls.items(), key=lambda item: -item[1])[:8]]
+    return SyscallCount(target.name, STRACE_REQUESTS, sum(calls.values()) / STRACE_REQUESTS, top)
 
 
 # --- summary ---------------------------------------------------------------------------------------------------
@@ -505,9 +505,9 @@ def per_round(samples: Sequence[Sample], conns: int, value: Callable[[Sample, Sa
     """Median over rounds of value(meshgate, nginx), both taken from the same round."""
     pairs: dict[int, dict[str, Sample]] = {}
     for s in samples:
-        if s.conns == conns and s.target in ("meshgate", "nginx-proxy"):
+        if s.conns == conns and s.target in (MESHGATE, NGINX):
             pairs.setdefault(s.round, {})[s.target] = s
-    values = [value(p["meshgate"], p["nginx-proxy"]) for p in pairs.values() if len(p) == 2]
+    values = [value(p[MESHGATE], p[NGINX]) for p in pairs.values() if len(p) == 2]
     return statistics.median(values) if values else None
 
 
@@ -574,12 +574,12 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
 
 def start_targets(procs: ProcessSet, tmp: Path, settings: Settings, cores: Cores) -> list[Target]:
     upstream = start_nginx(procs, tmp, "direct", upstream_block, cores.load)
-    targets = [upstream, start_nginx(procs, tmp, "nginx-proxy", lambda p: proxy_block(p, upstream.port), cores.proxy)]
+    targets = [upstream, start_nginx(procs, tmp, NGINX, lambda p: proxy_block(p, upstream.port), cores.proxy)]
     if not settings.nginx_only:
         command = settings.gateway_cmd
-        targets.append(start_meshgate(procs, tmp / "meshgate", command, upstream.port, 1, cores.proxy))
+        targets.append(start_meshgate(procs, tmp / MESHGATE, command, upstream.port, 1, cores.proxy))
         if not settings.smoke:
-            targets.append(start_meshgate(procs, tmp / "meshgate-2w", command, upstream.port, 2, None))
+            targets.append(start_meshgate(procs, tmp / f"{MESHGATE}-2w", command, upstream.port, 2, None))
     if settings.smoke:
         targets = [dataclasses.replace(t, conns=SMOKE_CONNS) for t in targets]
     for target in targets:
@@ -601,16 +601,13 @@ def run(settings: Settings, cores: Cores) -> Results:
     with tempfile.TemporaryDirectory(prefix="meshgate-bench-") as tmpname, ProcessSet() as procs:
         tmp = Path(tmpname)
         targets = start_targets(procs, tmp, settings, cores)
-        print(
-            f"ready: {', '.join(t.name for t in targets)}; warming up, then {settings.duration:.0f} s per run",
-            flush=True,
-        )
+        print(f"ready: {', '.join(t.name for t in targets)}; warming up", flush=True)
         for target in targets:
             run_wrk(target.port, 16, 1.0, cores.load)
         samples = measure(targets, settings, cores.load)
-        proxies = [t for t in targets if t.name in ("nginx-proxy", "meshgate")]
+        proxies = [t for t in targets if t.name in (NGINX, MESHGATE)]
         syscalls = [count_syscalls(procs, tmp, t) for t in proxies] if settings.strace else []
-        rss = {pid: kb for t in targets if t.name == "meshgate" for pid, kb in worker_peak_rss(t.pid).items()}
+        rss = {pid: kb for t in targets if t.name == MESHGATE for pid, kb in worker_peak_rss(t.pid).items()}
     summary = [m for c in ALL_CONNS for t in targets if (m := median_of(samples, t.name, c))]
     return Results(samples, summary, throughput_ratios(samples), added_p50_ms(samples), rss, syscalls)
 
@@ -627,17 +624,13 @@ def smoke_verdict(results: Results) -> int:
     if ratio is None:
         print("smoke: no meshgate/nginx ratio was measured (--nginx-only?)")
         return 0
-    bad = sum(s.non_2xx for s in results.summary if s.target == "meshgate")
-    if bad:
-        print(f"smoke FAILED: meshgate answered {bad} non-2xx responses under load", file=sys.stderr)
+    bad = sum(s.non_2xx for s in results.summary if s.target == MESHGATE)
+    verdict = f"meshgate reached {ratio:.2f} x nginx throughput at 16 connections (floor {SMOKE_MIN_RATIO})"
+    if bad or ratio < SMOKE_MIN_RATIO:
+        reason = f"meshgate answered {bad} non-2xx responses under load" if bad else verdict
+        print(f"smoke FAILED: {reason}", file=sys.stderr)
         return 1
-    if ratio < SMOKE_MIN_RATIO:
-        floor = f"the floor is {SMOKE_MIN_RATIO} x nginx"
-        print(
-            f"smoke FAILED: meshgate reached {ratio:.2f} x nginx throughput at 16 connections; {floor}", file=sys.stderr
-        )
-        return 1
-    print(f"smoke ok: meshgate reached {ratio:.2f} x nginx throughput at 16 connections (floor {SMOKE_MIN_RATIO})")
+    print(f"smoke ok: {verdict}")
     return 0
 
 
@@ -656,7 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cores = pick_cores()
     try:
         results = run(settings, cores)
-    except BenchError as exc:
+    except (BenchError, OSError, subprocess.SubprocessError, http.client.HTTPException) as exc:
+        # One boundary for everything that stops a run: missing tools, a wrk timeout, a target gone mid-run.
         print(f"bench failed: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
