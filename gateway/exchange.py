@@ -143,14 +143,17 @@ class Exchange:
         self.done = False
         self.error = ""
 
+    def decide_request_id(self) -> None:
+        """Keep a well-formed ID from a trusted sender (DESIGN.md, "Request identity"); otherwise make one."""
+        if not self.downstream.trusted or not self.request_id or _VALID_REQUEST_ID(self.request_id) is None:
+            self.request_id = new_request_id()
+
     # request side
 
     def start(self) -> None:
         downstream = self.downstream
         listener = downstream.listener
         self.start_time = downstream.loop.time()
-        if not downstream.trusted or not self.request_id or _VALID_REQUEST_ID(self.request_id) is None:
-            self.request_id = new_request_id()
         if self.method == b"CONNECT":
             return self.fail_local(405, "CONNECT tunnels are not supported", close=True)
         if listener.local is not None:
@@ -472,8 +475,8 @@ class Exchange:
             self.abort()
 
     def on_response_complete(self, upstream: UpstreamProtocol) -> None:
-        if self.status == 0:
-            return  # an interim (1xx) response, or one discarded for a retry
+        if self.status == 0 or self.status == 101:
+            return  # an interim (1xx) response, one discarded for a retry, or a tunnel (start_tunnel takes over)
         if self.resp_chunked:
             self.out.append(b"0\r\n\r\n")
         self.resp_done = True
@@ -500,9 +503,9 @@ class Exchange:
         downstream.tunnel = upstream.transport
         if self.tunnel_data:
             upstream.transport.write(self.tunnel_data)
+        downstream.resume(PAUSE_UPGRADE)
         self.end_try(failed=False)
         self.finish()
-        downstream.resume(PAUSE_UPGRADE)
 
     def upstream_lost(self, upstream: UpstreamProtocol) -> None:
         if self.upstream is not upstream:

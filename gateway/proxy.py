@@ -170,6 +170,11 @@ class DownstreamProtocol(asyncio.Protocol):
                 log.error("internal error handling a request", exc_info=cause or exc)
                 self.refuse(500, "internal error")
         except HttpParserError as exc:
+            parsing = self.parsing
+            if parsing is not None and parsing.request_done and not parsing.keep_alive:
+                # Bytes after a request that said `Connection: close`: answer that one, ignore the rest.
+                self.transport.pause_reading()
+                return
             self.refuse(400, f"malformed request: {parser_reason(exc)}")
         else:
             if self.in_head and self.parsing is not None and not self.parsing.method:
@@ -220,6 +225,8 @@ class DownstreamProtocol(asyncio.Protocol):
             self.pause(PAUSE_QUEUE)
             return
         elif exchange.status == 0:
+            if not exchange.method:
+                exchange.decide_request_id()  # refused before its head was complete
             exchange.fail_local(status, reason, close=True)
         self.close()
 
@@ -284,7 +291,7 @@ class DownstreamProtocol(asyncio.Protocol):
         elif kind == _REQUEST_ID:
             exchange.request_id = value
         elif kind == _XFF:
-            exchange.forwarded_for = value
+            exchange.forwarded_for = exchange.forwarded_for + b", " + value if exchange.forwarded_for else value
         elif kind == _XFP:
             exchange.forwarded_proto = value
         elif kind == _XFH:
@@ -301,6 +308,9 @@ class DownstreamProtocol(asyncio.Protocol):
         exchange.method = parser.get_method()
         exchange.keep_alive = parser.should_keep_alive()
         exchange.version = parser.get_http_version()
+        if exchange.upgrade and not parser.should_upgrade():
+            exchange.upgrade = b""  # an Upgrade header without `Connection: upgrade` is not an upgrade request
+        exchange.decide_request_id()
         if exchange is self.exchange:
             exchange.start()
 
@@ -337,6 +347,12 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         self.exchange = None
         self.idle_since = self.loop.time()
+        if self.paused & PAUSE_UPGRADE:
+            # The upstream declined the upgrade (no 101): the connection carries on as HTTP/1.1.
+            self.parser = HttpRequestParser(self)
+            self.resume(PAUSE_UPGRADE)
+            if exchange.tunnel_data:
+                self.loop.call_soon(self.data_received, exchange.tunnel_data)
 
 
 def peer_group(cert: object) -> str | None:

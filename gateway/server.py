@@ -106,6 +106,8 @@ class Runtime:
             now = loop.time()
             limits = self.limits
             for conn in list(self.connections):
+                if conn.tunnel is not None:
+                    continue  # an upgraded connection lives until either side closes it
                 parsing = conn.parsing
                 if conn.in_head and parsing is not None and not parsing.method and not parsing.done:
                     if now - conn.head_start > limits.header_timeout:

@@ -142,6 +142,8 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.tunnel is not None:
+            self.tunnel.close()
         exchange = self.exchange
         if exchange is not None:
             self.exchange = None
