@@ -13,6 +13,7 @@ else become one `local_reply`; failures after it abort both connections.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from random import getrandbits, random
 from typing import TYPE_CHECKING
@@ -182,7 +183,8 @@ class Exchange:
         if service.active >= limits.max_requests:
             return self.fail_local(503, f"circuit breaker open: {limits.max_requests} requests active")
         service.active += 1
-        self.deadline = self.start_time + service.config.timeouts.request
+        # Like Envoy's, the timeouts count from the end of the request: an upload may take as long as it takes.
+        self.deadline = self.start_time + service.config.timeouts.request if not self.has_body else math.inf
         if self.connection_tokens:
             self.headers = drop_headers(self.headers, self.connection_tokens)
         self.head = self.render_head()
@@ -260,8 +262,20 @@ class Exchange:
         self.request_done = True
         if self.chunked:
             self.on_request_body(b"")  # the zero-length chunk ends the body
-        if self.done and self.downstream.exchange is self:
-            self.downstream.exchange_done(self)
+        if self.done:
+            if self.downstream.exchange is self:
+                self.downstream.exchange_done(self)
+        elif self.has_body and self.service is not None:
+            self.arm_timeouts()
+
+    def arm_timeouts(self) -> None:
+        assert self.service is not None
+        timeouts = self.service.config.timeouts
+        loop = self.downstream.loop
+        now = loop.time()
+        self.deadline = now + timeouts.request
+        if self.trying and self.status == 0 and self.timer is None:
+            self.timer = loop.call_at(min(now + timeouts.per_try, self.deadline), self.on_try_timeout)
 
     # tries
 
@@ -286,8 +300,8 @@ class Exchange:
         self.attempt_id += 1
         self.try_start = now
         timeouts = service.config.timeouts
-        per_try = min(timeouts.per_try, self.deadline - now)
-        self.timer = loop.call_at(now + per_try, self.on_try_timeout)
+        if self.deadline != math.inf:
+            self.timer = loop.call_at(min(now + timeouts.per_try, self.deadline), self.on_try_timeout)
         upstream = endpoint.pool.acquire()
         if upstream is not None:
             return self.send(upstream)
@@ -460,7 +474,7 @@ class Exchange:
         """End of one upstream read: write what it produced in one go, and arm the overall deadline."""
         if self.out:
             self.flush()
-        if self.status and not self.resp_done and self.timer is None and not self.done:
+        if self.status and not self.resp_done and self.timer is None and not self.done and self.deadline != math.inf:
             self.timer = self.downstream.loop.call_at(self.deadline, self.on_request_deadline)
 
     def flush(self) -> None:
