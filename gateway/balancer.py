@@ -63,6 +63,14 @@ class Endpoint:
             self.cost = self.cost * weight + rtt * (1.0 - weight)
         self.stamp = now
 
+    def load(self, now: float) -> float:
+        """The cost to send one more request here: the estimate decayed to `now`, times requests in flight.
+
+        The estimate decays when read (as tower's PeakEwma does), so an endpoint that answered slowly once is
+        tried again later instead of losing every comparison forever.
+        """
+        return self.cost * math.exp((self.stamp - now) / DECAY_SECONDS) * (self.active + 1)
+
     def available(self, now: float) -> bool:
         return self.healthy and self.ejected_until <= now
 
@@ -118,9 +126,7 @@ class Balancer:
             return usable[0]
         a, b = _two_distinct(n)
         first, second = usable[a], usable[b]
-        if first.cost * (first.active + 1) <= second.cost * (second.active + 1):
-            return first
-        return second
+        return first if first.load(now) <= second.load(now) else second
 
     def _pick_least_request(self, usable: tuple[Endpoint, ...], now: float) -> Endpoint:
         n = len(usable)

@@ -87,6 +87,7 @@ class Exchange:
         "request_done",
         "tries",
         "trying",
+        "retrying",
         "attempt_id",
         "timer",
         "start_time",
@@ -130,6 +131,7 @@ class Exchange:
         self.replayable = True
         self.request_done = False
         self.tries = 0
+        self.retrying = False  # holds a place in the service's retry budget
         self.trying = False  # a try holds the endpoint (counted in its `active`) until end_try
         self.attempt_id = 0
         self.timer: asyncio.TimerHandle | None = None
@@ -374,20 +376,21 @@ class Exchange:
             return False
         if self.downstream.loop.time() >= self.deadline:
             return False
-        budget = max(3, int(retries.budget * service.active))
-        return service.retrying < budget
+        if self.retrying:
+            return True  # this request already holds a place in the budget
+        return service.retrying < max(3, int(retries.budget * service.active))
 
     def retry(self) -> None:
         service = self.service
         assert service is not None
-        service.retrying += 1
+        if not self.retrying:
+            # Counted as a retry until the request ends, so the budget bounds retries in flight, not in backoff.
+            self.retrying = True
+            service.retrying += 1
         backoff = random() * min(0.25, 0.025 * (1 << (self.tries - 1)))
         self.downstream.loop.call_later(backoff, self._retry_now)
 
     def _retry_now(self) -> None:
-        service = self.service
-        assert service is not None
-        service.retrying -= 1
         if not self.done:
             self.attempt()
 
@@ -597,6 +600,8 @@ class Exchange:
         service = self.service
         if service is not None and self.head:
             service.active -= 1
+            if self.retrying:
+                service.retrying -= 1
         downstream = self.downstream
         if downstream.paused & (PAUSE_PEER | PAUSE_BUFFER):
             downstream.resume(PAUSE_PEER | PAUSE_BUFFER)  # the upstream that caused the pause is gone

@@ -62,18 +62,15 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         config = self.state.config
         kinds = listener_addresses(config)
+        # Bind everything before starting workers, so an address in use fails fast with nothing to clean up.
         reserved: dict[str, socket.socket] = {
             kind: bind_socket(kinds[kind], reuse_port=True) for kind in DATA_LISTENERS if kind in kinds
         }
-        self.addresses = {kind: Address(*sock.getsockname()[:2]) for kind, sock in reserved.items()}
-        for _ in range(self.count):
-            self.start_worker()
-        await self.wait_ready()
-        self.state.ready = True
-        runtime = Runtime(config)  # only for the admin listener's connections; it holds no routes
         admin_sockets: dict[str, socket.socket] = {
             kind: bind_socket(kinds[kind], reuse_port=False) for kind in ("admin", "metrics") if kind in kinds
         }
+        self.addresses = {kind: Address(*sock.getsockname()[:2]) for kind, sock in reserved.items()}
+        runtime = Runtime(config)  # only for the admin listener's connections; it holds no routes
         servers = [
             await start_listener(
                 Listener(kind, runtime, "unknown", local=admin_handler(self.state, metrics_only=kind == "metrics")),
@@ -81,27 +78,31 @@ class Supervisor:
             )
             for kind, sock in admin_sockets.items()
         ]
-        reloader = Reloader(ConfigFile(self.path), self.state, self.broadcast)
         stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        watch = runtime.spawn(reloader.watch())
-        monitor = runtime.spawn(self.monitor())
-        log.info(
-            "meshgate gateway %s (%d workers) listening %s",
-            config.gateway.group,
-            self.count,
-            describe({**reserved, **admin_sockets}),
-        )
-        await stop.wait()
-        self.stopping = True
-        watch.cancel()
-        monitor.cancel()
-        await self.stop_workers()
-        await runtime.drain(servers, 0.0)
-        for sock in reserved.values():
-            sock.close()
+        try:
+            for _ in range(self.count):
+                self.start_worker()
+            await self.wait_ready()
+            self.state.ready = True
+            reloader = Reloader(ConfigFile(self.path), self.state, self.broadcast)
+            loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+            runtime.spawn(reloader.watch())
+            runtime.spawn(self.monitor())
+            log.info(
+                "meshgate gateway %s (%d workers) listening %s",
+                config.gateway.group,
+                self.count,
+                describe({**reserved, **admin_sockets}),
+            )
+            await stop.wait()
+        finally:
+            self.stopping = True
+            await self.stop_workers()
+            await runtime.drain(servers, 0.0)
+            for sock in reserved.values():
+                sock.close()
         log.info("stopped")
 
     def start_worker(self) -> None:
