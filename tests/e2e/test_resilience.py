@@ -1,0 +1,776 @@
+"""Resilience end to end: a real gateway process in front of real upstreams, all on 127.0.0.1.
+
+Covers weighted splits and header routes, retries (conditions, idempotency, attempts, budget), timeouts
+(per-try, request, connect), passive outlier ejection, active health checks, circuit breakers, the balancing
+policies, and an upstream SIGKILLed under load.
+
+Upstreams are the shared `UpstreamServer` (tests/e2e/upstream_app.py) where its behaviour suffices, and
+`ScriptedUpstream` below where a test must decide per request what an upstream answers, and when.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httptools
+import httpx
+import pytest
+
+from tests.conftest import ROOT, Gateway, gateway_config, wait_for
+from tests.e2e.upstream_app import UpstreamServer
+
+SVC = "svc"
+StartGateway = Callable[..., Gateway]
+StartUpstream = Callable[[str], UpstreamServer]
+
+
+# Talking to the gateway
+
+
+def client(gw: Gateway, timeout: float = 10.0) -> httpx.Client:
+    return httpx.Client(base_url=gw.url(), trust_env=False, timeout=timeout)
+
+
+def get(c: httpx.Client, path: str = "/echo", host: str = SVC, **headers: str) -> httpx.Response:
+    return c.get(path, headers={"host": host, **{k.replace("_", "-"): v for k, v in headers.items()}})
+
+
+def served_by(responses: list[httpx.Response]) -> Counter[str | None]:
+    return Counter(r.headers.get("x-upstream") for r in responses)
+
+
+def assert_local_reply(response: httpx.Response, status: int, reason: str) -> None:
+    """A response the gateway made itself: the status, a one-line reason, a request ID and no upstream."""
+    assert response.status_code == status, response.text
+    assert response.text.startswith("meshgate: "), response.text
+    assert reason in response.text, response.text
+    assert response.headers.get("x-request-id")
+    assert "x-upstream" not in response.headers
+
+
+def service(endpoints: list[str], **policy: Any) -> dict[str, Any]:
+    return {"subsets": {"v1": {"endpoints": endpoints}}, **policy}
+
+
+# Upstreams written for these tests
+
+
+@dataclass
+class Seen:
+    """A request as a ScriptedUpstream received it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: int = 0
+    at: float = field(default_factory=time.monotonic)
+
+
+Handler = Callable[[Seen], Awaitable[tuple[int, bytes]]]
+
+
+class _ScriptedConnection(asyncio.Protocol):
+    def __init__(self, server: ScriptedUpstream) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.body = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.open.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.open.discard(self)
+        if self.task is not None:
+            self.task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            assert self.transport is not None
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self.url, self.headers, self.body = b"", {}, 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode().lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.body += len(body)
+
+    def on_message_complete(self) -> None:
+        seen = Seen(self.parser.get_method().decode(), self.url.decode(), self.headers, self.body)
+        self.server.seen.append(seen)
+        self.task = asyncio.ensure_future(self.respond(seen))
+
+    async def respond(self, seen: Seen) -> None:
+        status, body = await self.server.handler(seen)
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        head = b"HTTP/1.1 %d X\r\nx-upstream: %s\r\ncontent-length: %d\r\n\r\n" % (
+            status,
+            self.server.name.encode(),
+            len(body),
+        )
+        transport.write(head + body)
+
+
+class ScriptedUpstream:
+    """An HTTP/1.1 upstream on its own event loop thread whose answers come from an async `handler`.
+
+    The handler runs on the upstream's loop and may wait as long as it likes (for a future the test resolves
+    with `resolve`), so a test decides what each request gets, and when. Every response carries `x-upstream`.
+    """
+
+    def __init__(self, name: str, handler: Handler) -> None:
+        self.name = name
+        self.handler = handler
+        self.seen: list[Seen] = []
+        self.open: set[_ScriptedConnection] = set()
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.AbstractServer | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ScriptedUpstream:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._listen(), self.loop).result(timeout=10)
+        return self
+
+    async def _listen(self) -> None:
+        self.server = await self.loop.create_server(lambda: _ScriptedConnection(self), "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def resolve(self, future: asyncio.Future[tuple[int, bytes]], status: int, body: bytes = b"") -> None:
+        def settle() -> None:
+            if not future.done():
+                future.set_result((status, body))
+
+        self.loop.call_soon_threadsafe(settle)
+
+    def stop(self) -> None:
+        async def close() -> None:
+            if self.server is not None:
+                self.server.close()
+            for conn in list(self.open):
+                if conn.transport is not None:
+                    conn.transport.abort()
+                if conn.task is not None:
+                    conn.task.cancel()
+            await asyncio.sleep(0)
+
+        if self.thread.is_alive():
+            asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+        self.loop.close()
+
+
+def always(status: int) -> Handler:
+    async def handle(seen: Seen) -> tuple[int, bytes]:
+        return status, b"%d from scripted upstream\n" % status
+
+    return handle
+
+
+@pytest.fixture
+def scripted() -> Iterator[Callable[[str, Handler], ScriptedUpstream]]:
+    started: list[ScriptedUpstream] = []
+
+    def start(name: str, handler: Handler) -> ScriptedUpstream:
+        server = ScriptedUpstream(name, handler).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@contextlib.contextmanager
+def refusing_address() -> Iterator[str]:
+    """A loopback port with nothing listening on it (bound, so nobody else takes it): connects are refused."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def blackhole_address() -> Iterator[str]:
+    """A loopback port where a connect neither succeeds nor fails: it hangs until the connect timeout.
+
+    A listener with `listen(0)` that never accepts holds one connection in its accept queue; once that is
+    full, Linux drops further SYNs (tcp_abort_on_overflow=0), so connects stay in SYN-SENT. Only loopback
+    addresses are used, so nothing leaves the machine.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(16):
+            filler = socket.socket()
+            filler.settimeout(0.2)
+            try:
+                filler.connect(address)
+            except OSError:  # TimeoutError included: the queue is full
+                filler.close()
+                break
+            fillers.append(filler)
+        else:
+            pytest.skip("cannot fill a loopback listener's accept queue here, so no connect can be made to hang")
+        yield f"127.0.0.1:{address[1]}"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+# Weighted splits and header routes
+
+
+def test_weighted_split_90_10_over_2000_requests(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    v1, v2 = start_upstream("v1"), start_upstream("v2")
+    config = {
+        SVC: {
+            "subsets": {"v1": {"endpoints": [v1.address]}, "v2": {"endpoints": [v2.address]}},
+            "routes": [{"name": "default", "split": {"v1": 90, "v2": 10}}],
+        }
+    }
+    gw = start_gateway(gateway_config(config))
+
+    def run(n: int) -> list[httpx.Response]:
+        with client(gw) as c:
+            return [get(c) for _ in range(n)]
+
+    with ThreadPoolExecutor(4) as pool:
+        responses = [r for batch in pool.map(run, [500] * 4) for r in batch]
+    assert [r.status_code for r in responses] == [200] * 2000
+    seen = served_by(responses)
+    assert set(seen) == {"v1", "v2"}
+    assert abs(seen["v2"] / 2000 - 0.10) <= 0.02, seen
+    assert abs(seen["v1"] / 2000 - 0.90) <= 0.02, seen
+    assert v1.requests + v2.requests == 2000  # no retries, no duplicates
+
+
+def test_header_route_sends_to_v2_only(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    v1, v2 = start_upstream("v1"), start_upstream("v2")
+    config = {
+        SVC: {
+            "subsets": {"v1": {"endpoints": [v1.address]}, "v2": {"endpoints": [v2.address]}},
+            "routes": [
+                {"name": "canary-header", "match": {"headers": {"x-canary": "always"}}, "split": {"v2": 100}},
+                {"name": "default", "split": {"v1": 90, "v2": 10}},
+            ],
+        }
+    }
+    gw = start_gateway(gateway_config(config))
+    with client(gw) as c:
+        canary = [get(c, f"/echo/{i}", x_canary="always") for i in range(100)]
+        other_value = [get(c, f"/echo/{i}", x_canary="sometimes") for i in range(20)]
+        plain = [get(c, f"/echo/{i}") for i in range(20)]
+    assert [r.status_code for r in canary + other_value + plain] == [200] * 140
+    assert served_by(canary) == {"v2": 100}
+    assert served_by(other_value) == {"v1": 18, "v2": 2}
+    assert served_by(plain) == {"v1": 18, "v2": 2}
+
+
+# Retries
+
+
+def test_get_retried_on_503_then_succeeds(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    upstream = start_upstream("v1")
+    gw = start_gateway(gateway_config({SVC: service([upstream.address])}))  # default retries
+    with client(gw) as c:
+        response = get(c, "/fail-first/2")
+    assert response.status_code == 200
+    assert response.text == "ok\n"
+    assert upstream.requests == 3  # 503, 503, 200: the first try and both default retries
+
+
+def test_put_is_idempotent_and_retried(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    upstream = start_upstream("v1")
+    gw = start_gateway(gateway_config({SVC: service([upstream.address])}))
+    with client(gw) as c:
+        response = c.put("/fail-first/1", content=b"payload", headers={"host": SVC})
+    assert response.status_code == 200
+    assert upstream.requests == 2
+
+
+def test_post_not_retried_on_503(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    upstream = start_upstream("v1")
+    gw = start_gateway(gateway_config({SVC: service([upstream.address])}))
+    with client(gw) as c:
+        response = c.post("/fail-first/1", content=b"order=1", headers={"host": SVC})
+        assert response.status_code == 503
+        assert response.headers["x-upstream"] == "v1"  # the upstream's own answer, passed through
+        assert upstream.requests == 1
+        # the upstream would have answered a second try: the 503 above really was the policy, not bad luck
+        assert get(c, "/fail-first/1").status_code == 200
+    assert upstream.requests == 2
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_connect_failure_retried_onto_live_endpoint(
+    start_gateway: StartGateway, start_upstream: StartUpstream, method: str
+) -> None:
+    live = start_upstream("live")
+    with refusing_address() as dead:
+        policy = {"lb": "round_robin", "outlier": {"consecutive_5xx": 1000}}  # keep the dead one in rotation
+        gw = start_gateway(gateway_config({SVC: service([dead, live.address], **policy)}))
+        with client(gw) as c:
+            responses = [c.request(method, f"/echo/{i}", content=b"x" * i, headers={"host": SVC}) for i in range(1, 21)]
+    # round robin puts the dead endpoint first for about every other request; each of those is retried
+    assert [r.status_code for r in responses] == [200] * 20, [r.text for r in responses]
+    assert [r.json()["body"] for r in responses] == list(range(1, 21))  # the body was replayed intact
+    assert [r.json()["method"] for r in responses] == [method] * 20
+    assert live.requests == 20
+
+
+def test_connect_failure_everywhere_is_503_with_reason(start_gateway: StartGateway) -> None:
+    with refusing_address() as dead:
+        gw = start_gateway(gateway_config({SVC: service([dead])}))
+        with client(gw) as c:
+            response = get(c)
+    assert_local_reply(response, 503, f"connect to {dead} failed")
+
+
+def test_retries_stop_after_attempts(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    attempts = [0, 1, 3]
+    upstreams = {n: start_upstream(f"a{n}") for n in attempts}
+    config = {f"svc{n}": service([upstreams[n].address], retries={"attempts": n}) for n in attempts}
+    gw = start_gateway(gateway_config(config))
+    with client(gw) as c:
+        for n in attempts:
+            response = get(c, "/fail-first/100", host=f"svc{n}")
+            assert response.status_code == 503  # the last try's answer is passed through
+            assert response.headers["x-upstream"] == f"a{n}"
+            assert upstreams[n].requests == n + 1, f"attempts={n}"
+
+
+def test_retry_not_on_5xx_by_default(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    upstream = start_upstream("v1")
+    gw = start_gateway(gateway_config({SVC: service([upstream.address])}))
+    with client(gw) as c:
+        assert get(c, "/status/500").status_code == 500
+        assert get(c, "/status/404").status_code == 404
+    assert upstream.requests == 2  # 500 and 404 are not gateway errors: passed through, no retry
+
+
+def test_retry_budget_caps_concurrent_retries(
+    start_gateway: StartGateway, scripted: Callable[[str, Handler], ScriptedUpstream]
+) -> None:
+    """N requests are in flight at once; then, one at a time, each first try fails with a 503.
+
+    The upstream holds every retry it receives, so retries stay outstanding, and the next 503 is only sent once
+    the previous one has been decided (its retry arrived, or its client got the 503). The order is therefore
+    fixed whatever the timing. A 20 % budget over N active requests allows N/5 concurrent retries, so the
+    upstream can see at most N + N/5 tries in all. Without a budget it would see 2N.
+    """
+    clients = 20
+    budget = 0.2
+    arrivals: queue.Queue[tuple[str, asyncio.Future[tuple[int, bytes]]]] = queue.Queue()
+
+    async def hold(seen: Seen) -> tuple[int, bytes]:
+        future: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+        arrivals.put((seen.headers["x-client"], future))
+        return await future
+
+    upstream = scripted("held", hold)
+    policy = {
+        "retries": {"attempts": 2, "budget": f"{budget:.0%}"},
+        "timeouts": {"per_try": "20s", "request": "30s"},  # nothing may time out while requests are held
+        "outlier": {"consecutive_5xx": 1000},
+    }
+    gw = start_gateway(gateway_config({SVC: service([upstream.address], **policy)}))
+    results: dict[str, httpx.Response | BaseException] = {}
+
+    def call(name: str) -> None:
+        try:
+            with client(gw, timeout=30) as c:
+                results[name] = get(c, "/budget", x_client=name)
+        except BaseException as exc:  # reported by the assertions below
+            results[name] = exc
+
+    names = [str(i) for i in range(clients)]
+    threads = [threading.Thread(target=call, args=(name,), daemon=True) for name in names]
+    for thread in threads:
+        thread.start()
+    held: list[asyncio.Future[tuple[int, bytes]]] = []
+    retried: list[str] = []
+    try:
+        first: dict[str, asyncio.Future[tuple[int, bytes]]] = {}
+        deadline = time.monotonic() + 10
+        while len(first) < clients:
+            name, future = arrivals.get(timeout=max(0.01, deadline - time.monotonic()))
+            assert name not in first, f"client {name} retried before any try failed"
+            first[name] = future
+        for name in names:
+            upstream.resolve(first[name], 503)
+
+            def decided(name: str = name) -> bool:
+                try:
+                    again, future = arrivals.get_nowait()
+                except queue.Empty:
+                    return name in results
+                assert again == name, f"unexpected try from client {again} while deciding {name}"
+                held.append(future)
+                retried.append(name)
+                return True
+
+            wait_for(decided, timeout=10, what=f"the retry decision for client {name}")
+        tries = len(upstream.seen)
+    finally:
+        for future in held:
+            upstream.resolve(future, 200, b"retried\n")
+        for thread in threads:
+            thread.join(timeout=15)
+    assert tries == clients + len(retried)
+    statuses = {name: getattr(results.get(name), "status_code", results.get(name)) for name in names}
+    assert statuses == {name: 200 if name in retried else 503 for name in names}
+    assert len(retried) >= 1, "no request was retried at all"
+    assert tries <= clients + int(budget * clients), f"{len(retried)} of {clients} retried: budget not enforced"
+
+
+# Timeouts
+
+
+def test_per_try_timeout_retried_then_504(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    upstream = start_upstream("slow")
+    policy = {"timeouts": {"per_try": "200ms", "request": "10s"}, "retries": {"attempts": 2}}
+    gw = start_gateway(gateway_config({SVC: service([upstream.address], **policy)}))
+    with client(gw) as c:
+        started = time.monotonic()
+        response = get(c, "/delay/3000")
+        elapsed = time.monotonic() - started
+    assert_local_reply(response, 504, "0.2s per-try timeout")
+    assert 0.6 <= elapsed < 2.0, elapsed  # three tries of 200 ms, not the upstream's 3 s
+    wait_for(lambda: upstream.requests >= 3, timeout=5, what="three tries at the upstream")
+    assert upstream.requests == 3
+
+
+def test_request_timeout_is_504(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    upstream = start_upstream("slow")
+    policy = {"timeouts": {"per_try": "5s", "request": "300ms"}}
+    gw = start_gateway(gateway_config({SVC: service([upstream.address], **policy)}))
+    with client(gw) as c:
+        started = time.monotonic()
+        response = get(c, "/delay/3000")
+        elapsed = time.monotonic() - started
+    assert_local_reply(response, 504, "0.3s request timeout")
+    assert 0.28 <= elapsed < 1.5, elapsed
+    assert upstream.requests == 1  # the overall deadline is final: no retry after it
+
+
+def test_request_timeout_bounds_retries(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    upstream = start_upstream("slow")
+    policy = {"timeouts": {"per_try": "200ms", "request": "500ms"}, "retries": {"attempts": 5}}
+    gw = start_gateway(gateway_config({SVC: service([upstream.address], **policy)}))
+    with client(gw) as c:
+        started = time.monotonic()
+        response = get(c, "/delay/3000")
+        elapsed = time.monotonic() - started
+    assert_local_reply(response, 504, "0.5s request timeout")
+    assert 0.45 <= elapsed < 1.5, elapsed
+    assert upstream.requests <= 3
+
+
+def test_connect_timeout(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    live = start_upstream("live")
+    with blackhole_address() as hole:
+        policy = {"timeouts": {"connect": "300ms", "per_try": "5s"}, "retries": {"attempts": 0}}
+        retrying = {
+            "timeouts": {"connect": "300ms", "per_try": "5s"},
+            "lb": "round_robin",
+            "outlier": {"consecutive_5xx": 1000},
+        }
+        config = {"hole": service([hole], **policy), SVC: service([hole, live.address], **retrying)}
+        gw = start_gateway(gateway_config(config))
+        with client(gw) as c:
+            started = time.monotonic()
+            response = get(c, host="hole")
+            elapsed = time.monotonic() - started
+            assert_local_reply(response, 503, f"connect to {hole} timed out after 0.3s")
+            assert 0.28 <= elapsed < 1.5, elapsed
+            # with a live endpoint next to it, a connect timeout is a connect failure like any other: retried
+            timings = []
+            for _ in range(6):
+                started = time.monotonic()
+                response = get(c, "/echo")
+                timings.append(time.monotonic() - started)
+                assert response.status_code == 200
+                assert response.headers["x-upstream"] == "live"
+    assert max(timings) >= 0.28  # round robin put the blackhole first for some of them
+    assert live.requests == 6
+
+
+# Passive outlier ejection
+
+
+def test_outlier_ejected_after_consecutive_5xx(
+    start_gateway: StartGateway,
+    start_upstream: StartUpstream,
+    scripted: Callable[[str, Handler], ScriptedUpstream],
+) -> None:
+    good = start_upstream("good")
+    bad = scripted("bad", always(500))
+    base_ejection = 2.0
+    policy = {
+        "lb": "round_robin",
+        "outlier": {"consecutive_5xx": 5, "base_ejection": f"{base_ejection:g}s", "max_ejected": "50%"},
+    }
+    gw = start_gateway(gateway_config({SVC: service([bad.address, good.address], **policy)}))
+    with client(gw) as c:
+        before = [get(c) for _ in range(10)]
+        ejected_at = time.monotonic()
+        # round robin alternates, so the bad endpoint got exactly 5 and answered each with a 500
+        assert served_by(before) == {"bad": 5, "good": 5}
+        assert sorted(r.status_code for r in before) == [200] * 5 + [500] * 5
+        assert len(bad.seen) == 5
+        during = [get(c) for _ in range(40)]
+        assert time.monotonic() - ejected_at < base_ejection * 0.75, "too slow to observe the ejection window"
+        assert served_by(during) == {"good": 40}
+        assert len(bad.seen) == 5
+
+        def bad_back() -> bool:
+            return bool(get(c).headers.get("x-upstream") == "bad")
+
+        wait_for(bad_back, timeout=base_ejection + 5, interval=0.05, what="the ejected endpoint to return")
+        assert time.monotonic() - ejected_at >= base_ejection - 0.2
+
+
+# Active health checks
+
+
+def test_active_health_check_takes_endpoint_out_and_back(
+    start_gateway: StartGateway, start_upstream: StartUpstream
+) -> None:
+    a, b = start_upstream("a"), start_upstream("b")
+    policy = {
+        "lb": "round_robin",
+        "health": {"path": "/healthz", "interval": "200ms", "timeout": "500ms", "healthy": 1, "unhealthy": 1},
+    }
+    gw = start_gateway(gateway_config({SVC: service([a.address, b.address], **policy)}))
+    with client(gw) as c, httpx.Client(trust_env=False, timeout=5) as direct:
+        assert served_by([get(c) for _ in range(10)]) == {"a": 5, "b": 5}
+
+        assert direct.get(f"http://{b.address}/health/off").status_code == 200
+        wait_for(lambda: served_by([get(c) for _ in range(6)]) == {"a": 6}, timeout=5, what="b to be taken out")
+        assert served_by([get(c) for _ in range(40)]) == {"a": 40}
+
+        assert direct.get(f"http://{b.address}/health/on").status_code == 200
+        wait_for(lambda: served_by([get(c) for _ in range(6)])["b"] > 0, timeout=5, what="b to come back")
+        assert served_by([get(c) for _ in range(40)]) == {"a": 20, "b": 20}
+
+
+# Circuit breakers
+
+
+def test_circuit_breaker_max_requests(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    upstream = start_upstream("slow")
+    policy = {"limits": {"max_requests": 2}, "timeouts": {"per_try": "5s"}}
+    gw = start_gateway(gateway_config({SVC: service([upstream.address], **policy)}))
+
+    def slow() -> httpx.Response:
+        with client(gw) as c:
+            return get(c, "/delay/1000")
+
+    with ThreadPoolExecutor(2) as pool:
+        in_flight = [pool.submit(slow) for _ in range(2)]
+        wait_for(lambda: upstream.requests == 2, timeout=5, what="two slow requests at the upstream")
+        with client(gw) as c:
+            third = get(c, "/echo")
+        assert not any(f.done() for f in in_flight), "the slow requests finished too early to test the breaker"
+        assert_local_reply(third, 503, "circuit breaker")
+        assert [f.result().status_code for f in in_flight] == [200, 200]
+    assert upstream.requests == 2  # the refused request never reached the upstream
+    with client(gw) as c:
+        assert get(c, "/echo").status_code == 200  # closed again once the others finished
+
+
+def test_circuit_breaker_max_pending(start_gateway: StartGateway) -> None:
+    """Connects to a blackhole stay pending until the connect timeout; with `max_pending: 1`, of two concurrent
+    requests exactly one may wait for a connection, and the other is refused at once, whichever comes first."""
+    with blackhole_address() as hole:
+        policy = {
+            "limits": {"max_pending": 1},
+            "timeouts": {"connect": "2s", "per_try": "5s"},
+            "retries": {"attempts": 0},
+        }
+        gw = start_gateway(gateway_config({SVC: service([hole], **policy)}))
+
+        def call() -> tuple[httpx.Response, float]:
+            with client(gw) as c:
+                started = time.monotonic()
+                response = get(c)
+                return response, time.monotonic() - started
+
+        with ThreadPoolExecutor(2) as pool:
+            results = sorted((f.result() for f in [pool.submit(call) for _ in range(2)]), key=lambda r: r[1])
+    (refused, refused_after), (waited, waited_after) = results
+    assert_local_reply(refused, 503, "circuit breaker")
+    assert refused_after < 1.5
+    assert_local_reply(waited, 503, "timed out after 2s")
+    assert waited_after >= 1.95
+
+
+# Load-balancing policies
+
+
+def test_hash_policy_keeps_a_user_on_one_endpoint(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    ups = [start_upstream(f"e{i}") for i in range(3)]
+    gw = start_gateway(gateway_config({SVC: service([u.address for u in ups], lb="hash(header:x-user)")}))
+    homes: dict[str, set[str]] = {}
+    with client(gw) as c:
+        for _ in range(5):
+            for user in range(30):
+                response = get(c, x_user=f"user-{user}")
+                assert response.status_code == 200
+                homes.setdefault(f"user-{user}", set()).add(response.headers["x-upstream"])
+    assert all(len(home) == 1 for home in homes.values()), homes
+    assert len({home.pop() for home in homes.values()}) >= 2  # users are spread, not all on one endpoint
+
+
+def test_round_robin_spreads_evenly(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    ups = [start_upstream(f"e{i}") for i in range(3)]
+    gw = start_gateway(gateway_config({SVC: service([u.address for u in ups], lb="round_robin")}))
+    with client(gw) as c:
+        responses = [get(c) for _ in range(300)]
+    assert served_by(responses) == {"e0": 100, "e1": 100, "e2": 100}
+    assert [u.requests for u in ups] == [100, 100, 100]
+
+
+# An upstream process SIGKILLed under load
+
+
+class UpstreamProcess:
+    """`python tests/e2e/upstream_app.py NAME` in its own process, so that it can be SIGKILLed."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "e2e" / "upstream_app.py"), name],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # "PORT n" once listening; "" if it died
+        if not line.startswith("PORT "):
+            self.stop()
+            raise AssertionError(f"upstream {name} did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def upstream_processes() -> Iterator[Callable[[str], UpstreamProcess]]:
+    started: list[UpstreamProcess] = []
+
+    def start(name: str) -> UpstreamProcess:
+        process = UpstreamProcess(name)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.mark.slow
+def test_sigkill_one_endpoint_under_load_no_client_errors(
+    start_gateway: StartGateway, upstream_processes: Callable[[str], UpstreamProcess]
+) -> None:
+    ups = [upstream_processes(f"p{i}") for i in range(3)]
+    victim = ups[1]
+    gw = start_gateway(gateway_config({SVC: service([u.address for u in ups])}))  # default ewma, default retries
+    stop = threading.Event()
+    lock = threading.Lock()
+    served: list[tuple[float, str]] = []
+    errors: list[str] = []
+
+    def load() -> None:
+        with client(gw, timeout=10) as c:
+            while not stop.is_set():
+                try:
+                    response = get(c, "/echo/load")
+                except httpx.HTTPError as exc:
+                    with lock:
+                        errors.append(repr(exc))
+                    continue
+                with lock:
+                    if response.status_code == 200:
+                        served.append((time.monotonic(), response.headers["x-upstream"]))
+                    else:
+                        errors.append(f"{response.status_code}: {response.text.strip()}")
+
+    def count(name: str, since: float = 0.0) -> int:
+        with lock:
+            return sum(1 for at, who in served if who == name and at >= since)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]  # 3 <= the retry budget's minimum
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(
+            lambda: time.monotonic() - started >= 2.0 and count(victim.name) >= 50,
+            timeout=15,
+            what="steady load reaching the victim",
+        )
+        served_before = count(victim.name)
+        victim.proc.kill()
+        victim.proc.wait(timeout=10)
+        killed_at = time.monotonic()
+        wait_for(
+            lambda: time.monotonic() - killed_at >= 2.0 and count("p0", killed_at) + count("p2", killed_at) >= 100,
+            timeout=15,
+            what="load to run on after the kill",
+        )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+    assert errors == [], f"{len(errors)} client-visible errors, first: {errors[:5]}"
+    assert served_before >= 50
+    assert count(victim.name, killed_at + 0.5) == 0  # nothing answered from a dead process
