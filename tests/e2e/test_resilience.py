@@ -492,6 +492,26 @@ def test_request_timeout_is_504(start_gateway: StartGateway, start_upstream: Sta
     assert upstream.requests == 1  # the overall deadline is final: no retry after it
 
 
+def test_timeouts_count_from_the_end_of_a_slow_upload(
+    start_gateway: StartGateway, start_upstream: StartUpstream
+) -> None:
+    """As in Envoy, per-try and request timeouts start once the request body is in: a slow upload is not cut."""
+    upstream = start_upstream("v1")
+    policy = {"timeouts": {"per_try": "300ms", "request": "400ms"}}
+    gw = start_gateway(gateway_config({SVC: service([upstream.address], **policy)}))
+    paused = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        for _ in range(3):
+            yield b"x" * 1000
+            paused.wait(0.5)  # the client is slow: 1.5 s in all, far past both timeouts
+
+    with client(gw) as c:
+        response = c.post("/count", content=slow_body(), headers={"host": SVC})
+    assert response.status_code == 200, response.text
+    assert response.text == "3000"
+
+
 def test_request_timeout_bounds_retries(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
     upstream = start_upstream("slow")
     policy = {"timeouts": {"per_try": "200ms", "request": "500ms"}, "retries": {"attempts": 5}}
