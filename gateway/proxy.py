@@ -140,6 +140,8 @@ class DownstreamProtocol(asyncio.Protocol):
             if group is not None:
                 self.source = group
                 self.trusted = True
+        if self.listener.kind == "edge":
+            self.trusted = self.runtime.config.gateway.preserve_request_id
         self.runtime.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:

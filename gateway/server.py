@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
 from gateway.admin import AdminState, admin_handler
@@ -183,7 +184,7 @@ def server_tls(config: Config) -> ssl.SSLContext | None:
 def data_listener(kind: str, runtime: Runtime, tls: ssl.SSLContext | None) -> Listener:
     group = runtime.config.gateway.group
     if kind == "edge":
-        return Listener(kind, runtime, "external", trust_request_id=runtime.config.gateway.preserve_request_id)
+        return Listener(kind, runtime, "external")  # trust follows `preserve_request_id`, read per connection
     if kind == "outbound":
         return Listener(kind, runtime, group, trust_request_id=True)
     return Listener(kind, runtime, "unknown", scheme=b"https" if tls else b"http")
@@ -246,8 +247,11 @@ class Reloader:
             self.state.last_reload = f"rejected: {exc}"
             log.error("config reload (%s) rejected, keeping version %d: %s", reason, self.state.version, exc)
             return
-        if listener_addresses(config) != listener_addresses(self.state.config):
-            log.warning("config reload (%s): listener addresses change only on restart", reason)
+        live = self.state.config.gateway
+        if (config.gateway.listen, config.gateway.tls) != (live.listen, live.tls):
+            # Sockets and their TLS contexts are made once; report what is really serving, not the wish.
+            log.warning("config reload (%s): gateway.listen and gateway.tls change only on restart; kept", reason)
+            config = replace(config, gateway=replace(config.gateway, listen=live.listen, tls=live.tls))
         self.state.config = config
         self.state.version += 1
         self.state.last_reload = "ok"
