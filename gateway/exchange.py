@@ -12,7 +12,6 @@ else become one `local_reply`; failures after it abort both connections.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 from random import getrandbits, random
@@ -34,6 +33,7 @@ from gateway.upstream import Pool, UpstreamProtocol, drop_headers
 
 if TYPE_CHECKING:
     from gateway.balancer import Endpoint
+    from gateway.deadlines import Owner as Deadline
     from gateway.proxy import DownstreamProtocol, LocalHandler
     from gateway.routing import RouteEntry, ServiceRoutes, SubsetTarget
 
@@ -49,9 +49,13 @@ _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}").fullmatch
 
 def new_request_id() -> bytes:
     """A random UUID4, without a system call per request (uuid.uuid4 reads os.urandom every time)."""
-    n = getrandbits(128) & ~(0xF000 << 64) & ~(0xC000 << 48) | (0x4000 << 64) | (0x8000 << 48)
-    h = b"%032x" % n
-    return b"%s-%s-%s-%s-%s" % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
+    return b"%08x-%04x-4%03x-%04x-%012x" % (
+        getrandbits(32),
+        getrandbits(16),
+        getrandbits(12),
+        0x8000 | getrandbits(14),  # the RFC 4122 variant
+        getrandbits(48),
+    )
 
 
 class Exchange:
@@ -90,6 +94,7 @@ class Exchange:
         "retrying",
         "attempt_id",
         "timer",
+        "timer_index",
         "start_time",
         "try_start",
         "deadline",
@@ -134,7 +139,8 @@ class Exchange:
         self.retrying = False  # holds a place in the service's retry budget
         self.trying = False  # a try holds the endpoint (counted in its `active`) until end_try
         self.attempt_id = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: list[Deadline | None] | None = None  # the slot of the armed deadline (deadlines.py)
+        self.timer_index = 0
         self.start_time = 0.0
         self.try_start = 0.0
         self.deadline = 0.0
@@ -277,7 +283,7 @@ class Exchange:
         now = loop.time()
         self.deadline = now + timeouts.request
         if self.trying and self.status == 0 and self.timer is None:
-            self.timer = loop.call_at(min(now + timeouts.per_try, self.deadline), self.on_try_timeout)
+            self.arm(min(now + timeouts.per_try, self.deadline))
 
     # tries
 
@@ -303,7 +309,7 @@ class Exchange:
         self.try_start = now
         timeouts = service.config.timeouts
         if self.deadline != math.inf:
-            self.timer = loop.call_at(min(now + timeouts.per_try, self.deadline), self.on_try_timeout)
+            self.arm(min(now + timeouts.per_try, self.deadline))
         upstream = endpoint.pool.acquire()
         if upstream is not None:
             return self.send(upstream)
@@ -343,8 +349,23 @@ class Exchange:
                 self.body = []
             self.downstream.resume(PAUSE_BUFFER)
 
-    def on_try_timeout(self) -> None:
+    def arm(self, when: float) -> None:
+        self.disarm()
+        self.timer, self.timer_index = self.downstream.runtime.deadlines.add(when, self)
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer[self.timer_index] = None
+            self.timer = None
+
+    def on_deadline(self) -> None:
         self.timer = None
+        if self.status:
+            self.on_request_deadline()
+        else:
+            self.on_try_timeout()
+
+    def on_try_timeout(self) -> None:
         if self.done or self.status:
             return
         if self.downstream.loop.time() >= self.deadline - 0.001:
@@ -395,10 +416,7 @@ class Exchange:
             self.attempt()
 
     def end_try(self, failed: bool) -> None:
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
+        self.disarm()
         if not self.trying:
             return
         self.trying = False
@@ -424,10 +442,7 @@ class Exchange:
             upstream.close()
             self.end_try(failed=True)
             return self.retry()
-        timer = self.timer
-        if timer is not None:
-            self.timer = None
-            timer.cancel()
+        self.disarm()
         self.status = status
         downstream = self.downstream
         close = not self.keep_alive or downstream.closing or (self.has_body and not self.request_done and status != 101)
@@ -478,7 +493,7 @@ class Exchange:
         if self.out:
             self.flush()
         if self.status and not self.resp_done and self.timer is None and not self.done and self.deadline != math.inf:
-            self.timer = self.downstream.loop.call_at(self.deadline, self.on_request_deadline)
+            self.arm(self.deadline)
 
     def flush(self) -> None:
         out = self.out
@@ -486,7 +501,6 @@ class Exchange:
         out.clear()
 
     def on_request_deadline(self) -> None:
-        self.timer = None
         if not self.done:
             self.error = RequestTimeout.error_type
             self.abort()

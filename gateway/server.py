@@ -21,6 +21,7 @@ from typing import Any
 from gateway.admin import AdminState, admin_handler
 from gateway.balancer import Endpoint
 from gateway.config import Config, ConfigError
+from gateway.deadlines import Deadlines
 from gateway.health import HealthChecks
 from gateway.proxy import DownstreamProtocol, Listener
 from gateway.routing import RouteTable
@@ -49,6 +50,7 @@ class Runtime:
         self.connections: set[DownstreamProtocol] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.health = HealthChecks(self)
+        self.deadlines = Deadlines()
         self.draining = False
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -140,6 +142,7 @@ class Runtime:
         for pool in self.pools.values():
             pool.close()
         await self.health.close()
+        self.deadlines.close()
         for task in list(self.tasks):
             task.cancel()
 

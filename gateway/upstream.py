@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from gateway.exchange import Exchange
 
 MAX_IDLE_PER_ADDRESS = 256
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"))
 
 # Response headers the gateway drops or rewrites. Value: what on_header does with them.
 _DROP, _CONNECTION, _TRANSFER_ENCODING, _CONTENT_LENGTH = 1, 2, 3, 4
@@ -235,6 +236,8 @@ class UpstreamProtocol(asyncio.Protocol):
 
 def connection_options(value: bytes) -> list[bytes]:
     """The header names a Connection header declares hop-by-hop (besides close, keep-alive and upgrade)."""
+    if value in _PLAIN_CONNECTION:
+        return []
     tokens = (token.strip().lower() for token in value.split(b","))
     return [token for token in tokens if token not in (b"close", b"keep-alive", b"upgrade")]
 
