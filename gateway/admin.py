@@ -1,38 +1,49 @@
-"""The admin listener's endpoints (loopback only): /healthz, /ready, /config and /metrics.
+"""The admin listener's endpoints (loopback only): /healthz, /ready, /config, /metrics, /requests/{id}.
 
 Admin requests go through the same HTTP engine as proxied ones (limits, request IDs), but a `Listener` with a
-local handler answers them instead of forwarding. The metrics listener serves /metrics only.
+local handler answers them instead of forwarding. The metrics listener serves /metrics only. Hop records hold
+paths and hosts, so /requests/{id} answers loopback peers only.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.config import Config
+from gateway.proxy import LocalAnswer, LocalHandler
+from gateway.telemetry import Snapshot, SnapshotCollector
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
+Hops = list[dict[str, Any]]
+
 
 @dataclass(slots=True)
 class AdminState:
-    """What the admin endpoints report: the live config, its version and the last reload's outcome."""
+    """What the admin endpoints report: the live config, its version, the last reload's outcome, the golden
+    signals (`stats`) and the recent hop records (`lookup`) of this process or of all workers."""
 
     config: Config
+    stats: Callable[[], Snapshot]
+    lookup: Callable[[bytes], Hops | Awaitable[Hops]]
     version: int = 0
     ready: bool = False
     last_reload: str = "ok"
-    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=False))
 
     def __post_init__(self) -> None:
         self.registry.register(_StateCollector(self))
+        self.registry.register(SnapshotCollector(lambda: self.stats()))
 
 
 class _StateCollector(Collector):
@@ -48,8 +59,8 @@ class _StateCollector(Collector):
         )
 
 
-def admin_handler(state: AdminState, metrics_only: bool = False):  # type: ignore[no-untyped-def]
-    def handle(method: bytes, target: bytes) -> tuple[int, str, bytes]:
+def admin_handler(state: AdminState, metrics_only: bool = False) -> LocalHandler:
+    def handle(method: bytes, target: bytes, peer: bytes) -> LocalAnswer | Awaitable[LocalAnswer]:
         path = target.split(b"?", 1)[0]
         if method not in (b"GET", b"HEAD"):
             return 405, TEXT, b"admin endpoints are read-only: use GET\n"
@@ -64,6 +75,30 @@ def admin_handler(state: AdminState, metrics_only: bool = False):  # type: ignor
         if path == b"/config":
             body = {"version": state.version, "last_reload": state.last_reload, "config": state.config.to_dict()}
             return 200, JSON, json.dumps(body, indent=2).encode() + b"\n"
-        return 404, TEXT, b"unknown admin path; try /healthz /ready /config /metrics\n"
+        if path.startswith(b"/requests/"):
+            if not is_loopback(peer):
+                return 403, TEXT, b"hop records are served to loopback clients only\n"
+            return requests_answer(state, unquote_to_bytes(path[len(b"/requests/") :]))
+        return 404, TEXT, b"unknown admin path; try /healthz /ready /config /metrics /requests/{id}\n"
 
     return handle
+
+
+def requests_answer(state: AdminState, request_id: bytes) -> LocalAnswer | Awaitable[LocalAnswer]:
+    found = state.lookup(request_id)
+    if isinstance(found, list):
+        return _hops_answer(request_id, found)
+
+    async def later() -> LocalAnswer:
+        return _hops_answer(request_id, await found)
+
+    return later()
+
+
+def _hops_answer(request_id: bytes, hops: Hops) -> LocalAnswer:
+    body = json.dumps({"request_id": request_id.decode("latin-1"), "hops": hops}, indent=1).encode() + b"\n"
+    return (200 if hops else 404), JSON, body
+
+
+def is_loopback(peer: bytes) -> bool:
+    return peer.startswith(b"127.") or peer in (b"::1", b"::ffff:127.0.0.1")

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Awaitable
 from random import getrandbits, random
+from time import monotonic
 from typing import TYPE_CHECKING
 
 import httptools
@@ -29,6 +31,8 @@ from gateway.errors import (
     local_reply,
     reason_phrase,
 )
+from gateway.otlp import SLOW
+from gateway.tracing import TraceContext, extract, inject, new_trace
 from gateway.upstream import Pool, UpstreamProtocol, drop_headers
 
 if TYPE_CHECKING:
@@ -95,6 +99,11 @@ class Exchange:
         "attempt_id",
         "timer",
         "timer_index",
+        "trace_headers",
+        "trace",
+        "bytes_in",
+        "bytes_out",
+        "upstream_time",
         "start_time",
         "try_start",
         "deadline",
@@ -107,8 +116,10 @@ class Exchange:
         "error",
     )
 
-    def __init__(self, downstream: DownstreamProtocol) -> None:
+    def __init__(self, downstream: DownstreamProtocol, now: float) -> None:
         self.downstream = downstream
+        # time.monotonic(), not loop.time(): uvloop's clock counts whole milliseconds, too coarse for latency.
+        self.start_time = now
         self.method = b""
         self.url = b""
         self.version = "1.1"
@@ -141,7 +152,11 @@ class Exchange:
         self.attempt_id = 0
         self.timer: list[Deadline | None] | None = None  # the slot of the armed deadline (deadlines.py)
         self.timer_index = 0
-        self.start_time = 0.0
+        self.trace_headers: dict[bytes, bytes] | None = None
+        self.trace: TraceContext | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream_time = 0.0
         self.try_start = 0.0
         self.deadline = 0.0
         self.status = 0  # the status sent to the client; 0 until the response is committed
@@ -162,14 +177,17 @@ class Exchange:
     def start(self) -> None:
         downstream = self.downstream
         listener = downstream.listener
-        self.start_time = downstream.loop.time()
         if self.method == b"CONNECT":
             return self.fail_local(405, "CONNECT tunnels are not supported", close=True)
         if listener.local is not None:
             return self.answer_locally(listener.local)
         if self.url[:1] != b"/" and not self.absolute_form(listener.kind):
             return
-        table = downstream.runtime.table
+        runtime = downstream.runtime
+        trace = self.trace = extract(self.trace_headers) if self.trace_headers is not None else new_trace()
+        if trace.sampled is None:
+            trace.sampled = random() < runtime.sampling
+        table = runtime.table
         if table is None:
             return self.fail_local(503, "no configuration loaded yet")
         if not self.host:
@@ -177,19 +195,22 @@ class Exchange:
         service = table.lookup(self.host)
         if service is None:
             host = self.host.decode("ascii", "replace")[:200]
-            return self.fail_local(404, f"no service matches host {host!r}")
+            return self.fail_local(404, f"no service matches host {host!r}", error="no_route")
         self.service = service
         allow = service.config.authorization.allow
         if "*" not in allow and downstream.source not in allow:
             return self.fail_local(403, f"source {downstream.source!r} may not call service {service.name!r}")
         route = service.match(self.url, self.header_map() if service.needs_headers else {})
         if route is None:
-            return self.fail_local(404, f"no route of service {service.name!r} matches")
+            return self.fail_local(404, f"no route of service {service.name!r} matches", error="no_route")
         self.route = route
         self.target = route.pick()
         limits = service.config.limits
         if service.active >= limits.max_requests:
-            return self.fail_local(503, f"circuit breaker open: {limits.max_requests} requests active")
+            runtime.metrics.count("meshgate_circuit_breaker_rejections_total", service.name)
+            return self.fail_local(
+                503, f"circuit breaker open: {limits.max_requests} requests active", error="overflow"
+            )
         service.active += 1
         # Like Envoy's, the timeouts count from the end of the request: an upload may take as long as it takes.
         self.deadline = self.start_time + service.config.timeouts.request if not self.has_body else math.inf
@@ -239,10 +260,12 @@ class Exchange:
             parts += (b"transfer-encoding: ", self.chunked, b"\r\n")  # inner codings stay; we re-frame the chunks
         if self.upgrade:
             parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade, b"\r\n")
-        parts.append(b"\r\n")
+        assert self.trace is not None
+        parts += (inject(self.trace), b"\r\n")
         return b"".join(parts)
 
     def on_request_body(self, chunk: bytes) -> None:
+        self.bytes_in += len(chunk)
         if self.chunked:
             chunk = b"%x\r\n%s\r\n" % (len(chunk), chunk)
         upstream = self.upstream
@@ -279,8 +302,7 @@ class Exchange:
     def arm_timeouts(self) -> None:
         assert self.service is not None
         timeouts = self.service.config.timeouts
-        loop = self.downstream.loop
-        now = loop.time()
+        now = monotonic()
         self.deadline = now + timeouts.request
         if self.trying and self.status == 0 and self.timer is None:
             self.arm(min(now + timeouts.per_try, self.deadline))
@@ -292,15 +314,16 @@ class Exchange:
         assert service is not None and target is not None
         if self.done:
             return
-        loop = self.downstream.loop
-        now = loop.time()
+        now = monotonic()
         key = None
         balancer = target.balancer
         if balancer.hash_header is not None:
             key = self.header_map().get(balancer.hash_header)
         endpoint = balancer.pick(now, self.endpoint, key)
         if endpoint is None:
-            return self.fail_local(503, f"no endpoints available in {service.name}/{target.name}")
+            return self.fail_local(
+                503, f"no endpoints available in {service.name}/{target.name}", error="no_healthy_upstream"
+            )
         self.endpoint = endpoint
         endpoint.active += 1
         self.trying = True
@@ -315,7 +338,10 @@ class Exchange:
             return self.send(upstream)
         limits = service.config.limits
         if service.pending >= limits.max_pending:
-            return self.fail_local(503, f"circuit breaker open: {limits.max_pending} requests pending")
+            self.downstream.runtime.metrics.count("meshgate_circuit_breaker_rejections_total", service.name)
+            return self.fail_local(
+                503, f"circuit breaker open: {limits.max_pending} requests pending", error="overflow"
+            )
         service.pending += 1
         self.downstream.runtime.spawn(self.connect(endpoint.pool, self.attempt_id, timeouts.connect))
 
@@ -333,7 +359,7 @@ class Exchange:
         if self.attempt_id == attempt_id and not self.done:
             self.send(upstream)
         else:
-            pool.release(upstream, self.downstream.loop.time())
+            pool.release(upstream, monotonic())
 
     def send(self, upstream: UpstreamProtocol) -> None:
         self.upstream = upstream
@@ -368,7 +394,7 @@ class Exchange:
     def on_try_timeout(self) -> None:
         if self.done or self.status:
             return
-        if self.downstream.loop.time() >= self.deadline - 0.001:
+        if monotonic() >= self.deadline - 0.001:
             timeout = self.service.config.timeouts.request if self.service else 0.0
             return self.try_failed(RequestTimeout(f"upstream did not answer within the {timeout:g}s request timeout"))
         per_try = self.service.config.timeouts.per_try if self.service else 0.0
@@ -383,8 +409,7 @@ class Exchange:
         self.end_try(failed=True)
         if self.may_retry(error.retry_on, isinstance(error, ConnectFailed)):
             return self.retry()
-        self.error = error.error_type
-        self.fail_local(error.status, str(error))
+        self.fail_local(error.status, str(error), error=error.error_type)
 
     def may_retry(self, condition: str, nothing_sent: bool) -> bool:
         service = self.service
@@ -395,15 +420,17 @@ class Exchange:
             return False
         if not nothing_sent and not (self.method in IDEMPOTENT and self.replayable):
             return False
-        if self.downstream.loop.time() >= self.deadline:
+        if monotonic() >= self.deadline:
             return False
-        if self.retrying:
-            return True  # this request already holds a place in the budget
-        return service.retrying < max(3, int(retries.budget * service.active))
+        if self.retrying or service.retrying < max(3, int(retries.budget * service.active)):
+            return True  # (a request already retrying holds its place in the budget)
+        self.downstream.runtime.metrics.count("meshgate_retry_budget_exhausted_total", service.name)
+        return False
 
     def retry(self) -> None:
         service = self.service
         assert service is not None
+        self.downstream.runtime.metrics.count("meshgate_retries_total", service.name)
         if not self.retrying:
             # Counted as a retry until the request ends, so the budget bounds retries in flight, not in backoff.
             self.retrying = True
@@ -423,9 +450,10 @@ class Exchange:
         endpoint, target = self.endpoint, self.target
         if endpoint is not None and target is not None:
             endpoint.active -= 1
-            now = self.downstream.loop.time()
+            now = monotonic()
+            self.upstream_time = now - self.try_start
             if not failed:
-                endpoint.observe(now - self.try_start, now)
+                endpoint.observe(self.upstream_time, now)
             target.balancer.record(endpoint, failed, now)
 
     # response side
@@ -483,6 +511,7 @@ class Exchange:
         return ""
 
     def on_response_body(self, chunk: bytes) -> None:
+        self.bytes_out += len(chunk)
         if self.resp_chunked:
             self.out += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
         else:
@@ -515,7 +544,7 @@ class Exchange:
         self.upstream = None
         upstream.exchange = None
         if upstream.keep_alive and self.request_done and not upstream.closed:
-            upstream.pool.release(upstream, self.downstream.loop.time())
+            upstream.pool.release(upstream, monotonic())
         else:
             upstream.close()
         self.end_try(failed=self.status >= 500)
@@ -574,7 +603,7 @@ class Exchange:
         self.finish()
         self.downstream.close()
 
-    def fail_local(self, status: int, reason: str, close: bool = False) -> None:
+    def fail_local(self, status: int, reason: str, close: bool = False, error: str = "") -> None:
         """Answer with the gateway's own response (nothing was committed from upstream yet)."""
         if self.done:
             return
@@ -584,6 +613,8 @@ class Exchange:
             upstream.close()
         self.end_try(failed=False)  # not the endpoint's fault
         self.status = status
+        if error:
+            self.error = error
         if close or (self.has_body and not self.request_done):
             self.keep_alive = False
         self.out.append(local_reply(status, reason, self.request_id or new_request_id(), self.keep_alive))
@@ -591,7 +622,18 @@ class Exchange:
         self.finish()
 
     def answer_locally(self, handler: LocalHandler) -> None:
-        status, content_type, body = handler(self.method, self.url)
+        answer = handler(self.method, self.url, self.downstream.peer_ip)
+        if isinstance(answer, tuple):
+            self.local_response(*answer)
+        else:
+            self.downstream.runtime.spawn(self._answer_later(answer))
+
+    async def _answer_later(self, answer: Awaitable[tuple[int, str, bytes]]) -> None:
+        response = await answer
+        if not self.downstream.closed:
+            self.local_response(*response)
+
+    def local_response(self, status: int, content_type: str, body: bytes) -> None:
         self.status = status
         if self.has_body and not self.request_done:
             self.keep_alive = False
@@ -617,7 +659,59 @@ class Exchange:
             if self.retrying:
                 service.retrying -= 1
         downstream = self.downstream
+        if downstream.listener.reporter is not None:
+            self.record()
         if downstream.paused & (PAUSE_PEER | PAUSE_BUFFER):
             downstream.resume(PAUSE_PEER | PAUSE_BUFFER)  # the upstream that caused the pause is gone
         if self.request_done or not self.keep_alive:
             downstream.exchange_done(self)
+
+    def record(self) -> None:
+        """Golden signals, the hop record for lookup by request ID, the access log and the span export."""
+        downstream = self.downstream
+        runtime = downstream.runtime
+        duration = monotonic() - self.start_time
+        service, target, route, trace = self.service, self.target, self.route, self.trace
+        destination = service.name if service is not None else "unknown"
+        subset = target.name if target is not None else ""
+        route_name = route.name if route is not None else ""
+        reporter = downstream.listener.reporter
+        assert reporter is not None
+        runtime.metrics.series_for((reporter, downstream.source, destination, subset, route_name)).record(
+            self.status, duration
+        )
+        if trace is None:
+            trace = self.trace = new_trace()  # refused before it was routed
+        status, error = self.status, self.error
+        export = trace.sampled or status >= 500 or error != "" or duration >= SLOW
+        endpoint = self.endpoint
+        hop = (
+            runtime.wall_offset + self.start_time,
+            self.request_id,
+            trace.trace_id,
+            trace.span_id,
+            trace.parent_id,
+            export,
+            reporter,
+            downstream.source,
+            destination,
+            subset,
+            route_name,
+            endpoint.address if endpoint is not None else None,
+            self.method,
+            self.url,
+            self.host,
+            status,
+            duration,
+            self.upstream_time,
+            self.tries,
+            self.bytes_in,
+            self.bytes_out,
+            error,
+            downstream.peer_ip,
+        )
+        runtime.ring.add(hop)
+        if runtime.access_log is not None:
+            runtime.access_log.add(hop)
+        if export and runtime.exporter is not None:
+            runtime.exporter.add(hop)

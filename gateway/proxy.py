@@ -12,14 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from gateway.errors import local_reply
 from gateway.exchange import PAUSE_PEER, PAUSE_QUEUE, PAUSE_UPGRADE, Exchange, new_request_id
+from gateway.tracing import TRACE_HEADERS
 from gateway.upstream import connection_options
 
 if TYPE_CHECKING:
@@ -31,8 +33,11 @@ MAX_URL_BYTES = 8 * 1024
 MAX_QUEUED = 16  # pipelined requests held while an earlier one is answered
 
 # What on_header does with a request header.
-_DROP, _HOST, _CONNECTION, _TRANSFER_ENCODING, _UPGRADE, _CONTENT_LENGTH, _REQUEST_ID, _XFF, _XFP, _XFH = range(1, 11)
+_DROP, _HOST, _CONNECTION, _TRANSFER_ENCODING, _UPGRADE, _CONTENT_LENGTH, _REQUEST_ID, _XFF, _XFP, _XFH, _TRACE = range(
+    1, 12
+)
 _REQUEST_SPECIAL = {
+    **dict.fromkeys(TRACE_HEADERS, _TRACE),  # read into the trace context, written again by inject()
     b"host": _HOST,
     b"connection": _CONNECTION,
     b"keep-alive": _DROP,
@@ -47,7 +52,8 @@ _REQUEST_SPECIAL = {
     b"x-forwarded-host": _XFH,
 }
 
-LocalHandler = Callable[[bytes, bytes], tuple[int, str, bytes]]
+LocalAnswer = tuple[int, str, bytes]
+LocalHandler = Callable[[bytes, bytes, bytes], LocalAnswer | Awaitable[LocalAnswer]]  # (method, target, peer)
 
 
 class Reject(Exception):
@@ -69,6 +75,7 @@ class Listener:
     scheme: bytes = b"http"
     trust_request_id: bool = False
     local: LocalHandler | None = None  # admin and metrics listeners answer locally
+    reporter: str | None = None  # the `reporter` label of what this listener records: "source" or "destination"
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -240,10 +247,10 @@ class DownstreamProtocol(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        exchange = Exchange(self)
+        self.head_start = self.loop.time()
+        exchange = Exchange(self, monotonic())
         self.parsing = exchange
         self.in_head = True
-        self.head_start = self.loop.time()
         self.head_bytes = 0
         self.header_count = 0
         if self.exchange is None:
@@ -298,6 +305,10 @@ class DownstreamProtocol(asyncio.Protocol):
             exchange.forwarded_proto = value
         elif kind == _XFH:
             exchange.forwarded_host = value
+        elif kind == _TRACE:
+            if exchange.trace_headers is None:
+                exchange.trace_headers = {}
+            exchange.trace_headers[lname] = value
 
     def on_headers_complete(self) -> None:
         if self.head_bytes > self.max_head:

@@ -14,17 +14,22 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Coroutine
 from dataclasses import replace
 from typing import Any
 
+from gateway.accesslog import AccessLog
 from gateway.admin import AdminState, admin_handler
 from gateway.balancer import Endpoint
 from gateway.config import Config, ConfigError
 from gateway.deadlines import Deadlines
 from gateway.health import HealthChecks
+from gateway.otlp import Exporter
 from gateway.proxy import DownstreamProtocol, Listener
 from gateway.routing import RouteTable
+from gateway.telemetry import Metrics, Snapshot, snapshot
+from gateway.tracing import HopRing, hop_to_dict
 from gateway.units import Address
 from gateway.upstream import Pool
 
@@ -52,6 +57,13 @@ class Runtime:
         self.health = HealthChecks(self)
         self.deadlines = Deadlines()
         self.draining = False
+        self.metrics = Metrics()
+        self.ring = HopRing(config.gateway.telemetry.recent_requests)
+        self.sampling = config.gateway.telemetry.tracing.sampling
+        self.access_log: AccessLog | None = None
+        self.exporter: Exporter | None = None
+        self.wall_offset = time.time() - time.monotonic()  # hop records carry wall-clock times
+        self.telemetry_tasks: dict[int, asyncio.Task[Any]] = {}
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Start a background task, keep a reference until it ends, and log it if it fails."""
@@ -65,7 +77,33 @@ class Runtime:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
+    def configure_telemetry(self, config: Config) -> None:
+        """Start, change or stop the access log and span export to match `config` (also on reload)."""
+        telemetry = config.gateway.telemetry
+        self.sampling = telemetry.tracing.sampling
+        if telemetry.recent_requests != self.ring.size:
+            self.ring = HopRing(telemetry.recent_requests)
+        target = None if telemetry.access_log == "off" else telemetry.access_log
+        if (self.access_log.target if self.access_log else None) != target:
+            self.access_log, old_log = (AccessLog(target) if target else None), self.access_log
+            self._restart(old_log, self.access_log)
+        endpoint = telemetry.tracing.endpoint
+        if (self.exporter.endpoint if self.exporter else None) != endpoint:
+            self.exporter, old_exporter = (
+                (Exporter(endpoint, config.gateway.group, self.metrics) if endpoint else None),
+                self.exporter,
+            )
+            self._restart(old_exporter, self.exporter)
+
+    def _restart(self, old: AccessLog | Exporter | None, new: AccessLog | Exporter | None) -> None:
+        task = self.telemetry_tasks.pop(id(old), None) if old is not None else None
+        if task is not None:
+            task.cancel()
+        if new is not None:
+            self.telemetry_tasks[id(new)] = self.spawn(new.run())
+
     def apply(self, config: Config, version: int) -> None:
+        self.configure_telemetry(config)
         table = RouteTable(config, self.endpoint, version)
         self.config, self.table, self.version = config, table, version
         self.limits = config.gateway.limits
@@ -91,6 +129,16 @@ class Runtime:
                 pool = self.pools[address] = Pool(address)
             endpoint = self.endpoints[key] = Endpoint(address, pool)
         return endpoint
+
+    def start_background(self) -> None:
+        self.spawn(self.sweep())
+        self.spawn(self.metrics.watch_loop_lag())
+
+    def stats(self) -> Snapshot:
+        return snapshot(self)
+
+    def lookup(self, request_id: bytes) -> list[dict[str, Any]]:
+        return [hop_to_dict(hop) for hop in self.ring.get(request_id)]
 
     def invalidate_balancers(self) -> None:
         if self.table is not None:
@@ -186,11 +234,11 @@ def server_tls(config: Config) -> ssl.SSLContext | None:
 
 def data_listener(kind: str, runtime: Runtime, tls: ssl.SSLContext | None) -> Listener:
     group = runtime.config.gateway.group
-    if kind == "edge":
-        return Listener(kind, runtime, "external")  # trust follows `preserve_request_id`, read per connection
+    if kind == "edge":  # trust follows `preserve_request_id`, read per connection
+        return Listener(kind, runtime, "external", reporter="destination")
     if kind == "outbound":
-        return Listener(kind, runtime, group, trust_request_id=True)
-    return Listener(kind, runtime, "unknown", scheme=b"https" if tls else b"http")
+        return Listener(kind, runtime, group, trust_request_id=True, reporter="source")
+    return Listener(kind, runtime, "unknown", scheme=b"https" if tls else b"http", reporter="destination")
 
 
 async def start_listener(
@@ -272,7 +320,7 @@ async def serve(path: str, config: Config, drain_timeout: float) -> None:
     """Run a whole standalone gateway in this process until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     runtime = Runtime(config)
-    state = AdminState(config=config, version=1)
+    state = AdminState(config=config, stats=runtime.stats, lookup=runtime.lookup, version=1)
     runtime.apply(config, state.version)
     state.ready = True
     tls = server_tls(config)
@@ -290,7 +338,7 @@ async def serve(path: str, config: Config, drain_timeout: float) -> None:
     loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    runtime.spawn(runtime.sweep())
+    runtime.start_background()
     runtime.spawn(reloader.watch())
     log.info("meshgate gateway %s listening %s", config.gateway.group, describe(sockets))
     await stop.wait()

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import socket
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -36,27 +37,41 @@ from gateway.server import (
     server_tls,
     start_listener,
 )
+from gateway.telemetry import Snapshot, merge
 from gateway.units import Address
 
 log = logging.getLogger("meshgate.supervisor")
 
 READY_TIMEOUT = 30.0
+STATS_INTERVAL = 1.0  # how stale a scrape of a multi-worker gateway may be
+LOOKUP_TIMEOUT = 2.0
 
 
 def supervise(path: str, config: Config, workers: int, drain_timeout: float) -> None:
     uvloop.run(Supervisor(path, config, workers, drain_timeout).run())
 
 
+@dataclass(slots=True)
+class Worker:
+    process: BaseProcess
+    conn: Connection
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
 class Supervisor:
     def __init__(self, path: str, config: Config, workers: int, drain_timeout: float) -> None:
         self.path = path
-        self.state = AdminState(config=config, version=1)
+        self.runtime = Runtime(config)  # only for the admin listener's connections; it holds no routes
+        self.state = AdminState(config=config, stats=self.stats, lookup=self.lookup, version=1)
         self.count = workers
         self.drain_timeout = drain_timeout
         self.context = multiprocessing.get_context("spawn")
-        self.workers: list[tuple[BaseProcess, Connection]] = []
+        self.workers: list[Worker] = []
         self.addresses: dict[str, Address] = {}
         self.stopping = False
+        self.worker_stats: dict[int, Snapshot] = {}
+        self.lookups: dict[int, tuple[asyncio.Future[None], list[dict[str, Any]], list[int]]] = {}
+        self.tokens = 0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -70,7 +85,7 @@ class Supervisor:
             kind: bind_socket(kinds[kind], reuse_port=False) for kind in ("admin", "metrics") if kind in kinds
         }
         self.addresses = {kind: Address(*sock.getsockname()[:2]) for kind, sock in reserved.items()}
-        runtime = Runtime(config)  # only for the admin listener's connections; it holds no routes
+        runtime = self.runtime
         servers = [
             await start_listener(
                 Listener(kind, runtime, "unknown", local=admin_handler(self.state, metrics_only=kind == "metrics")),
@@ -90,6 +105,7 @@ class Supervisor:
             loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
             runtime.spawn(reloader.watch())
             runtime.spawn(self.monitor())
+            runtime.spawn(runtime.metrics.watch_loop_lag())
             log.info(
                 "meshgate gateway %s (%d workers) listening %s",
                 config.gateway.group,
@@ -114,46 +130,86 @@ class Supervisor:
         )
         process.start()
         child.close()
-        self.workers.append((process, parent))
+        worker = Worker(process, parent)
+        self.workers.append(worker)
+        asyncio.get_running_loop().add_reader(parent.fileno(), self.on_message, worker)
+
+    def on_message(self, worker: Worker) -> None:
+        try:
+            message = worker.conn.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(worker.conn.fileno())
+            return
+        kind = message[0]
+        if kind == "ready":
+            worker.ready.set()
+        elif kind == "stats":
+            self.worker_stats[worker.process.pid or 0] = message[1]
+        elif kind == "hops":
+            pending = self.lookups.get(message[1])
+            if pending is not None:
+                future, found, waiting = pending
+                found.extend(message[2])
+                waiting[0] -= 1
+                if waiting[0] == 0 and not future.done():
+                    future.set_result(None)
 
     async def wait_ready(self) -> None:
-        loop = asyncio.get_running_loop()
-        for process, conn in self.workers:
-            ready = await asyncio.wait_for(loop.run_in_executor(None, _receive, conn, READY_TIMEOUT), READY_TIMEOUT)
-            if ready is None:
-                raise SystemExit(f"meshgate: worker {process.pid} did not start")
+        for worker in self.workers:
+            try:
+                await asyncio.wait_for(worker.ready.wait(), READY_TIMEOUT)
+            except TimeoutError:
+                raise SystemExit(f"meshgate: worker {worker.process.pid} did not start") from None
+
+    def stats(self) -> Snapshot:
+        return merge([self.runtime.stats(), *self.worker_stats.values()])
+
+    async def lookup(self, request_id: bytes) -> list[dict[str, Any]]:
+        """Every worker's hop records for a request ID (each worker keeps its own ring)."""
+        self.tokens += 1
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        found: list[dict[str, Any]] = []
+        self.lookups[self.tokens] = (future, found, [len(self.workers)])
+        for worker in self.workers:
+            with contextlib.suppress(OSError):
+                worker.conn.send(("lookup", self.tokens, request_id))
+        with contextlib.suppress(TimeoutError):  # a worker that does not answer in time is left out
+            await asyncio.wait_for(future, LOOKUP_TIMEOUT)
+        del self.lookups[self.tokens]
+        return sorted(found, key=lambda hop: hop["start"])
 
     async def monitor(self) -> None:
         """Replace a worker that died, so the gateway keeps its capacity."""
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
-            for process, conn in list(self.workers):
-                if not process.is_alive() and not self.stopping:
-                    log.error("worker %s exited with %s; starting a new one", process.pid, process.exitcode)
-                    self.workers.remove((process, conn))
-                    conn.close()
+            for worker in list(self.workers):
+                if not worker.process.is_alive() and not self.stopping:
+                    log.error(
+                        "worker %s exited with %s; starting a new one", worker.process.pid, worker.process.exitcode
+                    )
+                    self.workers.remove(worker)
+                    self.worker_stats.pop(worker.process.pid or 0, None)
+                    loop.remove_reader(worker.conn.fileno())
+                    worker.conn.close()
                     self.start_worker()
 
     def broadcast(self, config: Config, version: int) -> None:
-        for _, conn in self.workers:
+        for worker in self.workers:
             # A dead worker raises OSError; the monitor replaces it and the new one starts from the current config.
             with contextlib.suppress(OSError):
-                conn.send(("config", config, version))
+                worker.conn.send(("config", config, version))
 
     async def stop_workers(self) -> None:
-        for _, conn in self.workers:
+        for worker in self.workers:
             with contextlib.suppress(OSError):  # already gone
-                conn.send(("drain",))
+                worker.conn.send(("drain",))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.drain_timeout + 5.0
-        for process, _ in self.workers:
-            await loop.run_in_executor(None, process.join, max(0.0, deadline - loop.time()))
-            if process.is_alive():
-                process.kill()
-
-
-def _receive(conn: Connection, timeout: float) -> Any:
-    return conn.recv() if conn.poll(timeout) else None
+        for worker in self.workers:
+            await loop.run_in_executor(None, worker.process.join, max(0.0, deadline - loop.time()))
+            if worker.process.is_alive():
+                worker.process.kill()
 
 
 def worker_main(conn: Connection, config: Config, version: int, addresses: dict[str, Address], drain: float) -> None:
@@ -181,13 +237,24 @@ async def _worker(conn: Connection, config: Config, version: int, addresses: dic
             message = ("drain",)  # the supervisor is gone: finish what is in flight and exit
         if message[0] == "config":
             runtime.apply(message[1], message[2])
+        elif message[0] == "lookup":
+            conn.send(("hops", message[1], runtime.lookup(message[2])))
         elif message[0] == "drain":
             loop.remove_reader(conn.fileno())
             stop.set()
 
     loop.add_reader(conn.fileno(), on_message)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    runtime.spawn(runtime.sweep())
+    runtime.start_background()
+    runtime.spawn(_push_stats(conn, runtime))
     conn.send(("ready", os.getpid()))
     await stop.wait()
     await runtime.drain(servers, drain)
+
+
+async def _push_stats(conn: Connection, runtime: Runtime) -> None:
+    """Send this worker's golden signals to the supervisor, which answers scrapes for the whole gateway."""
+    while True:
+        await asyncio.sleep(STATS_INTERVAL)
+        with contextlib.suppress(OSError):  # the supervisor is gone; the pipe reader drains this worker
+            conn.send(("stats", runtime.stats()))

@@ -1,0 +1,197 @@
+"""Golden signals and the proxy's own saturation, recorded cheaply and formatted only when scraped.
+
+The hot path does one thing per request: `Series.record(code, seconds)` on the series of its
+(reporter, source, destination, subset, route), a dict increment and a bucket increment (no locks: one event
+loop per process). Everything else is read from the runtime's own state when /metrics is scraped: requests in
+flight, pools, pending requests, ejected and unhealthy endpoints, open connections. `snapshot()` turns all of it
+into plain data, which is what a worker sends its supervisor; `merge()` adds snapshots up, and
+`SnapshotCollector` renders the sum through prometheus-client, so one scrape shows the whole gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from gateway.server import Runtime
+
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+SERIES_LABELS = ("reporter", "source", "destination", "subset", "route")
+Snapshot = dict[str, Any]
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class Series:
+    """Counts and latency buckets of one (reporter, source, destination, subset, route)."""
+
+    __slots__ = ("codes", "buckets", "sum")
+
+    def __init__(self) -> None:
+        self.codes: dict[int, int] = {}
+        self.buckets = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def record(self, code: int, seconds: float) -> None:
+        codes = self.codes
+        codes[code] = codes.get(code, 0) + 1
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+
+class Metrics:
+    """One process's recordings. Labels are bounded: sources, destinations, subsets and routes come from the
+    config and mesh identities, never from request data (an unmatched host is `unknown`)."""
+
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str, str, str, str], Series] = {}
+        self.counters: dict[tuple[str, str], float] = {}  # (metric name, destination) -> count
+        self.loop_lag = 0.0
+
+    def series_for(self, key: tuple[str, str, str, str, str]) -> Series:
+        series = self.series.get(key)
+        if series is None:
+            series = self.series[key] = Series()
+        return series
+
+    def count(self, name: str, destination: str) -> None:
+        key = (name, destination)
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    async def watch_loop_lag(self, interval: float = 0.25) -> None:
+        """Event-loop lag: how late a sleep wakes up. A busy or blocked loop delays every request it holds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(interval)
+            self.loop_lag = max(0.0, loop.time() - before - interval)
+
+
+def snapshot(runtime: Runtime) -> Snapshot:
+    """Everything /metrics shows for this process, as plain (picklable) data."""
+    metrics = runtime.metrics
+    now = time.monotonic()
+    gauges: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def gauge(name: str, value: float, *labels: str) -> None:
+        gauges[(name, labels)] = gauges.get((name, labels), 0) + value
+
+    if runtime.table is not None:
+        for service in runtime.table.services.values():
+            gauge("meshgate_inflight_requests", service.active, service.name)
+            gauge("meshgate_pending_requests", service.pending, service.name)
+            for subset in service.subsets.values():
+                for endpoint in subset.balancer.endpoints:
+                    gauge("meshgate_upstream_connections_active", endpoint.active, service.name)
+                    gauge("meshgate_upstream_connections_idle", len(endpoint.pool.idle), service.name)
+                    gauge("meshgate_endpoints_ejected", endpoint.ejected_until > now, service.name)
+                    gauge("meshgate_endpoints_unhealthy", not endpoint.healthy, service.name)
+    counters = dict(metrics.counters)
+    for (name, _), endpoint in runtime.endpoints.items():
+        key = ("meshgate_outlier_ejections_total", name)
+        counters[key] = counters.get(key, 0) + endpoint.ejections
+    for conn in runtime.connections:
+        gauge("meshgate_open_connections", 1, conn.listener.kind)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    with open("/proc/self/statm") as statm:
+        rss = int(statm.read().split()[1]) * _PAGE_SIZE
+    return {
+        "series": {key: (dict(s.codes), list(s.buckets), s.sum) for key, s in metrics.series.items()},
+        "counters": counters,
+        "gauges": gauges,
+        "loop_lag": metrics.loop_lag,
+        "cpu": usage.ru_utime + usage.ru_stime,
+        "rss": rss,
+    }
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """The whole gateway: counts, buckets and gauges add up; event-loop lag is the worst worker's."""
+    total: Snapshot = {"series": {}, "counters": {}, "gauges": {}, "loop_lag": 0.0, "cpu": 0.0, "rss": 0}
+    for part in snapshots:
+        for key, (codes, buckets, seconds) in part["series"].items():
+            have = total["series"].get(key)
+            if have is None:
+                total["series"][key] = (dict(codes), list(buckets), seconds)
+                continue
+            for code, count in codes.items():
+                have[0][code] = have[0].get(code, 0) + count
+            total["series"][key] = (have[0], [a + b for a, b in zip(have[1], buckets, strict=True)], have[2] + seconds)
+        for kind in ("counters", "gauges"):
+            for key, value in part[kind].items():
+                total[kind][key] = total[kind].get(key, 0) + value
+        total["loop_lag"] = max(total["loop_lag"], part["loop_lag"])
+        total["cpu"] += part["cpu"]
+        total["rss"] += part["rss"]
+    return total
+
+
+_COUNTERS = {
+    "meshgate_retries_total": "Retries sent",
+    "meshgate_retry_budget_exhausted_total": "Retries not sent because the retry budget was spent",
+    "meshgate_circuit_breaker_rejections_total": "Requests refused by max_requests or max_pending (503)",
+    "meshgate_outlier_ejections_total": "Endpoints ejected by passive outlier detection",
+    "meshgate_spans_exported_total": "Spans sent to the OTLP endpoint",
+    "meshgate_spans_dropped_total": "Sampled spans dropped because the exporter was behind or failing",
+}
+_GAUGES = {
+    "meshgate_inflight_requests": ("destination", "Requests in flight"),
+    "meshgate_pending_requests": ("destination", "Requests waiting for an upstream connection"),
+    "meshgate_upstream_connections_active": ("destination", "Upstream connections carrying a request"),
+    "meshgate_upstream_connections_idle": ("destination", "Idle pooled upstream connections"),
+    "meshgate_endpoints_ejected": ("destination", "Endpoints currently ejected as outliers"),
+    "meshgate_endpoints_unhealthy": ("destination", "Endpoints failing active health checks"),
+    "meshgate_open_connections": ("listener", "Open client connections"),
+}
+
+
+class SnapshotCollector(Collector):
+    """Renders a merged snapshot for prometheus-client's exposition (text, or OpenMetrics when negotiated)."""
+
+    def __init__(self, source: Callable[[], Snapshot]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        data = self.source()
+        requests = CounterMetricFamily("meshgate_requests", "Requests answered", labels=(*SERIES_LABELS, "code"))
+        durations = HistogramMetricFamily(
+            "meshgate_request_duration_seconds", "Time to answer a request", labels=SERIES_LABELS
+        )
+        for key, (codes, buckets, seconds) in sorted(data["series"].items()):
+            for code, count in sorted(codes.items()):
+                requests.add_metric((*key, str(code)), count)
+            cumulative, running = [], 0
+            for bound, count in zip((*BUCKETS, float("inf")), buckets, strict=True):
+                running += count
+                cumulative.append((_bound(bound), running))
+            durations.add_metric(key, cumulative, seconds)
+        yield requests
+        yield durations
+        for name, help_text in _COUNTERS.items():
+            family = CounterMetricFamily(name.removesuffix("_total"), help_text, labels=("destination",))
+            for (metric, destination), value in sorted(data["counters"].items()):
+                if metric == name:
+                    family.add_metric((destination,), value)
+            yield family
+        for name, (label, help_text) in _GAUGES.items():
+            gauge = GaugeMetricFamily(name, help_text, labels=(label,))
+            for (metric, labels), value in sorted(data["gauges"].items()):
+                if metric == name:
+                    gauge.add_metric(labels, value)
+            yield gauge
+        yield GaugeMetricFamily("meshgate_event_loop_lag_seconds", "Worst event-loop lag", data["loop_lag"])
+        yield CounterMetricFamily("meshgate_process_cpu_seconds", "CPU time of the gateway processes", data["cpu"])
+        yield GaugeMetricFamily("meshgate_process_resident_memory_bytes", "RSS of the gateway processes", data["rss"])
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(float(value))

@@ -1,0 +1,256 @@
+"""Trace context propagation and the hop records every request leaves behind.
+
+- `extract()` reads W3C `traceparent`/`tracestate`, B3 (single `b3` and multi `x-b3-*`) and Jaeger
+  `uber-trace-id`; malformed headers are ignored (a new trace starts), never an error. `inject()` writes W3C plus
+  the format the request arrived in, so a service still on jaeger-client stays in the same trace.
+- The hot path builds one `hop` tuple per request (fields in `HOP_FIELDS`); `HopRing` keeps the most recent ones by
+  request ID for `GET /requests/{id}`; sampled hops also go to the OTLP exporter (otlp.py).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from random import getrandbits
+from typing import Any
+
+# The hop record: one tuple per request, built on the hot path; these name its positions.
+HOP_FIELDS = (
+    "start",  # wall-clock seconds
+    "request_id",
+    "trace_id",
+    "span_id",
+    "parent_span_id",
+    "sampled",
+    "reporter",
+    "source",
+    "destination",
+    "subset",
+    "route",
+    "endpoint",
+    "method",
+    "target",
+    "host",
+    "status",
+    "duration",
+    "upstream_duration",
+    "tries",
+    "bytes_in",
+    "bytes_out",
+    "error",
+    "peer",
+)
+HOP = {name: index for index, name in enumerate(HOP_FIELDS)}
+
+# Incoming formats, remembered so the same format is written upstream.
+W3C, B3_SINGLE, B3_MULTI, JAEGER = 1, 2, 3, 4
+
+_HEX = re.compile(rb"[0-9a-f]+")
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-.*)?")
+_ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
+
+TRACE_HEADERS = frozenset(
+    (
+        b"traceparent",
+        b"tracestate",
+        b"b3",
+        b"x-b3-traceid",
+        b"x-b3-spanid",
+        b"x-b3-parentspanid",
+        b"x-b3-sampled",
+        b"x-b3-flags",
+        b"uber-trace-id",
+    )
+)
+
+
+class TraceContext:
+    """This hop's place in a trace: ids as lower-case hex bytes, the incoming format and sampling decision."""
+
+    __slots__ = ("trace_id", "span_id", "parent_id", "sampled", "format", "tracestate")
+
+    def __init__(
+        self,
+        trace_id: bytes,
+        parent_id: bytes = b"",
+        sampled: bool | None = None,
+        format: int = 0,
+        tracestate: bytes = b"",
+    ) -> None:
+        self.trace_id = trace_id
+        self.span_id = b"%016x" % getrandbits(64)
+        self.parent_id = parent_id
+        self.sampled = sampled  # None: the caller did not decide; the sampler will
+        self.format = format
+        self.tracestate = tracestate
+
+
+def new_trace() -> TraceContext:
+    return TraceContext(b"%032x" % getrandbits(128))
+
+
+def extract(headers: dict[bytes, bytes]) -> TraceContext:
+    """The context a request carries, by precedence W3C, B3, Jaeger; a new trace when none is valid."""
+    return (
+        _w3c(headers)
+        or _b3_single(headers.get(b"b3"))
+        or _b3_multi(headers)
+        or _jaeger(headers.get(b"uber-trace-id"))
+        or new_trace()
+    )
+
+
+def _is_hex(value: bytes, *lengths: int) -> bool:
+    return len(value) in lengths and _HEX.fullmatch(value) is not None
+
+
+def _w3c(headers: dict[bytes, bytes]) -> TraceContext | None:
+    value = headers.get(b"traceparent")
+    if value is None:
+        return None
+    match = _TRACEPARENT.fullmatch(value.strip().lower())
+    if match is None or match[1] == b"ff" or (match[1] == b"00" and len(value.strip()) != 55):
+        return None
+    trace_id, parent_id = match[2], match[3]
+    if trace_id == _ZERO_TRACE or parent_id == _ZERO_SPAN:
+        return None
+    sampled = bool(int(match[4], 16) & 1)
+    return TraceContext(trace_id, parent_id, sampled, W3C, headers.get(b"tracestate", b""))
+
+
+def _b3_single(value: bytes | None) -> TraceContext | None:
+    if value is None:
+        return None
+    parts = value.strip().lower().split(b"-")
+    if len(parts) < 2 or len(parts) > 4:
+        return None  # a bare sampling flag ("0", "1", "d") carries no ids to join
+    trace_id, parent_id = parts[0], parts[1]
+    if not _is_hex(trace_id, 16, 32) or not _is_hex(parent_id, 16):
+        return None
+    sampled: bool | None = None
+    if len(parts) > 2:
+        if parts[2] not in (b"0", b"1", b"d"):
+            return None
+        sampled = parts[2] != b"0"
+    return TraceContext(trace_id.rjust(32, b"0"), parent_id, sampled, B3_SINGLE)
+
+
+def _b3_multi(headers: dict[bytes, bytes]) -> TraceContext | None:
+    trace_id = headers.get(b"x-b3-traceid", b"").strip().lower()
+    parent_id = headers.get(b"x-b3-spanid", b"").strip().lower()
+    if not _is_hex(trace_id, 16, 32) or not _is_hex(parent_id, 16):
+        return None
+    flag = headers.get(b"x-b3-sampled", b"").strip().lower()
+    sampled: bool | None = None
+    if headers.get(b"x-b3-flags", b"").strip() == b"1":
+        sampled = True  # debug
+    elif flag in (b"1", b"true"):
+        sampled = True
+    elif flag in (b"0", b"false"):
+        sampled = False
+    return TraceContext(trace_id.rjust(32, b"0"), parent_id, sampled, B3_MULTI)
+
+
+def _jaeger(value: bytes | None) -> TraceContext | None:
+    if value is None:
+        return None
+    parts = value.strip().lower().replace(b"%3a", b":").split(b":")
+    if len(parts) != 4:
+        return None
+    trace_id, span_id, _, flags = parts
+    if not (0 < len(trace_id) <= 32 and _is_hex(trace_id, *range(1, 33))):
+        return None
+    if not (0 < len(span_id) <= 16 and _is_hex(span_id, *range(1, 17))):
+        return None
+    if not _is_hex(flags, 1, 2):
+        return None
+    trace_id, span_id = trace_id.rjust(32, b"0"), span_id.rjust(16, b"0")
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    return TraceContext(trace_id, span_id, bool(int(flags, 16) & 1), JAEGER)
+
+
+def inject(context: TraceContext) -> bytes:
+    """The header lines that carry this hop's span upstream: W3C, plus the incoming format when it differs."""
+    flag = b"01" if context.sampled else b"00"
+    lines = b"traceparent: 00-%s-%s-%s\r\n" % (context.trace_id, context.span_id, flag)
+    if context.tracestate:
+        lines += b"tracestate: %s\r\n" % context.tracestate
+    if context.format == B3_SINGLE:
+        lines += b"b3: %s-%s-%s-%s\r\n" % (context.trace_id, context.span_id, flag[1:], context.parent_id)
+    elif context.format == B3_MULTI:
+        lines += b"x-b3-traceid: %s\r\nx-b3-spanid: %s\r\nx-b3-parentspanid: %s\r\nx-b3-sampled: %s\r\n" % (
+            context.trace_id,
+            context.span_id,
+            context.parent_id,
+            flag[1:],
+        )
+    elif context.format == JAEGER:
+        lines += b"uber-trace-id: %s:%s:%s:%s\r\n" % (context.trace_id, context.span_id, context.parent_id, flag)
+    return lines
+
+
+class HopRing:
+    """The most recent hop records, found by request ID. Bounded: the oldest are forgotten first.
+
+    >>> ring = HopRing(100_000); ring.add(hop); ring.get(b"5f0c...")
+    """
+
+    __slots__ = ("size", "order", "by_id")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.order: deque[bytes] = deque()
+        self.by_id: dict[bytes, list[tuple[Any, ...]]] = {}
+
+    def add(self, hop: tuple[Any, ...]) -> None:
+        if not self.size:
+            return
+        request_id = hop[1]
+        hops = self.by_id.get(request_id)
+        if hops is not None:
+            hops.append(hop)  # a second hop of the same request through this gateway
+            return
+        if len(self.order) >= self.size:
+            self.by_id.pop(self.order.popleft(), None)
+        self.order.append(request_id)
+        self.by_id[request_id] = [hop]
+
+    def get(self, request_id: bytes) -> list[tuple[Any, ...]]:
+        return self.by_id.get(request_id, [])
+
+
+def hop_to_dict(hop: tuple[Any, ...]) -> dict[str, Any]:
+    """A hop record as JSON-able data (admin /requests/{id}, access log)."""
+    record = dict(zip(HOP_FIELDS, hop, strict=True))
+    for name, value in record.items():
+        if isinstance(value, bytes):
+            record[name] = value.decode("latin-1")
+    record["endpoint"] = str(record["endpoint"]) if record["endpoint"] is not None else None
+    record["flags"] = response_flags(hop)
+    return record
+
+
+def response_flags(hop: tuple[Any, ...]) -> str:
+    """Envoy-style response flags: UF connect failure, UT timeout, UO overflow, URX retries exhausted, UC upstream
+    reset, NR no route, UH no healthy upstream, DC downstream disconnect."""
+    error = hop[HOP["error"]]
+    flags = []
+    code = _FLAGS.get(error)
+    if code:
+        flags.append(code)
+    if hop[HOP["tries"]] > 1 and hop[HOP["status"]] >= 500:
+        flags.append("URX")
+    return ",".join(flags) or "-"
+
+
+_FLAGS = {
+    "connect_failure": "UF",
+    "per_try_timeout": "UT",
+    "request_timeout": "UT",
+    "overflow": "UO",
+    "reset": "UC",
+    "no_route": "NR",
+    "no_healthy_upstream": "UH",
+    "downstream_disconnect": "DC",
+}
