@@ -16,8 +16,8 @@ from typing import Any
 import uvloop
 
 from gateway.config import Config
-from gateway.proxy import DownstreamProtocol, Listener
-from gateway.server import Runtime
+from gateway.proxy import DownstreamProtocol
+from gateway.server import Runtime, data_listener
 from gateway.units import Address
 from gateway.upstream import UpstreamProtocol
 
@@ -64,7 +64,7 @@ def build(loop: asyncio.AbstractEventLoop) -> tuple[DownstreamProtocol, Upstream
     )
     runtime = Runtime(config)
     runtime.apply(config, 1)
-    downstream = DownstreamProtocol(Listener("inbound", runtime, "unknown"), loop)
+    downstream = DownstreamProtocol(data_listener("inbound", runtime, None), loop)
     downstream.connection_made(MemoryTransport())
     pool = runtime.pools[Address("127.0.0.1", 9)]
     upstream = UpstreamProtocol(pool)

@@ -58,6 +58,16 @@ STRACE_REQUESTS = 4000
 STRACE_CONNS = 16
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NGINX, MESHGATE = "nginx-proxy", "meshgate"  # the pair every ratio compares
+DEFAULT_TELEMETRY = '{access_log: "off"}'  # golden signals and the ring of recent requests, nothing exported
+# --telemetry: variants of the one-worker gateway, compared with the minimal one and with nginx in the same run.
+# "{dir}" is the variant's work directory; "{otlp}" an OTLP/HTTP sink (the upstream nginx answers any POST 200).
+MINIMAL = "mg-minimal"
+TELEMETRY_VARIANTS = {
+    MINIMAL: '{access_log: "off", recent_requests: 0}',
+    "mg-access-log": '{access_log: "{dir}/access.log"}',
+    "mg-trace-1%": '{access_log: "off", tracing: {endpoint: "{otlp}", sampling: 0.01}}',
+    "mg-trace-100%": '{access_log: "off", tracing: {endpoint: "{otlp}", sampling: 1.0}}',
+}
 
 
 class BenchError(Exception):
@@ -114,6 +124,7 @@ class Settings:
     nginx_only: bool
     json_path: Path | None
     gateway_cmd: tuple[str, ...]  # what "gateway --config FILE" is appended to
+    telemetry: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,23 +341,31 @@ def start_nginx(procs: ProcessSet, tmp: Path, name: str, block: Callable[[int], 
 # --- meshgate --------------------------------------------------------------------------------------------------
 
 
-def gateway_yaml(inbound: int, outbound: int, admin: int, upstream_port: int) -> str:
+def gateway_yaml(inbound: int, outbound: int, admin: int, upstream_port: int, telemetry: str) -> str:
     return (
         "gateway:\n  group: bench\n"
         f'  listen: {{inbound: "127.0.0.1:{inbound}", outbound: "127.0.0.1:{outbound}", admin: "127.0.0.1:{admin}"}}\n'
-        '  telemetry: {access_log: "off"}\n'
+        f"  telemetry: {telemetry}\n"
         "services:\n  bench:\n    subsets:\n"
         f'      v1: {{endpoints: ["127.0.0.1:{upstream_port}"]}}\n'
     )
 
 
 def start_meshgate(
-    procs: ProcessSet, workdir: Path, command: Sequence[str], upstream_port: int, workers: int, cpus: str | None
+    procs: ProcessSet,
+    workdir: Path,
+    command: Sequence[str],
+    upstream_port: int,
+    workers: int,
+    cpus: str | None,
+    telemetry: str = DEFAULT_TELEMETRY,
 ) -> Target:
     workdir.mkdir()
     inbound, admin = free_port(), free_port()
     config = workdir / "gateway.yaml"
-    config.write_text(gateway_yaml(inbound, free_port(), admin, upstream_port))
+    config.write_text(
+        gateway_yaml(inbound, free_port(), admin, upstream_port, telemetry.replace("{dir}", str(workdir)))
+    )
     argv = [*command, "gateway", "--config", str(config)]
     if workers > 1:
         argv += ["--workers", str(workers)]
@@ -558,6 +577,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--strace", action="store_true", help="count system calls per request with strace -c")
     parser.add_argument("--smoke", action="store_true", help="CI mode: 3 s at 16 connections, fail below 0.25 x nginx")
     parser.add_argument("--nginx-only", action="store_true", help="skip the gateway (to check the harness itself)")
+    parser.add_argument(
+        "--telemetry", action="store_true", help="also run telemetry variants (access log, tracing at 1 %% and 100 %%)"
+    )
     parser.add_argument("--json", type=Path, dest="json_path", metavar="FILE", help="write the results as JSON")
     parser.add_argument(
         "--gateway-cmd",
@@ -569,7 +591,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         parser.error("--rounds and --duration must be at least 1")
     duration = 3.0 if args.smoke else args.duration
     command = tuple(shlex.split(args.gateway_cmd))
-    return Settings(duration, args.rounds, args.strace, args.smoke, args.nginx_only, args.json_path, command)
+    return Settings(
+        duration, args.rounds, args.strace, args.smoke, args.nginx_only, args.json_path, command, args.telemetry
+    )
 
 
 def start_targets(procs: ProcessSet, tmp: Path, settings: Settings, cores: Cores) -> list[Target]:
@@ -580,6 +604,12 @@ def start_targets(procs: ProcessSet, tmp: Path, settings: Settings, cores: Cores
         targets.append(start_meshgate(procs, tmp / MESHGATE, command, upstream.port, 1, cores.proxy))
         if not settings.smoke:
             targets.append(start_meshgate(procs, tmp / f"{MESHGATE}-2w", command, upstream.port, 2, None))
+        if settings.telemetry:
+            otlp = f"http://127.0.0.1:{upstream.port}/v1/traces"
+            for name, telemetry in TELEMETRY_VARIANTS.items():
+                variant = telemetry.replace("{otlp}", otlp)
+                started = start_meshgate(procs, tmp / name, command, upstream.port, 1, cores.proxy, variant)
+                targets.append(dataclasses.replace(started, conns=WIDE_CONNS))
     if settings.smoke:
         targets = [dataclasses.replace(t, conns=SMOKE_CONNS) for t in targets]
     for target in targets:
@@ -617,6 +647,23 @@ def report(results: Results) -> None:
     print_table(results.summary, results.throughput_ratio, results.added_p50_ms_1c, max(rss.values()) if rss else None)
     if results.syscalls:
         print_syscalls(results.syscalls)
+    print_telemetry(results.summary)
+
+
+def print_telemetry(summary: Sequence[Sample]) -> None:
+    """Each telemetry variant's throughput against the minimal gateway and nginx (medians, same run)."""
+    by = {(s.target, s.conns): s.rps for s in summary}
+    names = [MESHGATE, *TELEMETRY_VARIANTS]
+    if (MINIMAL, 16) not in by:
+        return
+    print("\ntelemetry variants (throughput ratio to mg-minimal / to nginx-proxy):")
+    for conns in WIDE_CONNS:
+        cells = []
+        for name in names:
+            rps, minimal, nginx = by.get((name, conns)), by.get((MINIMAL, conns)), by.get((NGINX, conns))
+            if rps and minimal and nginx:
+                cells.append(f"{name} {rps / minimal:.2f}/{rps / nginx:.2f}")
+        print(f"  {conns}c: " + "  ".join(cells))
 
 
 def smoke_verdict(results: Results) -> int:

@@ -95,7 +95,7 @@ def span_of(hop: tuple[Any, ...]) -> Span:
         _attr("http.request.method", hop[HOP["method"]].decode("latin-1")),
         _attr("url.path", target.split(b"?", 1)[0].decode("latin-1")),
         _attr("http.response.status_code", status),
-        _attr("server.address", hop[HOP["host"]].decode("latin-1")),
+        *_server(hop[HOP["host"]].decode("latin-1")),
         _attr("network.peer.address", hop[HOP["peer"]].decode("latin-1")),
         _attr("guid:x-request-id", hop[HOP["request_id"]].decode("latin-1")),
         _attr("meshgate.reporter", hop[HOP["reporter"]]),
@@ -132,3 +132,16 @@ def _attr(key: str, value: str | int | float) -> KeyValue:
     if isinstance(value, int):
         return KeyValue(key=key, value=AnyValue(int_value=value))
     return KeyValue(key=key, value=AnyValue(double_value=value))
+
+
+def _server(authority: str) -> list[KeyValue]:
+    """`server.address` is the host alone; the port, when the authority has one, is `server.port`."""
+    if authority.startswith("["):  # [IPv6]:port
+        host, _, rest = authority[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif authority.count(":") == 1:
+        host, _, port = authority.partition(":")
+    else:
+        host, port = authority, ""
+    address = [_attr("server.address", host)]
+    return [*address, _attr("server.port", int(port))] if port.isdigit() else address

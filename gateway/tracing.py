@@ -104,6 +104,11 @@ def _is_hex(value: bytes, *lengths: int) -> bool:
     return len(value) in lengths and _HEX.fullmatch(value) is not None
 
 
+def _zero(trace_id: bytes, span_id: bytes) -> bool:
+    """All-zero ids are invalid in every format."""
+    return trace_id.strip(b"0") == b"" or span_id.strip(b"0") == b""
+
+
 def _w3c(headers: dict[bytes, bytes]) -> TraceContext | None:
     value = headers.get(b"traceparent")
     if value is None:
@@ -132,6 +137,8 @@ def _b3_single(value: bytes | None) -> TraceContext | None:
         if parts[2] not in (b"0", b"1", b"d"):
             return None
         sampled = parts[2] != b"0"
+    if _zero(trace_id, parent_id):
+        return None
     return TraceContext(trace_id.rjust(32, b"0"), parent_id, sampled, B3_SINGLE)
 
 
@@ -139,6 +146,8 @@ def _b3_multi(headers: dict[bytes, bytes]) -> TraceContext | None:
     trace_id = headers.get(b"x-b3-traceid", b"").strip().lower()
     parent_id = headers.get(b"x-b3-spanid", b"").strip().lower()
     if not _is_hex(trace_id, 16, 32) or not _is_hex(parent_id, 16):
+        return None
+    if _zero(trace_id, parent_id):
         return None
     flag = headers.get(b"x-b3-sampled", b"").strip().lower()
     sampled: bool | None = None
@@ -201,23 +210,28 @@ class HopRing:
     def __init__(self, size: int) -> None:
         self.size = size
         self.order: deque[bytes] = deque()
-        self.by_id: dict[bytes, list[tuple[Any, ...]]] = {}
+        # One hop per request ID, as the tuple itself (a list only for the rare second hop through this gateway):
+        # about 650 bytes a record, so the default 100,000 records hold about 65 MB.
+        self.by_id: dict[bytes, Any] = {}
 
     def add(self, hop: tuple[Any, ...]) -> None:
         if not self.size:
             return
         request_id = hop[1]
-        hops = self.by_id.get(request_id)
-        if hops is not None:
-            hops.append(hop)  # a second hop of the same request through this gateway
+        earlier = self.by_id.get(request_id)
+        if earlier is not None:
+            self.by_id[request_id] = [*earlier, hop] if isinstance(earlier, list) else [earlier, hop]
             return
         if len(self.order) >= self.size:
-            self.by_id.pop(self.order.popleft(), None)
+            del self.by_id[self.order.popleft()]
         self.order.append(request_id)
-        self.by_id[request_id] = [hop]
+        self.by_id[request_id] = hop
 
     def get(self, request_id: bytes) -> list[tuple[Any, ...]]:
-        return self.by_id.get(request_id, [])
+        found = self.by_id.get(request_id)
+        if found is None:
+            return []
+        return found if isinstance(found, list) else [found]
 
 
 def hop_to_dict(hop: tuple[Any, ...]) -> dict[str, Any]:
