@@ -206,12 +206,12 @@ class Exchange:
         self.route = route
         self.target = route.pick()
         limits = service.config.limits
-        if service.active >= limits.max_requests:
+        if service.load.active >= limits.max_requests:
             runtime.metrics.count("meshgate_circuit_breaker_rejections_total", service.name)
             return self.fail_local(
                 503, f"circuit breaker open: {limits.max_requests} requests active", error="overflow"
             )
-        service.active += 1
+        service.load.active += 1
         # Like Envoy's, the timeouts count from the end of the request: an upload may take as long as it takes.
         self.deadline = self.start_time + service.config.timeouts.request if not self.has_body else math.inf
         if self.connection_tokens:
@@ -337,12 +337,12 @@ class Exchange:
         if upstream is not None:
             return self.send(upstream)
         limits = service.config.limits
-        if service.pending >= limits.max_pending:
+        if service.load.pending >= limits.max_pending:
             self.downstream.runtime.metrics.count("meshgate_circuit_breaker_rejections_total", service.name)
             return self.fail_local(
                 503, f"circuit breaker open: {limits.max_pending} requests pending", error="overflow"
             )
-        service.pending += 1
+        service.load.pending += 1
         self.downstream.runtime.spawn(self.connect(endpoint.pool, self.attempt_id, timeouts.connect))
 
     async def connect(self, pool: Pool, attempt_id: int, timeout: float) -> None:
@@ -355,7 +355,7 @@ class Exchange:
                 self.try_failed(exc)
             return
         finally:
-            service.pending -= 1
+            service.load.pending -= 1
         if self.attempt_id == attempt_id and not self.done:
             self.send(upstream)
         else:
@@ -422,7 +422,7 @@ class Exchange:
             return False
         if monotonic() >= self.deadline:
             return False
-        if self.retrying or service.retrying < max(3, int(retries.budget * service.active)):
+        if self.retrying or service.load.retrying < max(3, int(retries.budget * service.load.active)):
             return True  # (a request already retrying holds its place in the budget)
         self.downstream.runtime.metrics.count("meshgate_retry_budget_exhausted_total", service.name)
         return False
@@ -434,7 +434,7 @@ class Exchange:
         if not self.retrying:
             # Counted as a retry until the request ends, so the budget bounds retries in flight, not in backoff.
             self.retrying = True
-            service.retrying += 1
+            service.load.retrying += 1
         backoff = random() * min(0.25, 0.025 * (1 << (self.tries - 1)))
         self.downstream.loop.call_later(backoff, self._retry_now)
 
@@ -617,7 +617,9 @@ class Exchange:
             self.error = error
         if close or (self.has_body and not self.request_done):
             self.keep_alive = False
-        self.out.append(local_reply(status, reason, self.request_id or new_request_id(), self.keep_alive))
+        reply = local_reply(status, reason, self.request_id or new_request_id(), self.keep_alive)
+        self.bytes_out += len(reply) - reply.index(b"\r\n\r\n") - 4
+        self.out.append(reply)
         self.flush()
         self.finish()
 
@@ -655,9 +657,9 @@ class Exchange:
         self.done = True
         service = self.service
         if service is not None and self.head:
-            service.active -= 1
+            service.load.active -= 1
             if self.retrying:
-                service.retrying -= 1
+                service.load.retrying -= 1
         downstream = self.downstream
         if downstream.listener.reporter is not None:
             self.record()

@@ -63,6 +63,18 @@ class Exporter:
                     batch, self.queue = self.queue[:BATCH], self.queue[BATCH:]
                     await self.send(client, batch)
 
+    async def flush(self) -> None:
+        """Send what is queued (on shutdown), each batch within the export timeout."""
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+            while self.queue:
+                batch, self.queue = self.queue[:BATCH], self.queue[BATCH:]
+                await self.send(client, batch)
+
+    def drop_queued(self) -> None:
+        for hop in self.queue:
+            self.metrics.count("meshgate_spans_dropped_total", hop[HOP["destination"]])
+        self.queue = []
+
     async def send(self, client: httpx.AsyncClient, batch: list[tuple[Any, ...]]) -> None:
         body = encode(batch, self.resource)
         try:

@@ -45,6 +45,19 @@ class SmoothWeighted:
         return best
 
 
+class ServiceLoad:
+    """Requests of one service in flight, waiting for a connection, and retrying. Shared by every snapshot that
+    names the service, so breakers, retry budgets and the in-flight gauge also count requests still finishing
+    on an older snapshot."""
+
+    __slots__ = ("active", "pending", "retrying")
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.pending = 0
+        self.retrying = 0
+
+
 class SubsetTarget:
     __slots__ = ("service", "name", "balancer")
 
@@ -80,10 +93,11 @@ class RouteEntry:
 class ServiceRoutes:
     """One service of the snapshot: its config, subsets and ordered routes."""
 
-    __slots__ = ("name", "config", "subsets", "routes", "_catch_all", "needs_headers", "active", "pending", "retrying")
+    __slots__ = ("name", "load", "config", "subsets", "routes", "_catch_all", "needs_headers")
 
-    def __init__(self, service: Service, endpoint: EndpointFactory) -> None:
+    def __init__(self, service: Service, endpoint: EndpointFactory, load: ServiceLoad) -> None:
         self.name = service.name
+        self.load = load
         self.config = service
         self.subsets = {
             subset.name: SubsetTarget(
@@ -101,11 +115,6 @@ class ServiceRoutes:
         self.routes = tuple(RouteEntry(route, self.subsets) for route in service.routes)
         self._catch_all = self.routes[-1] if len(self.routes) == 1 and not self.routes[-1].headers else None
         self.needs_headers = any(route.headers for route in self.routes)
-        # Breaker and retry-budget counters, per snapshot: a reload starts them afresh, which only
-        # under-counts requests still finishing on the old snapshot.
-        self.active = 0
-        self.pending = 0
-        self.retrying = 0
 
     def match(self, path: bytes, headers: Mapping[bytes, bytes]) -> RouteEntry | None:
         if self._catch_all is not None and path.startswith(self._catch_all.path_prefix):
@@ -124,10 +133,18 @@ class RouteTable:
     >>> target = service.match(b"/items", {}).pick()
     """
 
-    def __init__(self, config: Config, endpoint: EndpointFactory, version: int = 0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        endpoint: EndpointFactory,
+        version: int = 0,
+        load: Callable[[str], ServiceLoad] = lambda name: ServiceLoad(),
+    ) -> None:
         self.config = config
         self.version = version
-        self.services = {service.name: ServiceRoutes(service, endpoint) for service in config.services}
+        self.services = {
+            service.name: ServiceRoutes(service, endpoint, load(service.name)) for service in config.services
+        }
         self._hosts: dict[bytes, ServiceRoutes | None] = {}
 
     def lookup(self, authority: bytes) -> ServiceRoutes | None:

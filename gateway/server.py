@@ -9,6 +9,7 @@ supervisor (admin, reload) and N workers (data listeners on SO_REUSEPORT sockets
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -25,9 +26,10 @@ from gateway.balancer import Endpoint
 from gateway.config import Config, ConfigError
 from gateway.deadlines import Deadlines
 from gateway.health import HealthChecks
+from gateway.otlp import TIMEOUT as EXPORT_TIMEOUT
 from gateway.otlp import Exporter
 from gateway.proxy import DownstreamProtocol, Listener
-from gateway.routing import RouteTable
+from gateway.routing import RouteTable, ServiceLoad
 from gateway.telemetry import Metrics, Snapshot, snapshot
 from gateway.tracing import HopRing, hop_to_dict
 from gateway.units import Address
@@ -64,6 +66,8 @@ class Runtime:
         self.exporter: Exporter | None = None
         self.wall_offset = time.time() - time.monotonic()  # hop records carry wall-clock times
         self.telemetry_tasks: dict[int, asyncio.Task[Any]] = {}
+        self.loads: dict[str, ServiceLoad] = {}
+        self.listener_kinds: set[str] = set()  # the data listeners this process serves
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Start a background task, keep a reference until it ends, and log it if it fails."""
@@ -104,7 +108,7 @@ class Runtime:
 
     def apply(self, config: Config, version: int) -> None:
         self.configure_telemetry(config)
-        table = RouteTable(config, self.endpoint, version)
+        table = RouteTable(config, self.endpoint, version, self.load)
         self.config, self.table, self.version = config, table, version
         self.limits = config.gateway.limits
         live = {
@@ -119,6 +123,12 @@ class Runtime:
         for address in [address for address in self.pools if address not in addresses]:
             self.pools.pop(address).close()
         self.health.reconcile(table)
+
+    def load(self, service: str) -> ServiceLoad:
+        load = self.loads.get(service)
+        if load is None:
+            load = self.loads[service] = ServiceLoad()
+        return load
 
     def endpoint(self, service: str, address: Address) -> Endpoint:
         key = (service, address)
@@ -191,6 +201,14 @@ class Runtime:
             pool.close()
         await self.health.close()
         self.deadlines.close()
+        if self.exporter is not None:
+            # One bounded last flush: shutdown must not wait on a collector's health.
+            exporter_task = self.telemetry_tasks.pop(id(self.exporter), None)
+            if exporter_task is not None:
+                exporter_task.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.exporter.flush(), EXPORT_TIMEOUT)
+            self.exporter.drop_queued()
         for task in list(self.tasks):
             task.cancel()
 
@@ -245,6 +263,8 @@ async def start_listener(
     listener: Listener, sock: socket.socket, tls: ssl.SSLContext | None = None
 ) -> asyncio.AbstractServer:
     loop = asyncio.get_running_loop()
+    if listener.reporter is not None:
+        listener.runtime.listener_kinds.add(listener.kind)
     return await loop.create_server(lambda: DownstreamProtocol(listener, loop), sock=sock, backlog=1024, ssl=tls)
 
 

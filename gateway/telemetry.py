@@ -85,17 +85,21 @@ def snapshot(runtime: Runtime) -> Snapshot:
     def gauge(name: str, value: float, *labels: str) -> None:
         gauges[(name, labels)] = gauges.get((name, labels), 0) + value
 
+    counters = dict(metrics.counters)
+    for kind in runtime.listener_kinds:
+        gauge("meshgate_open_connections", 0, kind)  # a quiet listener reads 0, not "no data"
     if runtime.table is not None:
         for service in runtime.table.services.values():
-            gauge("meshgate_inflight_requests", service.active, service.name)
-            gauge("meshgate_pending_requests", service.pending, service.name)
-            for subset in service.subsets.values():
-                for endpoint in subset.balancer.endpoints:
-                    gauge("meshgate_upstream_connections_active", endpoint.active, service.name)
-                    gauge("meshgate_upstream_connections_idle", len(endpoint.pool.idle), service.name)
-                    gauge("meshgate_endpoints_ejected", endpoint.ejected_until > now, service.name)
-                    gauge("meshgate_endpoints_unhealthy", not endpoint.healthy, service.name)
-    counters = dict(metrics.counters)
+            gauge("meshgate_inflight_requests", service.load.active, service.name)
+            gauge("meshgate_pending_requests", service.load.pending, service.name)
+            for name in _ZERO_BASED:
+                counters.setdefault((name, service.name), 0)
+            distinct = {id(ep): ep for subset in service.subsets.values() for ep in subset.balancer.endpoints}
+            for endpoint in distinct.values():
+                gauge("meshgate_upstream_connections_active", endpoint.active, service.name)
+                gauge("meshgate_upstream_connections_idle", len(endpoint.pool.idle), service.name)
+                gauge("meshgate_endpoints_ejected", endpoint.ejected_until > now, service.name)
+                gauge("meshgate_endpoints_unhealthy", not endpoint.healthy, service.name)
     for (name, _), endpoint in runtime.endpoints.items():
         key = ("meshgate_outlier_ejections_total", name)
         counters[key] = counters.get(key, 0) + endpoint.ejections
@@ -135,6 +139,12 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     return total
 
 
+# Counters exported at 0 for every configured destination before their first event, so rate() sees the first one.
+_ZERO_BASED = (
+    "meshgate_retries_total",
+    "meshgate_retry_budget_exhausted_total",
+    "meshgate_circuit_breaker_rejections_total",
+)
 _COUNTERS = {
     "meshgate_retries_total": "Retries sent",
     "meshgate_retry_budget_exhausted_total": "Retries not sent because the retry budget was spent",
