@@ -42,8 +42,8 @@ HOP_FIELDS = (
 )
 HOP = {name: index for index, name in enumerate(HOP_FIELDS)}
 
-# Incoming formats, remembered so the same format is written upstream.
-W3C, B3_SINGLE, B3_MULTI, JAEGER = 1, 2, 3, 4
+# Incoming formats (bits: a request may carry several), remembered so the same formats are written upstream.
+W3C, B3_SINGLE, B3_MULTI, JAEGER = 1, 2, 4, 8
 
 _HEX = re.compile(rb"[0-9a-f]+")
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-.*)?")
@@ -91,13 +91,20 @@ def new_trace() -> TraceContext:
 
 def extract(headers: dict[bytes, bytes]) -> TraceContext:
     """The context a request carries, by precedence W3C, B3, Jaeger; a new trace when none is valid."""
-    return (
+    context = (
         _w3c(headers)
         or _b3_single(headers.get(b"b3"))
         or _b3_multi(headers)
         or _jaeger(headers.get(b"uber-trace-id"))
         or new_trace()
     )
+    if context.format:  # a valid context: write every format that came in, for services reading only one
+        context.format |= (
+            (B3_SINGLE if b"b3" in headers else 0)
+            | (B3_MULTI if b"x-b3-traceid" in headers else 0)
+            | (JAEGER if b"uber-trace-id" in headers else 0)
+        )
+    return context
 
 
 def _is_hex(value: bytes, *lengths: int) -> bool:
@@ -180,21 +187,21 @@ def _jaeger(value: bytes | None) -> TraceContext | None:
 
 
 def inject(context: TraceContext) -> bytes:
-    """The header lines that carry this hop's span upstream: W3C, plus the incoming format when it differs."""
+    """The header lines that carry this hop's span upstream: W3C, plus every other format the request came in."""
     flag = b"01" if context.sampled else b"00"
     lines = b"traceparent: 00-%s-%s-%s\r\n" % (context.trace_id, context.span_id, flag)
     if context.tracestate:
         lines += b"tracestate: %s\r\n" % context.tracestate
-    if context.format == B3_SINGLE:
+    if context.format & B3_SINGLE:
         lines += b"b3: %s-%s-%s-%s\r\n" % (context.trace_id, context.span_id, flag[1:], context.parent_id)
-    elif context.format == B3_MULTI:
+    if context.format & B3_MULTI:
         lines += b"x-b3-traceid: %s\r\nx-b3-spanid: %s\r\nx-b3-parentspanid: %s\r\nx-b3-sampled: %s\r\n" % (
             context.trace_id,
             context.span_id,
             context.parent_id,
             flag[1:],
         )
-    elif context.format == JAEGER:
+    if context.format & JAEGER:
         lines += b"uber-trace-id: %s:%s:%s:%s\r\n" % (context.trace_id, context.span_id, context.parent_id, flag)
     return lines
 

@@ -1,0 +1,202 @@
+"""Unit tests of the OTLP span encoding and the exporter's bounded queue.
+
+`encode()` output is decoded with the official `opentelemetry-proto` class, as a collector would decode it, and
+checked against the hop records it came from: ids, parent, kind, times, status and the attributes the issue names
+(OpenTelemetry HTTP semantic conventions, Envoy's `guid:x-request-id`, meshgate's own). No network, except one
+connect to a loopback port with nothing listening.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from gateway.otlp import MAX_QUEUED, Exporter, encode
+from gateway.telemetry import Metrics
+from tests.gateway.test_tracing import make_hop
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN = "00f067aa0ba902b7"
+PARENT = "5fe865d0f3a3c1e2"
+REQUEST_ID = "0b6f3c4e-9d2a-4c1b-8e7f-2a9c5d1e3f40"
+
+
+def resource(group: str = "catalog") -> Resource:
+    return Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value=f"meshgate-gateway-{group}"))])
+
+
+def decode(body: bytes) -> list[Span]:
+    request = ExportTraceServiceRequest.FromString(body)
+    return [span for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans]
+
+
+def attributes(span: Span) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for kv in span.attributes:
+        assert kv.key not in found, f"attribute {kv.key} set twice"
+        kind = kv.value.WhichOneof("value")
+        assert kind is not None, kv.key
+        found[kv.key] = getattr(kv.value, kind)
+    return found
+
+
+def server_hop(**fields: Any) -> tuple[Any, ...]:
+    values: dict[str, Any] = {
+        "start": 1_700_000_000.125,
+        "request_id": REQUEST_ID.encode(),
+        "trace_id": TRACE.encode(),
+        "span_id": SPAN.encode(),
+        "parent_span_id": PARENT.encode(),
+        "reporter": "destination",
+        "source": "shop",
+        "destination": "catalog",
+        "subset": "v2",
+        "route": "canary-header",
+        "endpoint": "127.0.0.1:9103",
+        "method": b"POST",
+        "target": b"/items/42?full=1",
+        "host": b"catalog",
+        "status": 201,
+        "duration": 0.0125,
+        "upstream_duration": 0.01,
+        "tries": 3,
+        "bytes_in": 12,
+        "bytes_out": 34,
+        "peer": b"10.1.2.3",
+    }
+    values.update(fields)
+    return make_hop(**values)
+
+
+def test_encode_decodes_with_the_official_class() -> None:
+    body = encode([server_hop()], resource())
+    request = ExportTraceServiceRequest.FromString(body)
+    assert len(request.resource_spans) == 1
+    resource_spans = request.resource_spans[0]
+    assert {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes}["service.name"] == (
+        "meshgate-gateway-catalog"
+    )
+    assert len(resource_spans.scope_spans) == 1 and len(resource_spans.scope_spans[0].spans) == 1
+
+
+def test_span_ids_parent_kind_and_times() -> None:
+    (span,) = decode(encode([server_hop()], resource()))
+    assert span.trace_id == bytes.fromhex(TRACE) and len(span.trace_id) == 16
+    assert span.span_id == bytes.fromhex(SPAN) and len(span.span_id) == 8
+    assert span.parent_span_id == bytes.fromhex(PARENT)
+    assert span.kind == Span.SPAN_KIND_SERVER  # the destination's hop serves the request
+    assert abs(span.start_time_unix_nano - 1_700_000_000_125_000_000) < 1_000  # within a microsecond
+    assert abs((span.end_time_unix_nano - span.start_time_unix_nano) - 12_500_000) < 1_000
+    assert span.name.startswith("POST")
+    assert span.status.code == Status.STATUS_CODE_UNSET
+
+
+def test_a_root_span_has_no_parent() -> None:
+    (span,) = decode(encode([server_hop(parent_span_id=b"")], resource()))
+    assert span.parent_span_id == b""
+
+
+def test_source_hop_is_a_client_span() -> None:
+    (span,) = decode(encode([server_hop(reporter="source")], resource()))
+    assert span.kind == Span.SPAN_KIND_CLIENT
+
+
+def test_every_named_attribute() -> None:
+    (span,) = decode(encode([server_hop()], resource()))
+    attrs = attributes(span)
+    # OpenTelemetry HTTP semantic conventions
+    assert attrs["http.request.method"] == "POST"
+    assert attrs["url.path"] == "/items/42"  # the query is not part of the path
+    assert attrs["http.response.status_code"] == 201
+    assert attrs["server.address"] == "catalog"
+    assert attrs["network.peer.address"] == "10.1.2.3"
+    assert "error.type" not in attrs, "no error on a 201"
+    # Envoy's tag, so Jaeger's tag search finds the request ID
+    assert attrs["guid:x-request-id"] == REQUEST_ID
+    # meshgate's own
+    assert attrs["meshgate.service"] == "catalog"
+    assert attrs["meshgate.subset"] == "v2"
+    assert attrs["meshgate.endpoint"] == "127.0.0.1:9103"
+    assert attrs["meshgate.retries"] == 2  # three tries
+    assert attrs["meshgate.upstream_duration_ms"] == pytest.approx(10.0)
+
+
+def test_server_address_has_no_port() -> None:
+    """Semantic conventions: `server.address` is the host alone; a port goes to `server.port`."""
+    (span,) = decode(encode([server_hop(host=b"catalog:8080")], resource()))
+    attrs = attributes(span)
+    assert attrs["server.address"] == "catalog"
+    assert attrs.get("server.port") in (None, 8080)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_upstream_5xx_is_an_error_span(status: int) -> None:
+    (span,) = decode(encode([server_hop(status=status, tries=1)], resource()))
+    assert span.status.code == Status.STATUS_CODE_ERROR
+    attrs = attributes(span)
+    assert attrs["http.response.status_code"] == status
+    assert attrs["error.type"] == str(status)  # semantic conventions: the status code when nothing better is known
+
+
+def test_gateway_error_names_its_type() -> None:
+    hop = server_hop(status=503, error="connect_failure", tries=3, upstream_duration=0.0)
+    (span,) = decode(encode([hop], resource()))
+    assert span.status.code == Status.STATUS_CODE_ERROR
+    attrs = attributes(span)
+    assert attrs["error.type"] == "connect_failure"
+    assert attrs["meshgate.retries"] == 2
+
+
+def test_unrouted_request_has_no_endpoint() -> None:
+    hop = server_hop(status=404, error="no_route", destination="unknown", subset="", route="", endpoint=None, tries=0)
+    (span,) = decode(encode([hop], resource()))
+    attrs = attributes(span)
+    assert "meshgate.endpoint" not in attrs
+    assert attrs["meshgate.service"] == "unknown"
+    assert attrs["meshgate.retries"] == 0  # no try at all is not minus one retry
+    assert attrs["error.type"] == "no_route"
+
+
+def test_a_batch_keeps_every_span_in_order() -> None:
+    hops = [server_hop(span_id=b"%016x" % (n + 1), status=200 + n) for n in range(50)]
+    spans = decode(encode(hops, resource()))
+    assert [span.span_id for span in spans] == [bytes.fromhex("%016x" % (n + 1)) for n in range(50)]
+    assert [attributes(span)["http.response.status_code"] for span in spans] == [200 + n for n in range(50)]
+
+
+# --- the exporter's bounded queue ---------------------------------------------------------------------------
+
+
+def test_exporter_queue_is_bounded_and_counts_what_it_drops() -> None:
+    metrics = Metrics()
+    exporter = Exporter("http://127.0.0.1:9/v1/traces", "catalog", metrics)
+    for _ in range(MAX_QUEUED + 7):
+        exporter.add(server_hop())
+    assert len(exporter.queue) == MAX_QUEUED
+    assert metrics.counters[("meshgate_spans_dropped_total", "catalog")] == 7
+
+
+def test_a_failed_send_counts_the_batch_as_dropped() -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound, not listening: connects are refused
+    try:
+        metrics = Metrics()
+        exporter = Exporter(f"http://127.0.0.1:{sock.getsockname()[1]}/v1/traces", "catalog", metrics)
+
+        async def send() -> None:
+            async with httpx.AsyncClient(trust_env=False, timeout=5.0) as client:
+                await asyncio.wait_for(exporter.send(client, [server_hop(), server_hop()]), 10)
+
+        asyncio.run(send())
+    finally:
+        sock.close()
+    assert metrics.counters.get(("meshgate_spans_dropped_total", "catalog")) == 2
+    assert ("meshgate_spans_exported_total", "catalog") not in metrics.counters
