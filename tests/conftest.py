@@ -1,7 +1,9 @@
-"""Fixtures that start real processes and servers on 127.0.0.1 and wait until they are ready."""
+"""Fixtures that start real processes and servers on 127.0.0.1 and wait until they are ready, and what the
+end-to-end tests share: config builders, `wait_for`, and checks on the gateway's own replies."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -10,17 +12,23 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import pytest
 import yaml
 
+from tests.e2e.servers import ScriptedUpstream
 from tests.e2e.upstream_app import UpstreamServer
+from tests.e2e.wire import Wire
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening (.*)")
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def wait_for(
@@ -106,48 +114,133 @@ class Gateway:
         return self.proc.returncode
 
 
+StartGateway = Callable[..., Gateway]
+StartUpstream = Callable[[str], UpstreamServer]
+Scripted = Callable[..., ScriptedUpstream]
+Connect = Callable[..., Wire]
+RenderConfig = Callable[[dict[str, Any]], bytes]
+
+
+# Config builders
+
+
+def listeners(*extra: str) -> dict[str, str]:
+    """The inbound, outbound and admin listeners, plus `extra` kinds (edge, metrics), on ephemeral loopback ports."""
+    return {kind: "127.0.0.1:0" for kind in ("inbound", "outbound", "admin", *extra)}
+
+
 def gateway_config(services: dict[str, Any], **gateway: Any) -> dict[str, Any]:
     """A standalone config listening on ephemeral loopback ports, access log off."""
-    section: dict[str, Any] = {
-        "group": "test",
-        "listen": {"inbound": "127.0.0.1:0", "outbound": "127.0.0.1:0", "admin": "127.0.0.1:0"},
-        "telemetry": {"access_log": "off"},
-    }
+    section: dict[str, Any] = {"group": "test", "listen": listeners(), "telemetry": {"access_log": "off"}}
     section.update(gateway)
     return {"gateway": section, "services": services}
 
 
+def service(*endpoints: str, **policy: Any) -> dict[str, Any]:
+    """A service with one subset, `v1`, on `endpoints`."""
+    return {"subsets": {"v1": {"endpoints": list(endpoints)}}, **policy}
+
+
+def hello(*endpoints: str, **policy: Any) -> dict[str, Any]:
+    """A services section with the one service `hello`."""
+    return {"hello": service(*endpoints, **policy)}
+
+
+# Fixtures
+
+
+def stopped_after(start: Callable[P, T], stop: Callable[[T], object]) -> Iterator[Callable[P, T]]:
+    """The body of a fixture that starts things: yields `start`, then stops everything it started."""
+    started: list[T] = []
+
+    def tracked(*args: P.args, **kwargs: P.kwargs) -> T:
+        thing = start(*args, **kwargs)
+        started.append(thing)
+        return thing
+
+    yield tracked
+    for thing in started:
+        stop(thing)
+
+
 @pytest.fixture
-def start_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
-    started: list[Gateway] = []
+def render_config() -> RenderConfig:
+    """How `start_gateway` writes a config file; a module overrides this fixture to write them otherwise."""
+    return lambda config: yaml.safe_dump(config).encode()
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path, render_config: RenderConfig) -> Iterator[StartGateway]:
+    paths = (tmp_path / f"gateway-{n}.yaml" for n in itertools.count())
 
     def start(config: dict[str, Any], *args: str) -> Gateway:
-        path = tmp_path / f"gateway-{len(started)}.yaml"
-        path.write_text(yaml.safe_dump(config))
-        gateway = Gateway(path, list(args))
-        started.append(gateway)
-        return gateway
+        path = next(paths)
+        path.write_bytes(render_config(config))
+        return Gateway(path, list(args))
 
-    yield start
-    for gateway in started:
-        gateway.stop()
+    yield from stopped_after(start, Gateway.stop)
 
 
 @pytest.fixture
-def start_upstream() -> Iterator[Callable[[str], UpstreamServer]]:
-    started: list[UpstreamServer] = []
-
+def start_upstream() -> Iterator[StartUpstream]:
     def start(name: str) -> UpstreamServer:
-        server = UpstreamServer(name).start()
-        started.append(server)
-        return server
+        return UpstreamServer(name).start()
 
-    yield start
-    for server in started:
-        server.stop()
+    yield from stopped_after(start, UpstreamServer.stop)
 
 
-def raw_request(address: tuple[str, int], data: bytes, timeout: float = 5.0, read_until_close: bool = True) -> bytes:
+@pytest.fixture
+def scripted() -> Iterator[Scripted]:
+    """Start `ScriptedUpstream`s: `scripted()` answers by path, `scripted(handler, name="x")` through `handler`."""
+    yield from stopped_after(ScriptedUpstream, ScriptedUpstream.stop)
+
+
+@pytest.fixture
+def connect() -> Iterator[Connect]:
+    """Open raw client connections (`Wire.connect(address, timeout, rcvbuf)`); all are closed after the test."""
+    yield from stopped_after(Wire.connect, Wire.close)
+
+
+@pytest.fixture
+def hello_upstream(start_upstream: StartUpstream) -> UpstreamServer:
+    return start_upstream("v1")
+
+
+@pytest.fixture
+def hello_gateway(start_gateway: StartGateway, hello_upstream: UpstreamServer) -> Gateway:
+    """A gateway with the one service `hello`, on `hello_upstream`."""
+    return start_gateway(gateway_config(hello(hello_upstream.address)))
+
+
+@pytest.fixture
+def edge_gateway(start_gateway: StartGateway, hello_upstream: UpstreamServer) -> Gateway:
+    """`hello_gateway` with an edge listener too: every listener kind a request can arrive on."""
+    return start_gateway(gateway_config(hello(hello_upstream.address), listen=listeners("edge")))
+
+
+@pytest.fixture
+def hello_wire(connect: Connect, hello_gateway: Gateway) -> Wire:
+    """A raw connection to `hello_gateway`'s inbound listener."""
+    return connect(hello_gateway.inbound)
+
+
+# Checks and raw bytes
+
+
+def assert_uuid4(value: str | None, where: object = "") -> None:
+    """`value` is a canonical UUID4, as the gateway makes request IDs; `where` goes into the failure message."""
+    assert value is not None, f"no x-request-id {where}"
+    parsed = uuid.UUID(value)
+    assert parsed.version == 4 and parsed.variant == uuid.RFC_4122, f"{value} {where}"
+    assert str(parsed) == value, f"not a canonical UUID4: {value!r} {where}"
+
+
+def is_one_line_reason(body: bytes) -> bool:
+    """The body of a reply the gateway made itself."""
+    return body.endswith(b"\n") and body.count(b"\n") == 1 and body.startswith(b"meshgate: ")
+
+
+def raw_request(address: tuple[str, int], data: bytes, timeout: float = 5.0) -> bytes:
     """Send raw bytes, return everything the peer sends until it closes (or `timeout`)."""
     with socket.create_connection(address, timeout=timeout) as sock:
         sock.sendall(data)
@@ -161,6 +254,4 @@ def raw_request(address: tuple[str, int], data: bytes, timeout: float = 5.0, rea
             if not chunk:
                 break
             chunks.append(chunk)
-            if not read_until_close:
-                break
         return b"".join(chunks)

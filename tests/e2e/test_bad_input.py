@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import Gateway, gateway_config, wait_for
+from tests.conftest import Gateway, gateway_config, service, wait_for
 from tests.e2e.upstream_app import UpstreamServer
 
 SERVICE = "svc"
@@ -178,10 +178,7 @@ def gateway(
     tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer, partial_upstream: UpstreamServer
 ) -> Iterator[Gateway]:
     """Default size limits (60 KiB, 100 headers) and a 1 s header timeout."""
-    services = {
-        SERVICE: {"subsets": {"v1": {"endpoints": [upstream.address]}}},
-        PARTIAL: {"subsets": {"v1": {"endpoints": [partial_upstream.address]}}},
-    }
+    services = {SERVICE: service(upstream.address), PARTIAL: service(partial_upstream.address)}
     gw = _module_gateway(tmp_path_factory.mktemp("gateway"), services, {"header_timeout": f"{HEADER_TIMEOUT:g}s"})
     yield gw
     gw.stop()
@@ -189,7 +186,7 @@ def gateway(
 
 @pytest.fixture(scope="module")
 def small_gateway(tmp_path_factory: pytest.TempPathFactory, upstream: UpstreamServer) -> Iterator[Gateway]:
-    services = {SERVICE: {"subsets": {"v1": {"endpoints": [upstream.address]}}}}
+    services = {SERVICE: service(upstream.address)}
     gw = _module_gateway(tmp_path_factory.mktemp("small"), services, {"max_header_bytes": "8KiB", "max_headers": 20})
     yield gw
     gw.stop()

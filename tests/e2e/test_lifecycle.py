@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,20 @@ import pytest
 import trustme
 import yaml
 
-from tests.conftest import ROOT, Gateway, gateway_config, raw_request, wait_for
+from tests.conftest import (
+    ROOT,
+    Gateway,
+    RenderConfig,
+    StartGateway,
+    StartUpstream,
+    gateway_config,
+    hello,
+    listeners,
+    raw_request,
+    service,
+    wait_for,
+)
 from tests.e2e.upstream_app import UpstreamServer
-
-StartUpstream = Callable[[str], UpstreamServer]
-Launch = Callable[..., Gateway]
 
 CONFIG_SIZE = 4096  # every config file a test writes is padded to this size (see the module docstring)
 SLOW = {"timeouts": {"per_try": "10s", "request": "15s"}}  # so /delay/N requests are not cut by the 1s per-try
@@ -61,23 +70,9 @@ def replace_file(path: Path, data: bytes) -> None:
 
 
 @pytest.fixture
-def launch(tmp_path: Path) -> Iterator[Launch]:
-    started: list[Gateway] = []
-
-    def start(config: dict[str, Any], *args: str) -> Gateway:
-        path = tmp_path / f"gw-{len(started)}.yaml"
-        path.write_bytes(render(config))
-        gateway = Gateway(path, list(args))
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
-
-
-def one_upstream(upstream: UpstreamServer, **policy: Any) -> dict[str, Any]:
-    return {"hello": {"subsets": {"v1": {"endpoints": [upstream.address]}}, **policy}}
+def render_config() -> RenderConfig:
+    """`start_gateway` writes every config file of this module padded (see the module docstring)."""
+    return render
 
 
 def split(v1: UpstreamServer, v2: UpstreamServer, weights: dict[str, int]) -> dict[str, Any]:
@@ -119,6 +114,20 @@ def fresh_get(
     return httpx.get(gw.url(kind) + path, headers=headers, trust_env=False, timeout=10.0)
 
 
+def get_in_background(gw: Gateway, path: str) -> Future[httpx.Response]:
+    """`fresh_get` on a thread of its own: the future holds the response, or the error that ended the request."""
+    future: Future[httpx.Response] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fresh_get(gw, path))
+        except Exception as exc:  # handed to the test through the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run).start()
+    return future
+
+
 def served_by(gw: Gateway, count: int) -> list[str]:
     return [fresh_get(gw).headers["x-upstream"] for _ in range(count)]
 
@@ -142,13 +151,13 @@ def refuses_connections(address: tuple[str, int]) -> bool:
 # Reload
 
 
-def test_sighup_reload_switches_traffic(launch: Launch, start_upstream: StartUpstream) -> None:
+def test_sighup_reload_switches_traffic(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
     v1, v2 = start_upstream("v1"), start_upstream("v2")
-    gw = launch(gateway_config(one_upstream(v1)))
+    gw = start_gateway(gateway_config(hello(v1.address)))
     assert version(gw) == 1
     with httpx.Client(base_url=gw.url(), headers={"host": "hello"}, trust_env=False) as kept_alive:
         assert kept_alive.get("/echo").headers["x-upstream"] == "v1"
-        assert sighup_reload(gw, gateway_config(one_upstream(v2))) >= 2
+        assert sighup_reload(gw, gateway_config(hello(v2.address))) >= 2
         # New connections and an existing keep-alive connection both follow the new snapshot.
         assert kept_alive.get("/echo").headers["x-upstream"] == "v2"
     assert served_by(gw, 5) == ["v2"] * 5
@@ -160,26 +169,28 @@ def test_sighup_reload_switches_traffic(launch: Launch, start_upstream: StartUps
     assert sorted(served_by(gw, 10)) == ["v1"] * 5 + ["v2"] * 5
 
 
-def test_file_change_is_picked_up_without_a_signal(launch: Launch, start_upstream: StartUpstream) -> None:
+def test_file_change_is_picked_up_without_a_signal(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
     v1, v2 = start_upstream("v1"), start_upstream("v2")
-    gw = launch(gateway_config(one_upstream(v1)))
+    gw = start_gateway(gateway_config(hello(v1.address)))
     assert served_by(gw, 2) == ["v1", "v1"]
     replace_file(gw.config_path, render(gateway_config(split(v1, v2, {"v1": 50, "v2": 50}))))
     assert wait_version(gw, 2) == 2
     assert sorted(served_by(gw, 10)) == ["v1"] * 5 + ["v2"] * 5
     # Rewriting in place (a different size) is noticed too.
-    gw.config_path.write_text(yaml.safe_dump(gateway_config(one_upstream(v2))))
+    gw.config_path.write_text(yaml.safe_dump(gateway_config(hello(v2.address))))
     assert wait_version(gw, 3) == 3
     assert served_by(gw, 3) == ["v2"] * 3
 
 
-def test_bad_config_is_rejected_and_the_last_good_one_stays(launch: Launch, start_upstream: StartUpstream) -> None:
+def test_bad_config_is_rejected_and_the_last_good_one_stays(
+    start_gateway: StartGateway, start_upstream: StartUpstream
+) -> None:
     v1, v2 = start_upstream("v1"), start_upstream("v2")
-    gw = launch(gateway_config(one_upstream(v1)))
+    gw = start_gateway(gateway_config(hello(v1.address)))
     path = str(gw.config_path)
 
     # An unknown key (a typo of `retries`), revealed by SIGHUP.
-    bad = gateway_config({"hello": {"subsets": {"v1": {"endpoints": [v2.address]}}, "retry": {"attempts": 1}}})
+    bad = gateway_config(hello(v2.address, retry={"attempts": 1}))
     write_unseen(gw.config_path, bad)
     gw.signal(signal.SIGHUP)
     gw.wait_log("rejected")
@@ -195,7 +206,7 @@ def test_bad_config_is_rejected_and_the_last_good_one_stays(launch: Launch, star
     assert metric(gw, "meshgate_config_last_reload_success") == 0
 
     # A bad value, noticed by the file watcher: the error names the file, the field and the value.
-    bad_value = gateway_config({"hello": {"subsets": {"v1": {"endpoints": [v2.address]}}, "lb": "fastest"}})
+    bad_value = gateway_config(hello(v2.address, lb="fastest"))
     replace_file(gw.config_path, render(bad_value))
     wait_for(lambda: "fastest" in gw.output(), 10.0, what="the rejected lb value in the log")
     error = next(line for line in gw.lines if "fastest" in line)
@@ -215,7 +226,7 @@ def test_bad_config_is_rejected_and_the_last_good_one_stays(launch: Launch, star
     assert served_by(gw, 3) == ["v1"] * 3
 
     # Fixing the file makes the next version live.
-    replace_file(gw.config_path, render(gateway_config(one_upstream(v2))))
+    replace_file(gw.config_path, render(gateway_config(hello(v2.address))))
     assert wait_version(gw, 2) == 2
     assert served_by(gw, 3) == ["v2"] * 3
     assert admin(gw, "/config").json()["last_reload"] == "ok"
@@ -262,10 +273,12 @@ class Traffic:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_fifty_reloads_under_load_lose_no_request(launch: Launch, start_upstream: StartUpstream, workers: str) -> None:
+def test_fifty_reloads_under_load_lose_no_request(
+    start_gateway: StartGateway, start_upstream: StartUpstream, workers: str
+) -> None:
     v1, v2 = start_upstream("v1"), start_upstream("v2")
-    configs = [gateway_config(one_upstream(v1)), gateway_config(one_upstream(v2))]
-    gw = launch(configs[0], "--workers", workers)
+    configs = [gateway_config(hello(v1.address)), gateway_config(hello(v2.address))]
+    gw = start_gateway(configs[0], "--workers", workers)
     with Traffic(gw) as traffic:
         wait_for(lambda: traffic.ok > 20, 10.0, what="traffic to flow")
         for reload in range(1, 51):
@@ -278,40 +291,25 @@ def test_fifty_reloads_under_load_lose_no_request(launch: Launch, start_upstream
     assert gw.proc.poll() is None
 
 
-def test_in_flight_request_finishes_on_its_snapshot(launch: Launch, start_upstream: StartUpstream) -> None:
+def test_in_flight_request_finishes_on_its_snapshot(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
     v1, v2 = start_upstream("v1"), start_upstream("v2")
-    gw = launch(gateway_config(one_upstream(v1, **SLOW)))
-    results: list[httpx.Response | Exception] = []
-
-    def slow_request() -> None:
-        try:
-            results.append(fresh_get(gw, "/delay/1000"))
-        except httpx.HTTPError as exc:
-            results.append(exc)
-
-    thread = threading.Thread(target=slow_request)
-    thread.start()
+    gw = start_gateway(gateway_config(hello(v1.address, **SLOW)))
+    slow = get_in_background(gw, "/delay/1000")
     wait_for(lambda: v1.requests >= 1, 5.0, what="the slow request to reach the upstream")
     # The new config drops service `hello` and its endpoint altogether.
-    sighup_reload(gw, gateway_config({"other": {"subsets": {"v1": {"endpoints": [v2.address]}}}}))
+    sighup_reload(gw, gateway_config({"other": service(v2.address)}))
     assert fresh_get(gw).status_code == 404
-    thread.join(timeout=10)
-    assert len(results) == 1
-    response = results[0]
-    assert isinstance(response, httpx.Response), response
+    response = slow.result(timeout=10)
     assert response.status_code == 200
     assert response.headers["x-upstream"] == "v1"
 
 
-EDGE = {"inbound": "127.0.0.1:0", "edge": "127.0.0.1:0", "outbound": "127.0.0.1:0", "admin": "127.0.0.1:0"}
-
-
-def test_reload_applies_preserve_request_id(launch: Launch, start_upstream: StartUpstream) -> None:
+def test_reload_applies_preserve_request_id(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
     upstream = start_upstream("v1")
-    gw = launch(gateway_config(one_upstream(upstream), listen=EDGE))
+    gw = start_gateway(gateway_config(hello(upstream.address), listen=listeners("edge")))
     kept = fresh_get(gw, kind="edge", headers={"x-request-id": "edge-id-1"})
     assert kept.headers["x-request-id"] == "edge-id-1"
-    sighup_reload(gw, gateway_config(one_upstream(upstream), listen=EDGE, preserve_request_id=False))
+    sighup_reload(gw, gateway_config(hello(upstream.address), listen=listeners("edge"), preserve_request_id=False))
     assert admin(gw, "/config").json()["config"]["gateway"]["preserve_request_id"] is False
     replaced = fresh_get(gw, kind="edge", headers={"x-request-id": "edge-id-2"})
     assert replaced.status_code == 200
@@ -320,10 +318,10 @@ def test_reload_applies_preserve_request_id(launch: Launch, start_upstream: Star
 
 
 def test_reload_never_reports_mtls_that_is_not_enforced(
-    launch: Launch, start_upstream: StartUpstream, tmp_path: Path
+    start_gateway: StartGateway, start_upstream: StartUpstream, tmp_path: Path
 ) -> None:
     upstream = start_upstream("v1")
-    gw = launch(gateway_config(one_upstream(upstream)))
+    gw = start_gateway(gateway_config(hello(upstream.address)))
     ca = trustme.CA()
     server = ca.issue_cert("127.0.0.1")
     tls = {"cert": str(tmp_path / "gw.pem"), "key": str(tmp_path / "gw.key"), "ca": str(tmp_path / "ca.pem")}
@@ -331,7 +329,7 @@ def test_reload_never_reports_mtls_that_is_not_enforced(
     server.private_key_pem.write_to_path(tls["key"])
     ca.cert_pem.write_to_path(tls["ca"])
     signalled = gw.output().count("SIGHUP")
-    write_unseen(gw.config_path, gateway_config(one_upstream(upstream), tls=tls))
+    write_unseen(gw.config_path, gateway_config(hello(upstream.address), tls=tls))
     gw.signal(signal.SIGHUP)
     wait_for(lambda: gw.output().count("SIGHUP") > signalled, 10.0, what="the SIGHUP reload in the log")
     # Adding mTLS may need a restart, but then the gateway must say so and keep reporting what is live:
@@ -347,32 +345,20 @@ def test_reload_never_reports_mtls_that_is_not_enforced(
 # Drain on SIGTERM
 
 
-def test_sigterm_drains_in_flight_requests(launch: Launch, start_upstream: StartUpstream) -> None:
+def test_sigterm_drains_in_flight_requests(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
     upstream = start_upstream("v1")
-    gw = launch(gateway_config(one_upstream(upstream, **SLOW)))
-    results: list[httpx.Response | Exception] = []
-
-    def slow_request() -> None:
-        try:
-            results.append(fresh_get(gw, "/delay/1500"))
-        except httpx.HTTPError as exc:
-            results.append(exc)
-
+    gw = start_gateway(gateway_config(hello(upstream.address, **SLOW)))
     with socket.create_connection(gw.inbound, timeout=5) as idle:
         idle.sendall(b"GET /echo HTTP/1.1\r\nhost: hello\r\n\r\n")
         assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")  # a keep-alive connection, idle during the drain
-        thread = threading.Thread(target=slow_request)
-        thread.start()
+        slow = get_in_background(gw, "/delay/1500")
         wait_for(lambda: upstream.requests >= 2, 5.0, what="the slow request to reach the upstream")
         signalled = time.monotonic()
         gw.signal(signal.SIGTERM)
         wait_for(lambda: refuses_connections(gw.inbound), 5.0, what="the inbound listener to close")
         assert idle.recv(65536) == b"", "an idle keep-alive connection is closed at once"
-        assert thread.is_alive(), "the slow request ended before its upstream answered"
-        thread.join(timeout=10)
-    assert len(results) == 1
-    response = results[0]
-    assert isinstance(response, httpx.Response), response
+        assert not slow.done(), "the slow request ended before its upstream answered"
+        response = slow.result(timeout=10)
     assert response.status_code == 200
     assert response.json()["path"] == "/delay/1500"
     assert response.headers.get("connection") == "close"
@@ -382,28 +368,18 @@ def test_sigterm_drains_in_flight_requests(launch: Launch, start_upstream: Start
     assert refuses_connections(gw.admin)
 
 
-def test_drain_timeout_cuts_long_requests(launch: Launch, start_upstream: StartUpstream) -> None:
+def test_drain_timeout_cuts_long_requests(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
     upstream = start_upstream("v1")
-    gw = launch(gateway_config(one_upstream(upstream, **SLOW)), "--drain-timeout", "500ms")
-    results: list[httpx.Response | Exception] = []
-
-    def long_request() -> None:
-        try:
-            results.append(fresh_get(gw, "/delay/8000"))
-        except httpx.HTTPError as exc:
-            results.append(exc)
-
-    thread = threading.Thread(target=long_request)
-    thread.start()
+    gw = start_gateway(gateway_config(hello(upstream.address, **SLOW)), "--drain-timeout", "500ms")
+    long = get_in_background(gw, "/delay/8000")
     wait_for(lambda: upstream.requests >= 1, 5.0, what="the long request to reach the upstream")
     signalled = time.monotonic()
     gw.signal(signal.SIGTERM)
     assert gw.proc.wait(timeout=10) == 0
     elapsed = time.monotonic() - signalled
-    thread.join(timeout=10)
+    cut = long.exception(timeout=10)
     assert 0.4 < elapsed < 3.0, elapsed
-    assert len(results) == 1
-    assert isinstance(results[0], httpx.TransportError), results[0]
+    assert isinstance(cut, httpx.TransportError), cut or long.result()
 
 
 # --workers N
@@ -421,6 +397,10 @@ def workers_of(gw: Gateway) -> list[psutil.Process]:
     return found
 
 
+def two_workers(gw: Gateway) -> list[psutil.Process]:
+    return list(wait_for(lambda: len(workers_of(gw)) == 2 and workers_of(gw), 10.0, what="two workers"))
+
+
 def alive(process: psutil.Process) -> bool:
     try:
         return bool(process.status() != psutil.STATUS_ZOMBIE)
@@ -436,10 +416,12 @@ def inbound_connections(process: psutil.Process, port: int) -> int:
     )
 
 
-def test_workers_share_traffic_reload_and_stop_cleanly(launch: Launch, start_upstream: StartUpstream) -> None:
+def test_workers_share_traffic_reload_and_stop_cleanly(
+    start_gateway: StartGateway, start_upstream: StartUpstream
+) -> None:
     v1, v2 = start_upstream("v1"), start_upstream("v2")
-    gw = launch(gateway_config(one_upstream(v1)), "--workers", "2")
-    workers = wait_for(lambda: len(workers_of(gw)) == 2 and workers_of(gw), 10.0, what="two workers")
+    gw = start_gateway(gateway_config(hello(v1.address)), "--workers", "2")
+    workers = two_workers(gw)
     assert all(worker.pid != gw.proc.pid for worker in workers)
     descendants = psutil.Process(gw.proc.pid).children(recursive=True)
 
@@ -458,7 +440,7 @@ def test_workers_share_traffic_reload_and_stop_cleanly(launch: Launch, start_ups
             http.close()
 
     # A reload reaches every worker: every new connection, whichever worker takes it, sees the new routing.
-    sighup_reload(gw, gateway_config(one_upstream(v2)))
+    sighup_reload(gw, gateway_config(hello(v2.address)))
     assert served_by(gw, 20) == ["v2"] * 20
     assert {worker.pid for worker in workers_of(gw)} == {worker.pid for worker in workers}
 
@@ -468,11 +450,11 @@ def test_workers_share_traffic_reload_and_stop_cleanly(launch: Launch, start_ups
     assert refuses_connections(gw.inbound)
 
 
-def test_supervisor_replaces_a_killed_worker(launch: Launch, start_upstream: StartUpstream) -> None:
+def test_supervisor_replaces_a_killed_worker(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
     v1, v2 = start_upstream("v1"), start_upstream("v2")
-    gw = launch(gateway_config(one_upstream(v1)), "--workers", "2")
-    workers = wait_for(lambda: len(workers_of(gw)) == 2 and workers_of(gw), 10.0, what="two workers")
-    sighup_reload(gw, gateway_config(one_upstream(v2)))
+    gw = start_gateway(gateway_config(hello(v1.address)), "--workers", "2")
+    workers = two_workers(gw)
+    sighup_reload(gw, gateway_config(hello(v2.address)))
     victim, survivor = workers
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=5)
@@ -499,28 +481,17 @@ def test_supervisor_replaces_a_killed_worker(launch: Launch, start_upstream: Sta
     wait_for(lambda: not alive(newcomer) and not alive(survivor), 10.0, what="the workers to exit")
 
 
-def test_workers_drain_in_flight_requests_on_sigterm(launch: Launch, start_upstream: StartUpstream) -> None:
+def test_workers_drain_in_flight_requests_on_sigterm(
+    start_gateway: StartGateway, start_upstream: StartUpstream
+) -> None:
     upstream = start_upstream("v1")
-    gw = launch(gateway_config(one_upstream(upstream, **SLOW)), "--workers", "2")
-    workers = wait_for(lambda: len(workers_of(gw)) == 2 and workers_of(gw), 10.0, what="two workers")
-    results: list[httpx.Response | Exception] = []
-
-    def slow_request() -> None:
-        try:
-            results.append(fresh_get(gw, "/delay/1500"))
-        except httpx.HTTPError as exc:
-            results.append(exc)
-
-    thread = threading.Thread(target=slow_request)
-    thread.start()
+    gw = start_gateway(gateway_config(hello(upstream.address, **SLOW)), "--workers", "2")
+    workers = two_workers(gw)
+    slow = get_in_background(gw, "/delay/1500")
     wait_for(lambda: upstream.requests >= 1, 5.0, what="the slow request to reach the upstream")
     gw.signal(signal.SIGTERM)
     wait_for(lambda: refuses_connections(gw.inbound), 5.0, what="the inbound listeners to close")
-    thread.join(timeout=10)
-    assert len(results) == 1
-    response = results[0]
-    assert isinstance(response, httpx.Response), response
-    assert response.status_code == 200
+    assert slow.result(timeout=10).status_code == 200
     assert gw.proc.wait(timeout=20) == 0
     wait_for(lambda: not any(alive(worker) for worker in workers), 10.0, what="the workers to exit")
 

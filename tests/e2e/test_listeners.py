@@ -11,8 +11,6 @@ import datetime
 import json
 import socket
 import ssl
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,27 +23,30 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.conftest import Gateway, gateway_config, raw_request
-from tests.e2e.upstream_app import UpstreamServer
-
-StartGateway = Callable[..., Gateway]
-StartUpstream = Callable[[str], UpstreamServer]
-
-
-def service(upstream: UpstreamServer, **policy: Any) -> dict[str, Any]:
-    return {"subsets": {"v1": {"endpoints": [upstream.address]}}, **policy}
+from tests.conftest import (
+    Gateway,
+    StartGateway,
+    StartUpstream,
+    assert_uuid4,
+    gateway_config,
+    hello,
+    listeners,
+    raw_request,
+    service,
+)
 
 
 def client(base_url: str, **kwargs: Any) -> httpx.Client:
     return httpx.Client(base_url=base_url, trust_env=False, timeout=10.0, **kwargs)
 
 
-def is_uuid4(value: str) -> bool:
-    try:
-        parsed = uuid.UUID(value)
-    except ValueError:
-        return False
-    return parsed.version == 4 and str(parsed) == value
+def assert_echoed(response: httpx.Response, path: str, proto: str) -> None:
+    """`hello_upstream` answered the request for `path`, which reached it over `proto`."""
+    assert response.status_code == 200
+    assert response.headers["x-upstream"] == "v1"
+    echo = response.json()
+    assert echo["path"] == path
+    assert echo["headers"]["x-forwarded-proto"] == [proto]
 
 
 def upstream_request_id(response: httpx.Response) -> str:
@@ -58,29 +59,21 @@ def upstream_request_id(response: httpx.Response) -> str:
 # Plain listeners
 
 
-def test_inbound_plain_proxies_and_replaces_untrusted_request_id(
-    start_gateway: StartGateway, start_upstream: StartUpstream
-) -> None:
-    upstream = start_upstream("v1")
-    gw = start_gateway(gateway_config({"hello": service(upstream)}))
-    with client(gw.url("inbound")) as http:
+def test_inbound_plain_proxies_and_replaces_untrusted_request_id(hello_gateway: Gateway) -> None:
+    with client(hello_gateway.url("inbound")) as http:
         response = http.get("/echo/in?q=1", headers={"host": "hello", "x-request-id": "client-chosen-id"})
-        assert response.status_code == 200
-        assert response.headers["x-upstream"] == "v1"
-        echo = response.json()
-        assert echo["path"] == "/echo/in?q=1"
-        assert echo["headers"]["host"] == ["hello"]
-        assert echo["headers"]["x-forwarded-proto"] == ["http"]
+        assert_echoed(response, "/echo/in?q=1", "http")
+        assert response.json()["headers"]["host"] == ["hello"]
         # A plain inbound client is not a trusted sender: its ID is replaced by a fresh UUID4, end to end.
         request_id = upstream_request_id(response)
         assert request_id != "client-chosen-id"
-        assert is_uuid4(request_id)
+        assert_uuid4(request_id)
         assert response.headers["x-request-id"] == request_id
 
         missing = http.get("/echo", headers={"host": "nosuch"})
         assert missing.status_code == 404
         assert "nosuch" in missing.text
-        assert is_uuid4(missing.headers["x-request-id"])
+        assert_uuid4(missing.headers["x-request-id"])
 
 
 def test_edge_listener_marks_source_external_and_keeps_client_request_id(
@@ -88,11 +81,10 @@ def test_edge_listener_marks_source_external_and_keeps_client_request_id(
 ) -> None:
     upstream = start_upstream("v1")
     services = {
-        "public": service(upstream, authorization={"allow": ["external"]}),
-        "private": service(upstream, authorization={"allow": ["shop"]}),
+        "public": service(upstream.address, authorization={"allow": ["external"]}),
+        "private": service(upstream.address, authorization={"allow": ["shop"]}),
     }
-    listen = {"inbound": "127.0.0.1:0", "edge": "127.0.0.1:0", "outbound": "127.0.0.1:0", "admin": "127.0.0.1:0"}
-    gw = start_gateway(gateway_config(services, listen=listen))
+    gw = start_gateway(gateway_config(services, listen=listeners("edge")))
     assert "edge" in gw.addresses
     with client(gw.url("edge")) as http:
         response = http.get("/echo/edge", headers={"host": "public", "x-request-id": "edge-client-7"})
@@ -104,7 +96,7 @@ def test_edge_listener_marks_source_external_and_keeps_client_request_id(
         # A malformed ID is never kept, even on the edge.
         bad = http.get("/echo/edge", headers={"host": "public", "x-request-id": "has spaces and $ signs"})
         assert bad.status_code == 200
-        assert is_uuid4(bad.headers["x-request-id"])
+        assert_uuid4(bad.headers["x-request-id"])
         assert upstream_request_id(bad) == bad.headers["x-request-id"]
 
         # The edge's source is `external`: a service allowing only `shop` refuses it, naming that source.
@@ -121,19 +113,18 @@ def test_edge_replaces_request_id_when_preserve_is_off(
     start_gateway: StartGateway, start_upstream: StartUpstream
 ) -> None:
     upstream = start_upstream("v1")
-    listen = {"inbound": "127.0.0.1:0", "edge": "127.0.0.1:0", "outbound": "127.0.0.1:0", "admin": "127.0.0.1:0"}
-    gw = start_gateway(gateway_config({"hello": service(upstream)}, listen=listen, preserve_request_id=False))
+    gw = start_gateway(gateway_config(hello(upstream.address), listen=listeners("edge"), preserve_request_id=False))
     with client(gw.url("edge")) as http:
         response = http.get("/echo", headers={"host": "hello", "x-request-id": "edge-client-8"})
         assert response.status_code == 200
         assert response.headers["x-request-id"] != "edge-client-8"
-        assert is_uuid4(response.headers["x-request-id"])
+        assert_uuid4(response.headers["x-request-id"])
         assert upstream_request_id(response) == response.headers["x-request-id"]
 
 
 def test_outbound_routes_by_host_and_absolute_form(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
     v1, v2 = start_upstream("v1"), start_upstream("v2")
-    gw = start_gateway(gateway_config({"alpha": service(v1), "beta": service(v2)}))
+    gw = start_gateway(gateway_config({"alpha": service(v1.address), "beta": service(v2.address)}))
     with client(gw.url("outbound")) as http:
         hosts = [("alpha", "v1"), ("beta", "v2"), ("beta:8080", "v2"), ("alpha.svc.local", "v1"), ("Beta", "v2")]
         for host, name in hosts:
@@ -176,7 +167,7 @@ def test_outbound_routes_by_host_and_absolute_form(start_gateway: StartGateway, 
 
 def test_admin_endpoints(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
     upstream = start_upstream("v1")
-    gw = start_gateway(gateway_config({"hello": service(upstream)}, group="admintest"))
+    gw = start_gateway(gateway_config(hello(upstream.address), group="admintest"))
     with client(gw.url("admin")) as http:
         healthz = http.get("/healthz")
         assert healthz.status_code == 200
@@ -202,13 +193,12 @@ def test_admin_endpoints(start_gateway: StartGateway, start_upstream: StartUpstr
         assert unknown.status_code == 404
 
         for response in (healthz, config, metrics, post, unknown):
-            assert is_uuid4(response.headers["x-request-id"]), response.request.url
+            assert_uuid4(response.headers["x-request-id"], response.request.url)
 
 
 def test_metrics_listener_serves_only_metrics(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
     upstream = start_upstream("v1")
-    listen = {"inbound": "127.0.0.1:0", "outbound": "127.0.0.1:0", "admin": "127.0.0.1:0", "metrics": "127.0.0.1:0"}
-    gw = start_gateway(gateway_config({"hello": service(upstream)}, listen=listen))
+    gw = start_gateway(gateway_config(hello(upstream.address), listen=listeners("metrics")))
     assert gw.addresses["metrics"] != gw.addresses["admin"]
     with client(gw.url("metrics")) as http:
         metrics = http.get("/metrics")
@@ -338,20 +328,16 @@ def test_inbound_mtls_proxies_for_mesh_peers(
     start_gateway: StartGateway, start_upstream: StartUpstream, pki: PKI
 ) -> None:
     upstream = start_upstream("v1")
-    gw = start_gateway(gateway_config({"hello": service(upstream)}, tls=pki.tls_block()))
+    gw = start_gateway(gateway_config(hello(upstream.address), tls=pki.tls_block()))
     with tls_client(gw, pki, pki.shop) as http:
         response = http.get("/echo/tls", headers={"host": "hello", "x-request-id": "peer-id-42"})
-        assert response.status_code == 200
-        assert response.headers["x-upstream"] == "v1"
-        echo = response.json()
-        assert echo["path"] == "/echo/tls"
-        assert echo["headers"]["x-forwarded-proto"] == ["https"]
+        assert_echoed(response, "/echo/tls", "https")
         # A mesh mTLS peer is a trusted sender: its request ID is kept, both ways.
         assert response.headers["x-request-id"] == "peer-id-42"
         assert upstream_request_id(response) == "peer-id-42"
         second = http.get("/echo/tls2", headers={"host": "hello"})
         assert second.status_code == 200
-        assert is_uuid4(second.headers["x-request-id"])
+        assert_uuid4(second.headers["x-request-id"])
     assert upstream.requests == 2
     with client(gw.url("admin")) as http:
         assert http.get("/config").json()["config"]["gateway"]["tls"] == pki.tls_block()
@@ -361,7 +347,7 @@ def test_inbound_mtls_refuses_clients_without_a_trusted_certificate(
     start_gateway: StartGateway, start_upstream: StartUpstream, pki: PKI
 ) -> None:
     upstream = start_upstream("v1")
-    gw = start_gateway(gateway_config({"hello": service(upstream)}, tls=pki.tls_block()))
+    gw = start_gateway(gateway_config(hello(upstream.address), tls=pki.tls_block()))
     for name, cert in [("no certificate", None), ("certificate from another CA", pki.foreign)]:
         result = raw_tls_request(gw.inbound, client_context(pki, cert))
         assert not (isinstance(result, bytes) and result.startswith(b"HTTP/")), (name, result)
@@ -382,8 +368,8 @@ def test_inbound_mtls_authorization_by_source_group(
 ) -> None:
     upstream = start_upstream("v1")
     services = {
-        "orders": service(upstream, authorization={"allow": ["shop"]}),
-        "open": service(upstream),  # allow defaults to ["*"]: any mesh identity
+        "orders": service(upstream.address, authorization={"allow": ["shop"]}),
+        "open": service(upstream.address),  # allow defaults to ["*"]: any mesh identity
     }
     gw = start_gateway(gateway_config(services, tls=pki.tls_block()))
     with tls_client(gw, pki, pki.shop) as http:

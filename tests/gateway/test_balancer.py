@@ -253,30 +253,25 @@ def test_success_resets_the_failure_count() -> None:
     assert bad.ejections == 0
 
 
-def test_ejection_time_grows_with_repeats() -> None:
+@pytest.mark.parametrize(
+    ("consecutive_5xx", "base_ejection", "durations"),
+    [
+        pytest.param(5, 10.0, [10.0, 20.0, 30.0, 40.0], id="grows-with-repeats"),
+        pytest.param(1, 100.0, [100.0, 200.0] + [MAX_EJECTION] * 4, id="is-capped"),
+    ],
+)
+def test_ejection_time(consecutive_5xx: int, base_ejection: float, durations: list[float]) -> None:
     bad, good, other = endpoints(3)
-    b = balancer([bad, good, other], consecutive_5xx=5, base_ejection=10.0)
+    b = balancer([bad, good, other], consecutive_5xx=consecutive_5xx, base_ejection=base_ejection)
     now = NOW
-    durations = []
-    for _ in range(4):
-        fail(b, bad, 5, now)
+    seen = []
+    for _ in durations:
+        fail(b, bad, consecutive_5xx, now)
         assert not bad.available(now)
-        durations.append(bad.ejected_until - now)
+        seen.append(bad.ejected_until - now)
         now = bad.ejected_until  # ejection over; it fails again at once
         assert bad.available(now)
-    assert durations == [10.0, 20.0, 30.0, 40.0]
-
-
-def test_ejection_time_is_capped() -> None:
-    bad, good, other = endpoints(3)
-    b = balancer([bad, good, other], consecutive_5xx=1, base_ejection=100.0)
-    now = NOW
-    durations = []
-    for _ in range(6):
-        fail(b, bad, 1, now)
-        durations.append(bad.ejected_until - now)
-        now = bad.ejected_until
-    assert durations == [100.0, 200.0, MAX_EJECTION, MAX_EJECTION, MAX_EJECTION, MAX_EJECTION]
+    assert seen == durations
 
 
 def test_failures_while_ejected_do_not_extend_the_ejection() -> None:

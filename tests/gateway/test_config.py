@@ -406,28 +406,6 @@ LOG_RULE = "expected off, stdout or a file path"
         ({"group": "Catalog"}, f"group: expected {NAME_RULE}, got 'Catalog'"),
         ({"group": "x" * 64}, f"group: expected {NAME_RULE}, got '{'x' * 64}'"),
         ({"group": "-catalog"}, f"group: expected {NAME_RULE}, got '-catalog'"),
-        ({"listen": {"edge": "0.0.0.0:15006"}}, "listen.edge: address already used by inbound, got '0.0.0.0:15006'"),
-        (
-            {"listen": {"metrics": "127.0.0.1:15000"}},
-            "listen.metrics: address already used by admin, got '127.0.0.1:15000'",
-        ),
-        (
-            {"listen": {"admin": "127.0.0.1:15006"}},
-            "listen.admin: address already used by inbound, got '127.0.0.1:15006'",
-        ),
-        (
-            {"listen": {"inbound": "0.0.0.0:70000"}},
-            "listen.inbound: expected host:port (port must be a number from 0 to 65535), got '0.0.0.0:70000'",
-        ),
-        ({"listen": {"admin": 15000}}, "listen.admin: expected a host:port string, got 15000"),
-        (
-            {"listen": {"advertise": "0.0.0.0:15006"}},
-            "listen.advertise: expected an address peers can reach, not a wildcard, got '0.0.0.0:15006'",
-        ),
-        (
-            {"listen": {"advertise": "10.0.0.7:0"}},
-            "listen.advertise: expected a port from 1 to 65535, got '10.0.0.7:0'",
-        ),
         (
             {"listen": {"ingress": "0.0.0.0:80"}},
             "listen.ingress: unknown key (expected one of: inbound, edge, outbound, admin, metrics, advertise)",
@@ -461,6 +439,23 @@ LOG_RULE = "expected off, stdout or a file path"
 )
 def test_gateway_rules(gateway: object, expected: str) -> None:
     assert error({"gateway": gateway}) == f"gw.yaml: gateway.{expected}"
+
+
+@pytest.mark.parametrize(
+    ("listener", "address", "rule"),
+    [
+        ("edge", "0.0.0.0:15006", "address already used by inbound"),
+        ("metrics", "127.0.0.1:15000", "address already used by admin"),
+        ("admin", "127.0.0.1:15006", "address already used by inbound"),
+        ("inbound", "0.0.0.0:70000", "expected host:port (port must be a number from 0 to 65535)"),
+        ("admin", 15000, "expected a host:port string"),
+        ("advertise", "0.0.0.0:15006", "expected an address peers can reach, not a wildcard"),
+        ("advertise", "10.0.0.7:0", "expected a port from 1 to 65535"),
+    ],
+)
+def test_listen_rules(listener: str, address: object, rule: str) -> None:
+    expected = f"gw.yaml: gateway.listen.{listener}: {rule}, got {address!r}"
+    assert error({"gateway": {"listen": {listener: address}}}) == expected
 
 
 @pytest.mark.parametrize(
