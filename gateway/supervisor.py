@@ -70,6 +70,7 @@ class Supervisor:
         self.addresses: dict[str, Address] = {}
         self.stopping = False
         self.worker_stats: dict[int, Snapshot] = {}
+        self.retired: Snapshot = merge([])  # the counters of workers that died and were replaced
         self.lookups: dict[int, tuple[asyncio.Future[None], list[dict[str, Any]], list[int]]] = {}
         self.tokens = 0
 
@@ -162,7 +163,7 @@ class Supervisor:
                 raise SystemExit(f"meshgate: worker {worker.process.pid} did not start") from None
 
     def stats(self) -> Snapshot:
-        return merge([self.runtime.stats(), *self.worker_stats.values()])
+        return merge([self.runtime.stats(), self.retired, *self.worker_stats.values()])
 
     async def lookup(self, request_id: bytes) -> list[dict[str, Any]]:
         """Every worker's hop records for a request ID (each worker keeps its own ring)."""
@@ -189,7 +190,10 @@ class Supervisor:
                         "worker %s exited with %s; starting a new one", worker.process.pid, worker.process.exitcode
                     )
                     self.workers.remove(worker)
-                    self.worker_stats.pop(worker.process.pid or 0, None)
+                    last = self.worker_stats.pop(worker.process.pid or 0, None)
+                    if last is not None:
+                        # What it answered stays counted: counters must not go down (a reset reads as a burst).
+                        self.retired = merge([self.retired, {**last, "gauges": {}, "loop_lag": 0.0, "rss": 0}])
                     loop.remove_reader(worker.conn.fileno())
                     worker.conn.close()
                     self.start_worker()
