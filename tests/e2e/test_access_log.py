@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 import yaml
 
 from tests.conftest import Gateway, StartGateway, StartUpstream, gateway_config, service, wait_for
+from tests.e2e.servers import refusing_address
 
 FIELDS = {
     "time",
@@ -70,13 +70,8 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def refused_address() -> Iterator[str]:
-    """A loopback port with nothing listening on it (bound, so nobody else takes it): connects are refused."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        sock.close()
+    with refusing_address() as address:
+        yield address
 
 
 def test_file_gets_one_line_per_request_with_the_right_values(
