@@ -1,0 +1,302 @@
+"""Unit tests of the golden-signal recording (`Series`, `Metrics`), `snapshot()`, `merge()` and the exposition
+through `SnapshotCollector`.
+
+The rendered text is produced by prometheus-client's `generate_latest` on a `CollectorRegistry`, and read back with
+its parser, as a scraper would read it. No sockets, no event loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from gateway.telemetry import BUCKETS, SERIES_LABELS, Metrics, Series, Snapshot, SnapshotCollector, merge, snapshot
+
+# DESIGN.md, Contracts.
+CONTRACT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+INF = len(CONTRACT_BUCKETS)  # the index of the +Inf bucket in `Series.buckets`
+
+HELLO = ("destination", "unknown", "hello", "v1", "default")
+CANARY = ("destination", "shop", "hello", "v2", "canary-header")
+OUTBOUND = ("source", "shop", "catalog", "v1", "default")
+
+
+def test_buckets_are_the_contract() -> None:
+    assert tuple(BUCKETS) == CONTRACT_BUCKETS
+    assert SERIES_LABELS == ("reporter", "source", "destination", "subset", "route")
+    assert len(Series().buckets) == len(CONTRACT_BUCKETS) + 1
+
+
+def bucket_of(seconds: float) -> int:
+    series = Series()
+    series.record(200, seconds)
+    placed = [i for i, count in enumerate(series.buckets) if count]
+    assert len(placed) == 1, series.buckets
+    return placed[0]
+
+
+@pytest.mark.parametrize(("index", "bound"), list(enumerate(CONTRACT_BUCKETS)))
+def test_record_places_a_value_equal_to_a_bound_in_that_bucket(index: int, bound: float) -> None:
+    # Prometheus buckets are `le`: a value equal to the upper bound belongs to that bucket, not the next.
+    assert bucket_of(bound) == index
+    assert bucket_of(math.nextafter(bound, 0.0)) == index
+    assert bucket_of(math.nextafter(bound, math.inf)) == index + 1
+
+
+@pytest.mark.parametrize(
+    ("seconds", "index"),
+    [(0.0, 0), (0.00005, 0), (0.0003, 2), (0.05, 8), (0.0500001, 9), (10.0, INF - 1), (10.5, INF), (3600.0, INF)],
+)
+def test_record_places_values_between_bounds(seconds: float, index: int) -> None:
+    assert bucket_of(seconds) == index
+
+
+def test_record_counts_codes_and_sums_seconds() -> None:
+    series = Series()
+    for code, seconds in [(200, 0.001), (200, 0.002), (503, 0.25), (404, 0.0)]:
+        series.record(code, seconds)
+    assert series.codes == {200: 2, 503: 1, 404: 1}
+    assert sum(series.buckets) == 4
+    assert series.sum == pytest.approx(0.253)
+
+
+def test_metrics_keeps_one_series_per_label_set_and_counts_by_destination() -> None:
+    metrics = Metrics()
+    first = metrics.series_for(HELLO)
+    assert metrics.series_for(HELLO) is first
+    assert metrics.series_for(CANARY) is not first
+    assert set(metrics.series) == {HELLO, CANARY}
+    metrics.count("meshgate_retries_total", "hello")
+    metrics.count("meshgate_retries_total", "hello")
+    metrics.count("meshgate_retries_total", "catalog")
+    metrics.count("meshgate_retry_budget_exhausted_total", "hello")
+    assert metrics.counters == {
+        ("meshgate_retries_total", "hello"): 2,
+        ("meshgate_retries_total", "catalog"): 1,
+        ("meshgate_retry_budget_exhausted_total", "hello"): 1,
+    }
+
+
+# snapshot() and merge()
+
+
+def part(
+    series: dict[tuple[str, ...], tuple[dict[int, int], list[int], float]],
+    counters: dict[tuple[str, str], float] | None = None,
+    gauges: dict[tuple[str, tuple[str, ...]], float] | None = None,
+    loop_lag: float = 0.0,
+    cpu: float = 0.0,
+    rss: int = 0,
+) -> Snapshot:
+    return {
+        "series": series,
+        "counters": counters or {},
+        "gauges": gauges or {},
+        "loop_lag": loop_lag,
+        "cpu": cpu,
+        "rss": rss,
+    }
+
+
+def buckets(**at: int) -> list[int]:
+    """Per-bucket (not cumulative) counts: `buckets(b3=2, inf=1)`."""
+    counts = [0] * (INF + 1)
+    for name, count in at.items():
+        counts[INF if name == "inf" else int(name[1:])] = count
+    return counts
+
+
+def test_merge_sums_series_counters_and_gauges_and_takes_the_worst_loop_lag() -> None:
+    worker_a = part(
+        {HELLO: ({200: 3, 503: 1}, buckets(b3=3, b9=1), 0.5), CANARY: ({200: 1}, buckets(b0=1), 0.0001)},
+        counters={("meshgate_retries_total", "hello"): 2},
+        gauges={("meshgate_inflight_requests", ("hello",)): 1, ("meshgate_open_connections", ("inbound",)): 2},
+        loop_lag=0.002,
+        cpu=1.5,
+        rss=40_000_000,
+    )
+    worker_b = part(
+        {HELLO: ({200: 2, 404: 1}, buckets(b3=1, b4=1, inf=1), 12.25), OUTBOUND: ({200: 5}, buckets(b5=5), 0.02)},
+        counters={("meshgate_retries_total", "hello"): 1, ("meshgate_retry_budget_exhausted_total", "hello"): 4},
+        gauges={("meshgate_inflight_requests", ("hello",)): 2, ("meshgate_open_connections", ("edge",)): 1},
+        loop_lag=0.125,
+        cpu=0.5,
+        rss=30_000_000,
+    )
+    supervisor = part({}, gauges={("meshgate_open_connections", ("admin",)): 1}, loop_lag=0.001, cpu=0.25, rss=1000)
+    inputs = [worker_a, worker_b, supervisor]
+    before = copy.deepcopy(inputs)
+
+    total = merge(inputs)
+
+    assert total["series"] == {
+        HELLO: ({200: 5, 503: 1, 404: 1}, buckets(b3=4, b4=1, b9=1, inf=1), pytest.approx(12.75)),
+        CANARY: ({200: 1}, buckets(b0=1), 0.0001),
+        OUTBOUND: ({200: 5}, buckets(b5=5), 0.02),
+    }
+    assert total["counters"] == {
+        ("meshgate_retries_total", "hello"): 3,
+        ("meshgate_retry_budget_exhausted_total", "hello"): 4,
+    }
+    assert total["gauges"] == {
+        ("meshgate_inflight_requests", ("hello",)): 3,
+        ("meshgate_open_connections", ("inbound",)): 2,
+        ("meshgate_open_connections", ("edge",)): 1,
+        ("meshgate_open_connections", ("admin",)): 1,
+    }
+    assert total["loop_lag"] == 0.125  # the worst worker's, not a sum
+    assert total["cpu"] == pytest.approx(2.25)
+    assert total["rss"] == 70_001_000
+    # The supervisor merges the same worker snapshots at every scrape: merging must not touch them.
+    assert inputs == before
+    assert merge(inputs) == total
+
+
+def test_merge_of_one_snapshot_is_that_snapshot_and_of_none_is_empty() -> None:
+    one = part({HELLO: ({200: 1}, buckets(b2=1), 0.0003)}, counters={("meshgate_retries_total", "hello"): 1})
+    assert merge([one]) == one
+    assert merge([]) == part({})
+
+
+def test_snapshot_copies_recordings_and_reads_runtime_state() -> None:
+    metrics = Metrics()
+    metrics.series_for(HELLO).record(200, 0.003)
+    metrics.count("meshgate_retries_total", "hello")
+    metrics.loop_lag = 0.01
+    runtime = SimpleNamespace(
+        metrics=metrics,
+        table=None,  # no routes: no per-destination gauges
+        endpoints={
+            ("hello", "127.0.0.1:1"): SimpleNamespace(ejections=2),
+            ("hello", "127.0.0.1:2"): SimpleNamespace(ejections=1),
+        },
+        connections=[SimpleNamespace(listener=SimpleNamespace(kind=kind)) for kind in ("inbound", "inbound", "admin")],
+        listener_kinds={"inbound", "outbound"},  # the data listeners this process serves
+    )
+    taken = snapshot(cast(Any, runtime))
+    metrics.series_for(HELLO).record(500, 1.0)  # later traffic does not change a snapshot already taken
+    metrics.count("meshgate_retries_total", "hello")
+
+    assert taken["series"] == {HELLO: ({200: 1}, buckets(b5=1), 0.003)}
+    assert taken["counters"] == {
+        ("meshgate_retries_total", "hello"): 1,
+        ("meshgate_outlier_ejections_total", "hello"): 3,  # summed over the service's endpoints
+    }
+    assert taken["gauges"] == {
+        ("meshgate_open_connections", ("inbound",)): 2,
+        ("meshgate_open_connections", ("outbound",)): 0,  # a quiet listener reads 0, not "no data"
+        ("meshgate_open_connections", ("admin",)): 1,
+    }
+    assert taken["loop_lag"] == 0.01
+    assert taken["cpu"] > 0
+    assert taken["rss"] > 1_000_000  # this Python process's resident set, in bytes
+
+
+# SnapshotCollector
+
+
+def exposition(data: Snapshot) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: data))
+    return generate_latest(registry).decode()
+
+
+def render(data: Snapshot) -> dict[str, list[Sample]]:
+    """The samples of each family, as a scraper parses the exposition."""
+    return {family.name: family.samples for family in text_string_to_metric_families(exposition(data))}
+
+
+def family_types(data: Snapshot) -> dict[str, str]:
+    return {family.name: family.type for family in text_string_to_metric_families(exposition(data))}
+
+
+def labelled(samples: list[Sample], name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {tuple(sorted(s.labels.items())): s.value for s in samples if s.name == name}
+
+
+def labels_of(key: tuple[str, ...], **extra: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted({**dict(zip(SERIES_LABELS, key, strict=True)), **extra}.items()))
+
+
+def test_collector_renders_requests_and_cumulative_histogram_with_inf_count_and_sum() -> None:
+    data = part(
+        {
+            HELLO: ({200: 4, 503: 1}, buckets(b0=1, b3=2, b9=1, inf=1), 11.5),
+            CANARY: ({404: 2}, buckets(b15=2), 20.0),
+        }
+    )
+    families = render(data)
+
+    assert labelled(families["meshgate_requests"], "meshgate_requests_total") == {
+        labels_of(HELLO, code="200"): 4,
+        labels_of(HELLO, code="503"): 1,
+        labels_of(CANARY, code="404"): 2,
+    }
+    histogram = families["meshgate_request_duration_seconds"]
+    bucket_samples = [s for s in histogram if s.name == "meshgate_request_duration_seconds_bucket"]
+    for key, expected_cumulative, count, total in [
+        (HELLO, [1, 1, 1, 3, 3, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 5], 5, 11.5),
+        (CANARY, [0] * 15 + [2, 2], 2, 20.0),
+    ]:
+        mine = [s for s in bucket_samples if labels_of(key, le=s.labels["le"]) == tuple(sorted(s.labels.items()))]
+        bounds = [s.labels["le"] for s in mine]
+        assert [float(b) for b in bounds[:-1]] == list(CONTRACT_BUCKETS), bounds  # in order, exactly these
+        assert bounds[-1] == "+Inf"
+        assert [s.value for s in mine] == expected_cumulative
+        assert labelled(histogram, "meshgate_request_duration_seconds_count")[labels_of(key)] == count
+        assert labelled(histogram, "meshgate_request_duration_seconds_sum")[labels_of(key)] == total
+        assert mine[-1].value == count  # +Inf is the count
+
+
+def test_collector_renders_counters_gauges_and_process_figures() -> None:
+    data = part(
+        {},
+        counters={
+            ("meshgate_retries_total", "hello"): 3,
+            ("meshgate_retry_budget_exhausted_total", "hello"): 2,
+            ("meshgate_circuit_breaker_rejections_total", "catalog"): 7,
+            ("meshgate_outlier_ejections_total", "hello"): 1,
+        },
+        gauges={
+            ("meshgate_inflight_requests", ("hello",)): 4,
+            ("meshgate_endpoints_ejected", ("hello",)): 1,
+            ("meshgate_open_connections", ("inbound",)): 5,
+        },
+        loop_lag=0.03,
+        cpu=2.5,
+        rss=50_000_000,
+    )
+    families = render(data)
+    types = family_types(data)
+    for name, destination, value in [
+        ("meshgate_retries", "hello", 3),
+        ("meshgate_retry_budget_exhausted", "hello", 2),
+        ("meshgate_circuit_breaker_rejections", "catalog", 7),
+        ("meshgate_outlier_ejections", "hello", 1),
+    ]:
+        assert types[name] == "counter", name
+        assert labelled(families[name], f"{name}_total") == {(("destination", destination),): value}
+    assert labelled(families["meshgate_inflight_requests"], "meshgate_inflight_requests") == {
+        (("destination", "hello"),): 4
+    }
+    assert labelled(families["meshgate_endpoints_ejected"], "meshgate_endpoints_ejected") == {
+        (("destination", "hello"),): 1
+    }
+    assert labelled(families["meshgate_open_connections"], "meshgate_open_connections") == {
+        (("listener", "inbound"),): 5
+    }
+    assert types["meshgate_inflight_requests"] == "gauge"
+    assert labelled(families["meshgate_event_loop_lag_seconds"], "meshgate_event_loop_lag_seconds") == {(): 0.03}
+    assert labelled(families["meshgate_process_cpu_seconds"], "meshgate_process_cpu_seconds_total") == {(): 2.5}
+    assert labelled(families["meshgate_process_resident_memory_bytes"], "meshgate_process_resident_memory_bytes") == {
+        (): 50_000_000
+    }
+    assert types["meshgate_requests"] == "counter"
+    assert types["meshgate_request_duration_seconds"] == "histogram"
