@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+import psutil
 import pytest
 import yaml
 
@@ -255,3 +256,15 @@ def raw_request(address: tuple[str, int], data: bytes, timeout: float = 5.0) -> 
                 break
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def workers_of(gw: Gateway) -> list[psutil.Process]:
+    """The supervisor's worker processes (multiprocessing spawn children, not its resource tracker)."""
+    found = []
+    for child in psutil.Process(gw.proc.pid).children():
+        try:
+            if "spawn_main" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found

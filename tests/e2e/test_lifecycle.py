@@ -39,6 +39,7 @@ from tests.conftest import (
     raw_request,
     service,
     wait_for,
+    workers_of,
 )
 from tests.e2e.upstream_app import UpstreamServer
 
@@ -383,18 +384,6 @@ def test_drain_timeout_cuts_long_requests(start_gateway: StartGateway, start_ups
 
 
 # --workers N
-
-
-def workers_of(gw: Gateway) -> list[psutil.Process]:
-    """The supervisor's worker processes (multiprocessing spawn children, not its resource tracker)."""
-    found = []
-    for child in psutil.Process(gw.proc.pid).children():
-        try:
-            if "spawn_main" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
-                found.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return found
 
 
 def two_workers(gw: Gateway) -> list[psutil.Process]:

@@ -9,7 +9,6 @@ names are gateway/telemetry.py's and admin.py's.
 
 from __future__ import annotations
 
-import datetime
 import random
 import signal
 import ssl
@@ -21,14 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import pytest
 import trustme
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
@@ -42,7 +36,9 @@ from tests.conftest import (
     listeners,
     service,
     wait_for,
+    workers_of,
 )
+from tests.e2e.identities import issue_client_cert
 from tests.e2e.servers import SERVER_TIMEOUT, Exchange, always
 from tests.e2e.upstream_app import UpstreamServer
 
@@ -254,35 +250,6 @@ def test_edge_is_external_and_outbound_reports_as_source(
         key("destination", "unknown", "hello", "v1", "default") | {ok}: 1,
         key("source", "shop", "unknown", "", "") | {("code", "404")}: 1,
     }
-
-
-def issue_client_cert(ca: trustme.CA, spiffe_id: str, directory: Path) -> tuple[Path, Path]:
-    """A client certificate with `spiffe_id` as its URI SAN (trustme cannot make one), signed by `ca`."""
-    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey)
-    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
-    private = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "peer")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(private.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "peer.pem", directory / "peer.key"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        private.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_file, key_file
 
 
 def test_mtls_inbound_source_is_the_peer_group(
@@ -669,18 +636,6 @@ def test_workers_request_lookup_through_the_supervisor(
         assert missing.json()["hops"] == []
 
 
-def worker_processes(gw: Gateway) -> list[psutil.Process]:
-    """The supervisor's live worker processes (multiprocessing spawn children, not its resource tracker)."""
-    found = []
-    for child in psutil.Process(gw.proc.pid).children():
-        try:
-            if "spawn_main" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
-                found.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
 def test_workers_counters_stay_monotonic_when_a_worker_is_replaced(two_worker_gateway: Gateway) -> None:
     """A counter that goes down reads to Prometheus as a reset, and rate() then counts the whole remaining total
     again as new increase. The supervisor replaces a worker that died; the requests it counted stay counted."""
@@ -691,11 +646,11 @@ def test_workers_counters_stay_monotonic_when_a_worker_is_replaced(two_worker_ga
         lambda: requests_by_series(scrape(two_worker_gateway)).get(hello_ok) == n, timeout=5.0, what=f"{n} requests"
     )
     before = scrape(two_worker_gateway)
-    workers = wait_for(lambda: len(found := worker_processes(two_worker_gateway)) == 2 and found, timeout=10.0)
+    workers = wait_for(lambda: len(found := workers_of(two_worker_gateway)) == 2 and found, timeout=10.0)
     victim = workers[0]
     victim.kill()
     wait_for(
-        lambda: len(found := worker_processes(two_worker_gateway)) == 2 and victim.pid not in {p.pid for p in found},
+        lambda: len(found := workers_of(two_worker_gateway)) == 2 and victim.pid not in {p.pid for p in found},
         timeout=10.0,
         what="the supervisor to replace the killed worker",
     )
