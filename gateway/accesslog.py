@@ -1,56 +1,102 @@
-"""The access log: one JSON line per request, to stdout or a file, written in batches off the hot path.
+"""The access log: one JSON line per request, to stdout or a file, written off the hot path and off the loop.
 
-The hot path appends the request's hop record to a bounded buffer; `run()` formats and writes what has gathered
-every 200 ms. When the buffer is full (the disk or pipe cannot keep up), lines are dropped and counted rather than
-letting a slow log slow the requests.
+The hot path appends the request's hop record to a buffer. Every 200 ms `run()` hands the buffer to a writer
+thread, which formats the lines and writes them (in pieces of whole lines no larger than PIPE_BUF, so the lines
+of several workers sharing stdout never interleave). A slow disk or pipe blocks only that thread; when it falls
+behind, lines are dropped and counted (`meshgate_access_log_dropped_total`) rather than slowing requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
+import os
+import queue
+import select
 import sys
+import threading
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.tracing import response_flags
+from gateway.tracing import HOP, response_flags
+
+if TYPE_CHECKING:
+    from gateway.telemetry import Metrics
 
 FLUSH_INTERVAL = 0.2
-MAX_BUFFERED = 50_000
+MAX_BUFFERED = 50_000  # lines gathered between two hand-offs
+MAX_BATCHES = 25  # hand-offs the writer may fall behind (5 s) before lines are dropped
+STOP_TIMEOUT = 2.0
 
 
 class AccessLog:
-    """>>> log = AccessLog("stdout"); log.add(hop); await log.run()  # a task, until cancelled"""
+    """>>> log = AccessLog("stdout", metrics); log.add(hop); await log.run()  # a task, until cancelled"""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, metrics: Metrics) -> None:
         self.target = target
-        self.stream: IO[str] = sys.stdout if target == "stdout" else open(target, "a", encoding="utf-8")  # noqa: SIM115
+        self.metrics = metrics
+        if target == "stdout":
+            self.fd, self.owns_fd = sys.stdout.fileno(), False
+        else:
+            self.fd, self.owns_fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), True
         self.buffer: list[tuple[Any, ...]] = []
-        self.dropped = 0
+        self.batches: queue.Queue[list[tuple[Any, ...]] | None] = queue.Queue(MAX_BATCHES)
+        self.writer = threading.Thread(target=self._write_batches, name="meshgate-access-log", daemon=True)
 
     def add(self, hop: tuple[Any, ...]) -> None:
         if len(self.buffer) < MAX_BUFFERED:
             self.buffer.append(hop)
         else:
-            self.dropped += 1
+            self.metrics.count("meshgate_access_log_dropped_total", hop[HOP["destination"]])
 
-    def flush(self) -> None:
+    def hand_off(self) -> None:
         if not self.buffer:
             return
-        hops, self.buffer = self.buffer, []
-        self.stream.write("".join(map(line_of, hops)))
-        self.stream.flush()
+        batch, self.buffer = self.buffer, []
+        try:
+            self.batches.put_nowait(batch)
+        except queue.Full:
+            for hop in batch:
+                self.metrics.count("meshgate_access_log_dropped_total", hop[HOP["destination"]])
 
     async def run(self) -> None:
+        self.writer.start()
         try:
             while True:
                 await asyncio.sleep(FLUSH_INTERVAL)
-                self.flush()
+                self.hand_off()
         finally:
-            self.flush()
-            if self.stream is not sys.stdout:
-                self.stream.close()
+            self.hand_off()
+            # A writer stuck on its output is a daemon thread: it dies with the process, and keeps its fd open.
+            with contextlib.suppress(queue.Full):
+                self.batches.put(None, timeout=STOP_TIMEOUT)
+            self.writer.join(STOP_TIMEOUT)
+            if self.owns_fd and not self.writer.is_alive():
+                os.close(self.fd)
+
+    def _write_batches(self) -> None:
+        while (batch := self.batches.get()) is not None:
+            piece: list[bytes] = []
+            size = 0
+            for hop in batch:
+                line = line_of(hop).encode("utf-8", "backslashreplace")
+                if size + len(line) > select.PIPE_BUF and piece:
+                    self._write(b"".join(piece))
+                    piece, size = [], 0
+                piece.append(line)
+                size += len(line)
+            if piece:
+                self._write(b"".join(piece))
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except OSError:
+                return  # the output is gone (closed pipe, full disk): these lines are lost, the gateway goes on
 
 
 _LINE = (

@@ -89,7 +89,7 @@ class Runtime:
             self.ring = HopRing(telemetry.recent_requests)
         target = None if telemetry.access_log == "off" else telemetry.access_log
         if (self.access_log.target if self.access_log else None) != target:
-            self.access_log, old_log = (AccessLog(target) if target else None), self.access_log
+            self.access_log, old_log = (AccessLog(target, self.metrics) if target else None), self.access_log
             self._restart(old_log, self.access_log)
         endpoint = telemetry.tracing.endpoint
         if (self.exporter.endpoint if self.exporter else None) != endpoint:

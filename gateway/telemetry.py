@@ -152,6 +152,7 @@ _COUNTERS = {
     "meshgate_outlier_ejections_total": "Endpoints ejected by passive outlier detection",
     "meshgate_spans_exported_total": "Spans sent to the OTLP endpoint",
     "meshgate_spans_dropped_total": "Sampled spans dropped because the exporter was behind or failing",
+    "meshgate_access_log_dropped_total": "Access-log lines dropped because the output could not keep up",
 }
 _GAUGES = {
     "meshgate_inflight_requests": ("destination", "Requests in flight"),

@@ -9,8 +9,10 @@ outcome (status, bytes in and out, duration, upstream duration, retries) and Env
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -233,3 +235,36 @@ def test_reload_turns_the_access_log_on(
         after = c.get("/echo", headers={"host": "hello"}).headers["x-request-id"]
     records = wait_for(lambda: read_log(log_path), timeout=2.0, what="a line in the new access log")
     assert [r["request_id"] for r in records] == [after], (before, records)
+
+
+def test_an_output_nobody_reads_drops_lines_and_never_slows_requests(
+    start_gateway: StartGateway, start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    """A named pipe that is open but never read: the writer thread blocks once the pipe's buffer is full; requests
+    keep their pace and the lines that cannot be written are dropped and counted."""
+    upstream = start_upstream("v1")
+    fifo = tmp_path / "access.pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # held open, never read
+    try:
+        gw = start_gateway(gateway_config({"hello": service(upstream.address)}, telemetry={"access_log": str(fifo)}))
+        slowest = 0.0
+        with client(gw) as c:
+
+            def dropped() -> float:
+                metrics = httpx.get(gw.url("admin") + "/metrics", trust_env=False).text
+                found = re.search(r'^meshgate_access_log_dropped_total\{destination="hello"\} (\S+)$', metrics, re.M)
+                return float(found.group(1)) if found else 0.0
+
+            def burst() -> float:
+                nonlocal slowest
+                for _ in range(200):
+                    started = time.monotonic()
+                    assert c.get("/echo", headers={"host": "hello"}).status_code == 200
+                    slowest = max(slowest, time.monotonic() - started)
+                return dropped()
+
+            wait_for(burst, timeout=60.0, interval=0.0, what="access-log lines to be dropped")
+        assert slowest < 0.5, f"a request took {slowest:.3f}s while the access log was blocked"
+    finally:
+        os.close(reader)
