@@ -41,10 +41,22 @@ class Endpoint:
     >>> ep.active += 1; ...; ep.observe(0.002, now); ep.active -= 1
     """
 
-    __slots__ = ("address", "pool", "active", "cost", "stamp", "failures", "ejected_until", "ejections", "healthy")
+    __slots__ = (
+        "address",
+        "name",
+        "pool",
+        "active",
+        "cost",
+        "stamp",
+        "failures",
+        "ejected_until",
+        "ejections",
+        "healthy",
+    )
 
     def __init__(self, address: Address, pool: Pool) -> None:
         self.address = address
+        self.name = str(address)
         self.pool = pool
         self.active = 0
         self.cost = DEFAULT_RTT

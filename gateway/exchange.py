@@ -699,7 +699,7 @@ class Exchange:
             destination,
             subset,
             route_name,
-            endpoint.address if endpoint is not None else None,
+            endpoint.name if endpoint is not None else None,  # a str: keeps the tuple out of the GC's sight
             self.method,
             self.url,
             self.host,

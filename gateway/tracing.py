@@ -247,7 +247,6 @@ def hop_to_dict(hop: tuple[Any, ...]) -> dict[str, Any]:
     for name, value in record.items():
         if isinstance(value, bytes):
             record[name] = value.decode("latin-1")
-    record["endpoint"] = str(record["endpoint"]) if record["endpoint"] is not None else None
     record["flags"] = response_flags(hop)
     return record
 
