@@ -16,7 +16,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 
@@ -58,7 +58,6 @@ class Runtime:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.health = HealthChecks(self)
         self.deadlines = Deadlines()
-        self.draining = False
         self.metrics = Metrics()
         self.ring = HopRing(config.gateway.telemetry.recent_requests)
         self.sampling = config.gateway.telemetry.tracing.sampling
@@ -182,7 +181,6 @@ class Runtime:
 
     async def drain(self, servers: list[asyncio.AbstractServer], timeout: float) -> None:
         """Stop accepting, let requests in flight finish (up to `timeout`), then close everything."""
-        self.draining = True
         for server in servers:
             server.close()
         loop = asyncio.get_running_loop()
@@ -306,7 +304,7 @@ class ConfigFile:
 class Reloader:
     """Validates a changed config and hands it on; a bad file is logged and the last good config stays."""
 
-    def __init__(self, source: ConfigFile, state: AdminState, publish: Any) -> None:
+    def __init__(self, source: ConfigFile, state: AdminState, publish: Callable[[Config, int], None]) -> None:
         self.source = source
         self.state = state
         self.publish = publish

@@ -9,7 +9,6 @@ response at a time with httptools, filters hop-by-hop headers, and forwards head
 from __future__ import annotations
 
 import asyncio
-import ssl
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -48,13 +47,11 @@ class Pool:
     >>> pool.release(conn)
     """
 
-    __slots__ = ("address", "idle", "ssl", "server_hostname", "retired")
+    __slots__ = ("address", "idle", "retired")
 
-    def __init__(self, address: Address, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, address: Address) -> None:
         self.address = address
         self.idle: list[UpstreamProtocol] = []
-        self.ssl = ssl_context
-        self.server_hostname: str | None = None
         self.retired = False  # no snapshot names this address any more: close connections as they come back
 
     def acquire(self) -> UpstreamProtocol | None:
@@ -70,12 +67,10 @@ class Pool:
         host, port = self.address
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(
-                    lambda: UpstreamProtocol(self), host, port, ssl=self.ssl, server_hostname=self.server_hostname
-                )
+                _, conn = await loop.create_connection(lambda: UpstreamProtocol(self), host, port)
         except TimeoutError as exc:
             raise ConnectFailed(f"connect to {self.address} timed out after {timeout:g}s") from exc
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             raise ConnectFailed(f"connect to {self.address} failed: {exc.strerror or exc}") from exc
         return conn
 
