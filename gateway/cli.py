@@ -1,20 +1,39 @@
-"""`meshgate gateway`: run or check a standalone gateway."""
+"""`meshgate gateway`: run or check a gateway, standalone (`--config`) or joined to a mesh (`--control`)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from gateway.config import Config, ConfigError
+from gateway.config import Config, ConfigError, read_yaml
+from gateway.control import ControlError, ControlSource, JoinSettings
+from gateway.server import FileSource, Source
 from gateway.units import parse_duration
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("gateway", help="run a gateway (standalone with --config)")
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--config", metavar="FILE", help="standalone mode: serve the services in this YAML file")
-    mode.add_argument("--check", metavar="FILE", help="validate a config file and exit (status 2 if invalid)")
+    parser = subparsers.add_parser(
+        "gateway",
+        help="run a gateway: standalone with --config, or joined to a mesh with --control",
+        description="Standalone: --config FILE. Joined: --control URL --group NAME --token T [--config FILE with "
+        "only a gateway: section].",
+    )
+    parser.add_argument("--config", metavar="FILE", help="the YAML config (joined: only its gateway: section)")
+    parser.add_argument("--check", metavar="FILE", help="validate a config file and exit (status 2 if invalid)")
+    parser.add_argument("--control", metavar="URL", help="join the mesh of the dashboard at URL")
+    parser.add_argument("--group", metavar="NAME", help="joined: the service group this gateway fronts")
+    parser.add_argument(
+        "--token",
+        metavar="T",
+        default=os.environ.get("MESHGATE_JOIN_TOKEN"),
+        help="joined: a join token for the group (default $MESHGATE_JOIN_TOKEN)",
+    )
+    parser.add_argument("--ca-hash", metavar="sha256:HEX", help="joined: pin the mesh CA (needed beyond loopback)")
+    parser.add_argument(
+        "--data", metavar="DIR", help="joined: key, certificate and last good config (default ./meshgate-gateway-GROUP)"
+    )
     parser.add_argument(
         "--workers",
         type=_positive_int,
@@ -29,19 +48,29 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="DURATION",
         help="on SIGTERM, how long requests in flight may take to finish (default 15s)",
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, parser=parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    path = args.check or args.config
+    if args.check:
+        if args.config or args.control:
+            args.parser.error("--check takes no other mode")
+        return _check(args.check)
+    source: Source
     try:
-        config = Config.load(path)
-    except ConfigError as exc:
+        if args.control:
+            settings = _join_settings(args)
+            settings.check()
+            config = Config.parse({"gateway": {**(settings.gateway or {}), "group": settings.group}}, settings.source)
+            source = ControlSource(settings)
+        elif args.config:
+            config = Config.load(args.config)
+            source = FileSource(args.config, config)
+        else:
+            args.parser.error("one of --config FILE (standalone), --control URL (joined) or --check FILE is required")
+    except (ConfigError, ControlError) as exc:
         print(f"meshgate: {exc}", file=sys.stderr)
         return 2
-    if args.check:
-        print(f"{path}: ok ({len(config.services)} services)")
-        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.workers == 1:
@@ -49,15 +78,54 @@ def run(args: argparse.Namespace) -> int:
 
             from gateway.server import serve
 
-            uvloop.run(serve(path, config, args.drain_timeout))
+            uvloop.run(serve(config, args.drain_timeout, source))
         else:
             from gateway.supervisor import supervise
 
-            supervise(path, config, args.workers, args.drain_timeout)
+            supervise(config, args.workers, args.drain_timeout, source)
     except ConfigError as exc:  # e.g. a listen address already in use
         print(f"meshgate: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check(path: str) -> int:
+    try:
+        config = Config.load(path)
+    except ConfigError as exc:
+        print(f"meshgate: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok ({len(config.services)} services)")
+    return 0
+
+
+def _join_settings(args: argparse.Namespace) -> JoinSettings:
+    if not args.group or not args.token:
+        args.parser.error("--control needs --group NAME and --token T (or $MESHGATE_JOIN_TOKEN)")
+    gateway: dict[str, object] = {}
+    base_dir = None
+    if args.config:
+        data = read_yaml(args.config)
+        if not isinstance(data, dict) or set(data) - {"gateway"}:
+            raise ConfigError(
+                f"{args.config}: a joined gateway's file holds only a gateway: section "
+                "(services come from the control server)"
+            )
+        gateway = dict(data.get("gateway") or {})
+        group = gateway.get("group", args.group)
+        if group != args.group:
+            raise ConfigError(f"{args.config}: gateway.group: expected {args.group} (from --group), got {group}")
+        base_dir = os.path.dirname(os.path.abspath(args.config))
+    return JoinSettings(
+        url=args.control,
+        group=args.group,
+        token=args.token,
+        data_dir=args.data or f"meshgate-gateway-{args.group}",
+        ca_hash=args.ca_hash,
+        gateway=gateway,
+        source=args.config or "--control",
+        base_dir=base_dir,
+    )
 
 
 def _positive_int(text: str) -> int:

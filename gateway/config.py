@@ -467,20 +467,7 @@ class Config:
     @classmethod
     def load(cls, path: str) -> Config:
         """Read a YAML file. Relative paths inside it resolve against the file's directory."""
-        try:
-            with open(path, encoding="utf-8") as file:
-                text = file.read()
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: cannot read the file: {err}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.MarkedYAMLError as err:
-            mark = err.problem_mark or err.context_mark
-            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-            raise ConfigError(f"{path}: {where}invalid YAML: {err.problem or err.context}") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: invalid YAML: {err}") from None
-        return cls.parse(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+        return cls.parse(read_yaml(path), source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
     def to_dict(self) -> dict[str, object]:
         services = {service.name: service.to_dict() for service in self.services}
@@ -488,6 +475,23 @@ class Config:
 
     def service(self, name: str) -> Service | None:
         return next((service for service in self.services if service.name == name), None)
+
+
+def read_yaml(path: str) -> object:
+    """A YAML file's data; unreadable files and bad YAML raise ConfigError naming the file and the place."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the file: {err}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: {where}invalid YAML: {err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
 
 
 def _resolve_files(gateway: GatewaySection, base_dir: str | None) -> GatewaySection:

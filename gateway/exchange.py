@@ -196,6 +196,9 @@ class Exchange:
         if service is None:
             host = self.host.decode("ascii", "replace")[:200]
             return self.fail_local(404, f"no service matches host {host!r}", error="no_route")
+        if service.remote and downstream.listener.kind != "outbound":
+            # Another group's service: only local callers may reach it through here, or gateways become relays.
+            return self.fail_local(404, f"service {service.name!r} is not served by this gateway", error="no_route")
         self.service = service
         allow = service.config.authorization.allow
         if "*" not in allow and downstream.source not in allow:

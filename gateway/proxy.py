@@ -21,6 +21,7 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 
 from gateway.errors import local_reply
 from gateway.exchange import PAUSE_PEER, PAUSE_QUEUE, PAUSE_UPGRADE, Exchange, new_request_id
+from gateway.tls import group_of, peer_spiffe_id
 from gateway.tracing import TRACE_HEADERS
 from gateway.upstream import connection_options
 
@@ -143,7 +144,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.peer_ip = peer[0].encode() if peer else b"127.0.0.1"
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
-            group = peer_group(ssl_object.getpeercert())
+            group = group_of(peer_spiffe_id(ssl_object), self.runtime.trust_domain)
             if group is not None:
                 self.source = group
                 self.trusted = True
@@ -366,18 +367,6 @@ class DownstreamProtocol(asyncio.Protocol):
             self.resume(PAUSE_UPGRADE)
             if exchange.tunnel_data:
                 self.loop.call_soon(self.data_received, exchange.tunnel_data)
-
-
-def peer_group(cert: object) -> str | None:
-    """The mesh group in a peer certificate's SPIFFE ID (`spiffe://<trust-domain>/group/<name>`)."""
-    if not isinstance(cert, dict):
-        return None
-    for kind, value in cert.get("subjectAltName", ()):
-        if kind == "URI" and value.startswith("spiffe://"):
-            _, _, path = value[len("spiffe://") :].partition("/")
-            if path.startswith("group/") and "/" not in path[len("group/") :]:
-                return str(path[len("group/") :])
-    return None
 
 
 def parser_reason(exc: HttpParserError) -> str:

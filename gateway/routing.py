@@ -93,11 +93,12 @@ class RouteEntry:
 class ServiceRoutes:
     """One service of the snapshot: its config, subsets and ordered routes."""
 
-    __slots__ = ("name", "load", "config", "subsets", "routes", "_catch_all", "needs_headers")
+    __slots__ = ("name", "load", "config", "subsets", "routes", "_catch_all", "needs_headers", "remote")
 
-    def __init__(self, service: Service, endpoint: EndpointFactory, load: ServiceLoad) -> None:
+    def __init__(self, service: Service, endpoint: EndpointFactory, load: ServiceLoad, remote: bool = False) -> None:
         self.name = service.name
         self.load = load
+        self.remote = remote  # owned by another group: reached through its gateways, from the outbound listener only
         self.config = service
         self.subsets = {
             subset.name: SubsetTarget(
@@ -139,11 +140,13 @@ class RouteTable:
         endpoint: EndpointFactory,
         version: int = 0,
         load: Callable[[str], ServiceLoad] = lambda name: ServiceLoad(),
+        remote: frozenset[str] = frozenset(),
     ) -> None:
         self.config = config
         self.version = version
         self.services = {
-            service.name: ServiceRoutes(service, endpoint, load(service.name)) for service in config.services
+            service.name: ServiceRoutes(service, endpoint, load(service.name), service.name in remote)
+            for service in config.services
         }
         self._hosts: dict[bytes, ServiceRoutes | None] = {}
 

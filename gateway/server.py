@@ -16,9 +16,9 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine
-from dataclasses import replace
-from typing import Any
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 from gateway.accesslog import AccessLog
 from gateway.admin import AdminState, admin_handler
@@ -44,6 +44,15 @@ UPSTREAM_IDLE_TIMEOUT = 3.0
 DATA_LISTENERS = ("inbound", "edge", "outbound")
 
 
+@dataclass(frozen=True, slots=True)
+class Peers:
+    """Joined to a mesh: the services other groups own, and their gateways' addresses with the SPIFFE ID each
+    must prove."""
+
+    services: frozenset[str] = frozenset()
+    addresses: Mapping[Address, str] = field(default_factory=dict)
+
+
 class Runtime:
     """The serving state of one process. `apply()` swaps in a new snapshot; requests in flight keep theirs."""
 
@@ -67,6 +76,9 @@ class Runtime:
         self.telemetry_tasks: dict[int, asyncio.Task[Any]] = {}
         self.loads: dict[str, ServiceLoad] = {}
         self.listener_kinds: set[str] = set()  # the data listeners this process serves
+        self.peers = Peers()
+        self.trust_domain: str | None = None  # joined: peers' SPIFFE IDs must be in our own trust domain
+        self.peer_tls: ssl.SSLContext | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Start a background task, keep a reference until it ends, and log it if it fails."""
@@ -105,9 +117,11 @@ class Runtime:
         if new is not None:
             self.telemetry_tasks[id(new)] = self.spawn(new.run())
 
-    def apply(self, config: Config, version: int) -> None:
+    def apply(self, config: Config, version: int, peers: Peers | None = None) -> None:
+        if peers is not None:
+            self.peers = peers
         self.configure_telemetry(config)
-        table = RouteTable(config, self.endpoint, version, self.load)
+        table = RouteTable(config, self.endpoint, version, self.load, self.peers.services)
         self.config, self.table, self.version = config, table, version
         self.limits = config.gateway.limits
         live = {
@@ -134,8 +148,12 @@ class Runtime:
         endpoint = self.endpoints.get(key)
         if endpoint is None:
             pool = self.pools.get(address)
-            if pool is None:
-                pool = self.pools[address] = Pool(address)
+            peer_id = self.peers.addresses.get(address)
+            if pool is None or pool.peer_id != peer_id:
+                if pool is not None:
+                    pool.close()
+                pool = Pool(address, self.peer_tls if peer_id else None, peer_id)
+                self.pools[address] = pool
             endpoint = self.endpoints[key] = Endpoint(address, pool)
         return endpoint
 
@@ -334,32 +352,58 @@ class Reloader:
                 self.reload("file changed")
 
 
-async def serve(path: str, config: Config, drain_timeout: float) -> None:
-    """Run a whole standalone gateway in this process until SIGTERM or SIGINT."""
+class Source(Protocol):
+    """Where a gateway's config comes from: a file (standalone) or the control server (joined)."""
+
+    server_tls: ssl.SSLContext | None  # the inbound listener's, made before any config arrives
+
+    def start(self, runtime: Runtime, state: AdminState, addresses: dict[str, Address]) -> None:
+        """Apply the first config if there is one, and start watching for changes."""
+
+    async def close(self) -> None: ...
+
+
+class FileSource:
+    """A standalone gateway's YAML file: reloaded on SIGHUP and when it changes on disk."""
+
+    def __init__(self, path: str, config: Config) -> None:
+        self.file = ConfigFile(path)
+        self.server_tls = server_tls(config)
+
+    def start(self, runtime: Runtime, state: AdminState, addresses: dict[str, Address]) -> None:
+        state.version = 1
+        runtime.apply(state.config, state.version)
+        state.ready = True
+        reloader = Reloader(self.file, state, runtime.apply)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+        runtime.spawn(reloader.watch())
+
+    async def close(self) -> None:
+        pass
+
+
+async def serve(config: Config, drain_timeout: float, source: Source) -> None:
+    """Run a whole gateway in this process until SIGTERM or SIGINT."""
     loop = asyncio.get_running_loop()
     runtime = Runtime(config)
-    state = AdminState(config=config, stats=runtime.stats, lookup=runtime.lookup, version=1)
-    runtime.apply(config, state.version)
-    state.ready = True
-    tls = server_tls(config)
+    state = AdminState(config=config, stats=runtime.stats, lookup=runtime.lookup)
     sockets = {kind: bind_socket(address, reuse_port=False) for kind, address in listener_addresses(config).items()}
+    source.start(runtime, state, {kind: Address(*sock.getsockname()[:2]) for kind, sock in sockets.items()})
     servers = []
     for kind, sock in sockets.items():
         if kind in DATA_LISTENERS:
-            listener = data_listener(kind, runtime, tls if kind == "inbound" else None)
-            servers.append(await start_listener(listener, sock, tls if kind == "inbound" else None))
+            tls = source.server_tls if kind == "inbound" else None
+            servers.append(await start_listener(data_listener(kind, runtime, tls), sock, tls))
         else:
             local = admin_handler(state, metrics_only=kind == "metrics")
             servers.append(await start_listener(Listener(kind, runtime, "unknown", local=local), sock))
-    reloader = Reloader(ConfigFile(path), state, runtime.apply)
     stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     runtime.start_background()
-    runtime.spawn(reloader.watch())
     log.info("meshgate gateway %s listening %s", config.gateway.group, describe(sockets))
     await stop.wait()
     log.info("draining %d connections (up to %gs)", len(runtime.connections), drain_timeout)
     await runtime.drain(servers, drain_timeout)
+    await source.close()
     log.info("stopped")

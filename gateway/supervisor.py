@@ -23,13 +23,15 @@ from typing import Any
 import uvloop
 
 from gateway.admin import AdminState, admin_handler
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.proxy import Listener
 from gateway.server import (
     DATA_LISTENERS,
     ConfigFile,
+    FileSource,
     Reloader,
     Runtime,
+    Source,
     bind_socket,
     data_listener,
     describe,
@@ -47,8 +49,10 @@ STATS_INTERVAL = 1.0  # how stale a scrape of a multi-worker gateway may be
 LOOKUP_TIMEOUT = 2.0
 
 
-def supervise(path: str, config: Config, workers: int, drain_timeout: float) -> None:
-    uvloop.run(Supervisor(path, config, workers, drain_timeout).run())
+def supervise(config: Config, workers: int, drain_timeout: float, source: Source) -> None:
+    if not isinstance(source, FileSource):
+        raise ConfigError("--workers with --control is not supported yet; run one worker")
+    uvloop.run(Supervisor(source.file, config, workers, drain_timeout).run())
 
 
 @dataclass(slots=True)
@@ -59,8 +63,8 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, path: str, config: Config, workers: int, drain_timeout: float) -> None:
-        self.path = path
+    def __init__(self, file: ConfigFile, config: Config, workers: int, drain_timeout: float) -> None:
+        self.file = file
         self.runtime = Runtime(config)  # only for the admin listener's connections; it holds no routes
         self.state = AdminState(config=config, stats=self.stats, lookup=self.lookup, version=1)
         self.count = workers
@@ -102,7 +106,7 @@ class Supervisor:
                 self.start_worker()
             await self.wait_ready()
             self.state.ready = True
-            reloader = Reloader(ConfigFile(self.path), self.state, self.broadcast)
+            reloader = Reloader(self.file, self.state, self.broadcast)
             loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
             runtime.spawn(reloader.watch())
             runtime.spawn(self.monitor())

@@ -9,11 +9,13 @@ response at a time with httptools, filters hop-by-hop headers, and forwards head
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from gateway.errors import ConnectFailed, UpstreamProtocolError
+from gateway.tls import peer_spiffe_id
 from gateway.units import Address
 
 if TYPE_CHECKING:
@@ -47,12 +49,14 @@ class Pool:
     >>> pool.release(conn)
     """
 
-    __slots__ = ("address", "idle", "retired")
+    __slots__ = ("address", "idle", "retired", "tls", "peer_id")
 
-    def __init__(self, address: Address) -> None:
+    def __init__(self, address: Address, tls: ssl.SSLContext | None = None, peer_id: str | None = None) -> None:
         self.address = address
         self.idle: list[UpstreamProtocol] = []
         self.retired = False  # no snapshot names this address any more: close connections as they come back
+        self.tls = tls  # mTLS to a peer gateway, whose certificate must carry the SPIFFE ID `peer_id`
+        self.peer_id = peer_id
 
     def acquire(self) -> UpstreamProtocol | None:
         idle = self.idle
@@ -67,11 +71,16 @@ class Pool:
         host, port = self.address
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(lambda: UpstreamProtocol(self), host, port)
+                _, conn = await loop.create_connection(lambda: UpstreamProtocol(self), host, port, ssl=self.tls)
         except TimeoutError as exc:
             raise ConnectFailed(f"connect to {self.address} timed out after {timeout:g}s") from exc
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError included: a peer whose certificate the mesh CA did not sign
             raise ConnectFailed(f"connect to {self.address} failed: {exc.strerror or exc}") from exc
+        if self.peer_id is not None:
+            peer_id = peer_spiffe_id(conn.transport.get_extra_info("ssl_object"))
+            if peer_id != self.peer_id:
+                conn.close()
+                raise ConnectFailed(f"{self.address} presented identity {peer_id}, expected {self.peer_id}")
         return conn
 
     def release(self, conn: UpstreamProtocol, now: float) -> None:

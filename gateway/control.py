@@ -1,0 +1,432 @@
+"""Joining a mesh: identity from the control server, config by long-poll watch, heartbeats, a last-good cache.
+
+A joined gateway (`meshgate gateway --control URL --group G --token T`) keeps three loops running:
+- `watch`: `GET /api/v1/sync?after=<etag>` long-polls; each answer is validated into a `Config` (the local
+  `gateway:` section plus the services this group owns, plus one synthetic service per service owned elsewhere,
+  whose endpoints are that group's gateways) and swapped in like a reload. The answer is cached on disk, so a
+  restart while the dashboard is down serves the last good config.
+- `keep_identity`: a fresh key and CSR at about half the certificate's life; the key never leaves the gateway.
+  The new certificate is loaded into the same SSL contexts, so open connections are untouched.
+- `heartbeat`: who this gateway is, what it applied, and its golden signals, so the dashboard can draw the
+  topology and tell in-sync from behind.
+Failures back off with full jitter; nothing here is on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import random
+import ssl
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from gateway import tls
+from gateway.admin import AdminState
+from gateway.config import Config, ConfigError
+from gateway.server import Peers, Runtime
+from gateway.telemetry import Snapshot
+from gateway.units import Address, is_wildcard, parse_address
+
+log = logging.getLogger("meshgate.control")
+
+SYNC_WAIT = 30.0  # the server holds a sync request this long when nothing changed
+REQUEST_TIMEOUT = 10.0
+BACKOFF_MIN, BACKOFF_MAX = 0.25, 30.0
+HEARTBEAT_INTERVAL = 2.0
+# The caller's hop to another group only picks one of its gateways and retries connect failures (DESIGN.md,
+# "Division of work"): the owner's gateway splits, balances, retries and ejects, so retries never multiply.
+_PEER_POLICY: dict[str, object] = {
+    "retries": {"attempts": 2, "on": ["connect-failure"]},
+    "timeouts": {"connect": "1s", "per_try": "60s", "request": "60s"},
+    "outlier": {"consecutive_5xx": 1_000_000},  # the owner's 5xx say nothing about its gateway
+}
+
+
+class ControlError(Exception):
+    """The control server cannot be used as configured (bad URL, CA hash mismatch, refused token)."""
+
+
+@dataclass(frozen=True, slots=True)
+class JoinSettings:
+    """How this gateway joins: the dashboard URL, its group and join token, and where it keeps its state."""
+
+    url: str
+    group: str
+    token: str
+    data_dir: str
+    ca_hash: str | None = None
+    gateway: dict[str, Any] | None = None  # the local `gateway:` section (listeners, limits, telemetry)
+    source: str = "<control>"  # for error messages: the local file, if any
+    base_dir: str | None = None
+
+    def check(self) -> None:
+        """Refuse what would send the join token or hop records in plaintext beyond loopback."""
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ControlError(f"--control: expected an http(s) URL of the dashboard, got {self.url!r}")
+        if not is_loopback(parts.hostname):
+            if parts.scheme != "https":
+                raise ControlError(f"--control {self.url}: beyond loopback the dashboard must be reached over https")
+            if self.ca_hash is None:
+                raise ControlError(f"--control {self.url}: beyond loopback, pin the mesh CA with --ca-hash sha256:...")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def backoff(attempt: int) -> float:
+    """Exponential backoff with full jitter: replicas that lost the dashboard together don't return together."""
+    return random.uniform(BACKOFF_MIN, min(BACKOFF_MAX, BACKOFF_MIN * 2**attempt))
+
+
+def mesh_config(settings: JoinSettings, payload: dict[str, Any], trust_domain: str) -> tuple[Config, Peers]:
+    """A sync answer as a gateway config, plus the services other groups own and where their gateways are."""
+    services = dict(payload.get("services") or {})
+    remote: set[str] = set()
+    peers: dict[Address, str] = {}
+    for name, owner in (payload.get("remote") or {}).items():
+        if name in services:
+            continue  # owned here: the local spec wins
+        group = str(owner["group"])
+        gateways = [str(address) for address in owner.get("gateways", ())]
+        for text in gateways:
+            peers[parse_address(text)] = f"spiffe://{trust_domain}/group/{group}"
+        services[name] = {"subsets": {group: {"endpoints": gateways}}, **_PEER_POLICY}
+        remote.add(name)
+    gateway = {**(settings.gateway or {}), "group": settings.group}
+    source = f"{settings.url} config version {payload.get('version')}"
+    config = Config.parse({"gateway": gateway, "services": services}, source=source, base_dir=settings.base_dir)
+    return config, Peers(frozenset(remote), peers)
+
+
+class Identity:
+    """This gateway's mesh certificate, in the SSL contexts the inbound listener and peer pools use.
+
+    The files live in the data directory (the key 0600), so a restart without the dashboard keeps its identity
+    until the certificate expires.
+    """
+
+    def __init__(self, data_dir: str) -> None:
+        self.key_path = os.path.join(data_dir, "key.pem")
+        self.cert_path = os.path.join(data_dir, "cert.pem")
+        self.ca_path = os.path.join(data_dir, "ca.pem")
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self.server = tls.mesh_context(server=True)
+        self.client = tls.mesh_context(server=False)
+        self.not_before = 0.0
+        self.not_after = 0.0
+        self.trust_domain = ""  # from our own SPIFFE ID; peers must be of the same trust domain
+
+    def load(self) -> bool:
+        """Use the identity on disk if it is still valid for a while."""
+        try:
+            with open(self.key_path, "rb") as key, open(self.cert_path, "rb") as cert, open(self.ca_path, "rb") as ca:
+                key_pem, chain_pem, ca_pem = key.read(), cert.read(), ca.read()
+        except OSError:
+            return False
+        try:
+            if tls.not_after(chain_pem) - time.time() < 60:
+                return False
+            self._install(key_pem, chain_pem, ca_pem)
+        except (ValueError, ssl.SSLError) as exc:
+            log.warning("ignoring the identity in %s: %s", os.path.dirname(self.key_path), exc)
+            return False
+        return True
+
+    def save(self, key_pem: bytes, chain_pem: bytes, ca_pem: bytes) -> None:
+        self._install(key_pem, chain_pem, ca_pem)  # first: a chain that does not load is never written
+        _write_private(self.key_path, key_pem)
+        _write_private(self.cert_path, chain_pem)
+        _write_private(self.ca_path, ca_pem)
+
+    def _install(self, key_pem: bytes, chain_pem: bytes, ca_pem: bytes) -> None:
+        for context in (self.server, self.client):
+            tls.install(context, chain_pem, key_pem, ca_pem)
+        self.not_before, self.not_after = tls.not_before(chain_pem), tls.not_after(chain_pem)
+        self.trust_domain = tls.trust_domain_of(chain_pem)
+
+    @property
+    def valid(self) -> bool:
+        return self.not_after > time.time()
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write atomically, readable by this user only: a crash mid-write never leaves half a key or config."""
+    temp = f"{path}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, path)
+
+
+def stats_json(snapshot: Snapshot) -> dict[str, Any]:
+    """A metrics snapshot in JSON form (its dict keys are tuples), for the heartbeat."""
+    series = [
+        {
+            "labels": list(key),
+            "codes": {str(code): count for code, count in codes.items()},
+            "buckets": buckets,
+            "sum": s,
+        }
+        for key, (codes, buckets, s) in snapshot["series"].items()
+    ]
+    counters = [[*key, value] for key, value in snapshot["counters"].items()]
+    gauges = [[name, list(labels), value] for (name, labels), value in snapshot["gauges"].items()]
+    rest = {key: snapshot[key] for key in ("loop_lag", "cpu", "rss")}
+    return {"series": series, "counters": counters, "gauges": gauges, **rest}
+
+
+@dataclass(slots=True)
+class Applied:
+    """What the gateway serves now, as the heartbeat reports it."""
+
+    version: int = 0
+    etag: str = ""
+
+
+class ControlClient:
+    """The gateway's side of the control server. `publish(config, version, peers)` swaps a config in."""
+
+    def __init__(
+        self,
+        settings: JoinSettings,
+        identity: Identity,
+        publish: Callable[[Config, int, Peers], None],
+        status: Callable[[], dict[str, Any]],
+        stats: Callable[[], Snapshot],
+    ) -> None:
+        self.settings = settings
+        self.publish = publish
+        self.status = status  # listeners and advertise address, for the heartbeat
+        self.stats = stats
+        self.identity = identity
+        self.cache_path = os.path.join(settings.data_dir, "config.json")
+        self.applied = Applied()
+        self.payload: dict[str, Any] | None = None  # the last sync answer applied
+        self.instance = str(uuid.uuid4())
+        self.started = time.time()
+        self.client: httpx.AsyncClient | None = None
+        self.interval = HEARTBEAT_INTERVAL
+
+    @property
+    def ready(self) -> bool:
+        return self.applied.version > 0 and self.identity.valid
+
+    def load_cache(self) -> None:
+        """Serve the last good config while the dashboard is away; a bad cache is ignored, not fatal."""
+        self.identity.load()
+        try:
+            with open(self.cache_path, encoding="utf-8") as file:
+                payload = json.load(file)
+            self._apply(payload, cache=False)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
+            log.warning("ignoring the cached config %s: %s", self.cache_path, exc)
+
+    def _apply(self, payload: dict[str, Any], cache: bool) -> None:
+        config, peers = mesh_config(self.settings, payload, self.identity.trust_domain)
+        version = int(payload["version"])
+        self.publish(config, version, peers)
+        self.payload = payload
+        self.applied = Applied(version, str(payload.get("etag", "")))
+        if cache:
+            _write_private(self.cache_path, json.dumps(payload).encode())
+
+    async def connect(self) -> httpx.AsyncClient:
+        """An HTTP client that trusts the dashboard: pinned by CA hash, or the system store for plain http."""
+        if self.client is not None:
+            return self.client
+        headers = {"authorization": f"Bearer {self.settings.token}"}
+        url = self.settings.url.rstrip("/")
+        verify: ssl.SSLContext | bool = True
+        if url.startswith("https:"):
+            verify = ssl.create_default_context(cadata=(await self._trusted_ca(url)).decode())
+        self.client = httpx.AsyncClient(base_url=url, headers=headers, verify=verify, timeout=REQUEST_TIMEOUT)
+        return self.client
+
+    async def _trusted_ca(self, url: str) -> bytes:
+        """The mesh root, fetched unverified and then checked against --ca-hash (kubeadm's discovery)."""
+        async with httpx.AsyncClient(verify=False, timeout=REQUEST_TIMEOUT) as bootstrap:  # noqa: S501 - pinned below
+            answer = await bootstrap.get(f"{url}/api/v1/ca")
+            answer.raise_for_status()
+            ca_pem = str(answer.json()["ca"]).encode()
+        got = tls.spki_hash(ca_pem)
+        wanted = self.settings.ca_hash
+        if wanted is not None and got != wanted:
+            raise ControlError(f"the dashboard at {url} presents CA {got}, but --ca-hash is {wanted}")
+        return ca_pem
+
+    async def join(self) -> None:
+        """Obtain a certificate for this group: the key is made here and only the CSR is sent."""
+        client = await self.connect()
+        key_pem, csr_pem = tls.new_key_and_csr()
+        answer = await client.post("/api/v1/join", json={"group": self.settings.group, "csr": csr_pem.decode()})
+        if answer.status_code in (401, 403):
+            raise ControlError(f"the dashboard refused the join token: {_reason(answer)}")
+        answer.raise_for_status()
+        body = answer.json()
+        trust_domain = self.identity.trust_domain
+        self.identity.save(key_pem, str(body["certificate"]).encode(), str(body["ca"]).encode())
+        if self.identity.trust_domain != trust_domain and self.payload is not None:
+            self._apply(self.payload, cache=False)  # peers' SPIFFE IDs are in the new trust domain
+        log.info("mesh identity %s, valid until %s", body.get("spiffe_id"), _when(self.identity.not_after))
+
+    async def join_until_done(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.join()
+                return
+            except ControlError as exc:  # refused token or CA mismatch: keep serving, keep asking, say why
+                log.error("joining the mesh failed: %s", exc)
+                await asyncio.sleep(BACKOFF_MAX)
+            except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                delay = backoff(attempt)
+                log.warning("joining the mesh failed (%s); retrying in %.1fs", _describe(exc), delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def keep_identity(self) -> None:
+        """Renew at about half-life, with jitter so a fleet started together does not renew together."""
+        while True:
+            identity = self.identity
+            renew = tls.renew_at(identity.not_before, identity.not_after, random.random())
+            await asyncio.sleep(max(0.0, renew - time.time()))
+            await self.join_until_done()
+
+    async def watch(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                client = await self.connect()
+                params = {"after": self.applied.etag, "wait": str(SYNC_WAIT)}
+                answer = await client.get("/api/v1/sync", params=params, timeout=SYNC_WAIT + REQUEST_TIMEOUT)
+                if answer.status_code in (401, 403):
+                    raise ControlError(f"the dashboard refused the join token: {_reason(answer)}")
+                answer.raise_for_status()
+                attempt = 0
+                if answer.status_code == 304:
+                    continue
+                try:
+                    self._apply(answer.json(), cache=True)
+                except (ConfigError, ValueError, KeyError, TypeError) as exc:
+                    # The dashboard validates what it stores; a config this gateway cannot take keeps the last good.
+                    log.error(
+                        "config from the control server rejected, keeping version %d: %s", self.applied.version, exc
+                    )
+                    await asyncio.sleep(backoff(attempt))
+                    attempt += 1
+                    continue
+                log.info("config version %d applied (control server)", self.applied.version)
+            except ControlError as exc:
+                log.error("config sync failed: %s", exc)
+                await asyncio.sleep(BACKOFF_MAX)
+            except (httpx.HTTPError, ValueError) as exc:
+                delay = backoff(attempt)
+                log.warning("control server unavailable (%s); retrying in %.1fs", _describe(exc), delay)
+                await asyncio.sleep(delay)
+                attempt += 1
+
+    async def heartbeat(self) -> None:
+        while True:
+            try:
+                client = await self.connect()
+                answer = await client.post("/api/v1/heartbeat", json=self.heartbeat_body())
+                if answer.status_code == 200:
+                    self.interval = float(answer.json().get("interval", HEARTBEAT_INTERVAL))
+            except (httpx.HTTPError, ValueError) as exc:
+                log.debug("heartbeat failed: %s", _describe(exc))
+            await asyncio.sleep(self.interval)
+
+    def heartbeat_body(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "group": self.settings.group,
+            "meshgate_version": package_version("meshgate"),
+            "config_version": self.applied.version,
+            "etag": self.applied.etag,
+            "started": self.started,
+            "cert_not_after": self.identity.not_after or None,
+            **self.status(),
+            "stats": stats_json(self.stats()),
+        }
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+
+def _reason(answer: httpx.Response) -> str:
+    try:
+        return str(answer.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {answer.status_code}"
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+class ControlSource:
+    """A joined gateway's config source for `server.serve()`: the control server, with the disk cache first."""
+
+    def __init__(self, settings: JoinSettings) -> None:
+        self.settings = settings
+        self.client: ControlClient | None = None
+        self.identity = Identity(settings.data_dir)
+        self.server_tls: ssl.SSLContext | None = self.identity.server
+
+    def start(self, runtime: Runtime, state: AdminState, addresses: dict[str, Address]) -> None:
+        def publish(config: Config, version: int, peers: Peers) -> None:
+            state.config, state.version = config, version
+            runtime.trust_domain = self.identity.trust_domain
+            runtime.apply(config, version, peers)
+            state.ready = client.ready
+
+        runtime.peer_tls = self.identity.client
+        listen = state.config.gateway.listen
+        advertise = listen.advertise or (None if is_wildcard(listen.inbound.host) else addresses.get("inbound"))
+        status = {
+            "advertise": str(advertise) if advertise else None,
+            "listeners": {kind: str(address) for kind, address in addresses.items()},
+        }
+        client = self.client = ControlClient(self.settings, self.identity, publish, lambda: status, runtime.stats)
+        client.load_cache()
+        state.ready = client.ready
+        runtime.spawn(self._identity(client, state))
+        runtime.spawn(client.watch())
+        runtime.spawn(client.heartbeat())
+
+    async def _identity(self, client: ControlClient, state: AdminState) -> None:
+        if not client.identity.valid:
+            await client.join_until_done()
+            state.ready = client.ready
+        await client.keep_identity()
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()

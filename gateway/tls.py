@@ -1,0 +1,170 @@
+"""A gateway's mesh identity on the wire: its key and CSR, mTLS contexts, certificate rotation and peer identities.
+
+A joined gateway makes a key and CSR (`new_key_and_csr`), sends the CSR to the control server and gets back an
+X.509-SVID chain whose only URI SAN is `spiffe://<trust-domain>/group/<group>`. It builds its listener and dialer
+contexts once (`mesh_context`, then `install`; or `mesh_server_context` / `mesh_client_context` in one step) and,
+at `renew_at`, swaps the fresh certificate into those same contexts with `reload`. Peers are checked by SPIFFE ID
+(`peer_spiffe_id`, `group_of`), not by hostname.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import ssl
+import tempfile
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+# SPIFFE ID grammar: a lowercase trust domain, then path segments of letters, digits, '.', '-' and '_' that are
+# neither '.' nor '..'.
+_SEGMENT = r"(?!\.\.?(?:/|$))[A-Za-z0-9._-]+"
+_SPIFFE_ID = re.compile(rf"spiffe://([a-z0-9._-]+)((?:/{_SEGMENT})+)")
+_GROUP_PATH = re.compile(rf"/group/({_SEGMENT})")
+RENEW_JITTER = 0.1  # renewal lands within ±10 % of the half-life, so gateways joined together don't renew together
+
+
+def new_key_and_csr() -> tuple[bytes, bytes]:
+    """A fresh ECDSA P-256 key (PKCS#8 PEM) and a CSR for it; the control server decides the identity, not the CSR."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def spki_hash(cert_pem: bytes) -> str:
+    """`sha256:<hex>` of the first certificate's SubjectPublicKeyInfo: kubeadm's `--discovery-token-ca-cert-hash`."""
+    spki = (
+        x509.load_pem_x509_certificate(cert_pem)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+def not_before(chain_pem: bytes) -> float:
+    """The leaf's (first certificate's) notBefore as a Unix time."""
+    return x509.load_pem_x509_certificate(chain_pem).not_valid_before_utc.timestamp()
+
+
+def not_after(chain_pem: bytes) -> float:
+    """The leaf's (first certificate's) notAfter as a Unix time."""
+    return x509.load_pem_x509_certificate(chain_pem).not_valid_after_utc.timestamp()
+
+
+def renew_at(not_before: float, not_after: float, rand: float) -> float:
+    """When to renew: at half the lifetime, moved by up to ±10 % of that half; `rand` is uniform in [0, 1]."""
+    if not 0.0 <= rand <= 1.0:
+        raise ValueError(f"rand must be in [0, 1], got {rand}")
+    half = (not_after - not_before) / 2
+    return not_before + half * (1 + RENEW_JITTER * (2 * rand - 1))
+
+
+def mesh_server_context(chain_pem: bytes, key_pem: bytes, ca_pem: bytes) -> ssl.SSLContext:
+    """The inbound listener's context: TLS 1.3 only, and every peer must present a certificate chaining to `ca_pem`."""
+    context = mesh_context(server=True)
+    install(context, chain_pem, key_pem, ca_pem)
+    return context
+
+
+def mesh_client_context(chain_pem: bytes, key_pem: bytes, ca_pem: bytes) -> ssl.SSLContext:
+    """The context for dialing peer gateways: TLS 1.3, our certificate offered, the peer's verified against `ca_pem`.
+
+    Hostnames are not checked: the caller compares `peer_spiffe_id` with the group it meant to reach.
+    """
+    context = mesh_context(server=False)
+    install(context, chain_pem, key_pem, ca_pem)
+    return context
+
+
+def mesh_context(server: bool) -> ssl.SSLContext:
+    """A mesh context with no identity yet (handshakes fail until `install`), for listeners made before joining."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    return context
+
+
+def install(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes, ca_pem: bytes) -> None:
+    """`reload` the certificate, and trust `ca_pem` too. Roots trusted before stay trusted: OpenSSL only adds."""
+    ca = ca_pem.decode("ascii")
+    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=ca)  # so a bad CA changes nothing either
+    reload(context, chain_pem, key_pem)
+    context.load_verify_locations(cadata=ca)
+
+
+def reload(context: ssl.SSLContext, chain_pem: bytes, key_pem: bytes) -> None:
+    """Put a new certificate chain and key into `context` itself.
+
+    OpenSSL copies the context's certificate into each connection when it starts, so handshakes after this call
+    present the new chain and connections already open keep theirs. The pair is tried on a scratch context first:
+    a key that doesn't match would otherwise leave the live context with the new chain and no usable key.
+    """
+    directory = tempfile.mkdtemp(prefix="meshgate-tls-")  # 0700: the key is never readable by others
+    try:
+        chain_file, key_file = os.path.join(directory, "chain.pem"), os.path.join(directory, "key.pem")
+        _write_private(chain_file, chain_pem)
+        _write_private(key_file, key_pem)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(chain_file, key_file)
+        context.load_cert_chain(chain_file, key_file)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _write_private(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+
+
+def peer_spiffe_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str | None:
+    """The SPIFFE ID of the verified peer: its certificate's only URI SAN, or None if it has none or several."""
+    cert = ssl_object.getpeercert()
+    if not cert:
+        return None
+    sans = cert.get("subjectAltName", ())
+    uris = [str(entry[1]) for entry in sans if isinstance(entry, tuple) and entry[0] == "URI"]
+    if len(uris) != 1 or _SPIFFE_ID.fullmatch(uris[0]) is None:
+        return None  # an X.509-SVID carries exactly one URI SAN, and it is the SPIFFE ID
+    return uris[0]
+
+
+def spiffe_id_of(chain_pem: bytes) -> str:
+    """The SPIFFE ID of the chain's leaf; ValueError if it carries none."""
+    cert = x509.load_pem_x509_certificate(chain_pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = x509.SubjectAlternativeName([])
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1 or _SPIFFE_ID.fullmatch(uris[0]) is None:
+        raise ValueError(f"the certificate carries no single SPIFFE ID (URI SANs: {uris})")
+    return uris[0]
+
+
+def trust_domain_of(chain_pem: bytes) -> str:
+    """`meshgate.local` for a leaf whose SPIFFE ID is `spiffe://meshgate.local/...`; ValueError if it has none."""
+    return spiffe_id_of(chain_pem).removeprefix("spiffe://").partition("/")[0]
+
+
+def group_of(spiffe_id: str | None, trust_domain: str | None) -> str | None:
+    """`catalog` for `spiffe://<trust_domain>/group/catalog`; None for any other ID or trust domain.
+
+    A standalone gateway with a `tls` block knows no trust domain (None): its CA file alone decides who is a peer.
+    """
+    if spiffe_id is None:
+        return None
+    match = _SPIFFE_ID.fullmatch(spiffe_id)
+    if match is None or trust_domain not in (None, match.group(1)):
+        return None
+    group = _GROUP_PATH.fullmatch(match.group(2))
+    return group.group(1) if group else None
