@@ -1,5 +1,9 @@
-"""meshgate's control server and operator command line.
+"""meshgate's control server (`meshgate dashboard`) and the operator command line.
 
-For now this package holds only the `meshgate` command (`cli.py`), which dispatches to the gateway's
-subcommands. The control server (config store, CA, span store, UI) arrives with the control-server issue.
+- `mesh`: the mesh document (groups and the services each owns), validated with the gateway's own config rules.
+- `store`, `etcd`: versioned config with history and audit, tokens and gateway heartbeats, in SQLite or etcd v3.
+- `identity`: the mesh CA; gateways send CSRs and get SPIFFE X.509-SVIDs.
+- `app`, `api`, `wire`, `auth`, `bodies`, `errors`, `openapi`, `metrics`: the Starlette app: the operator API,
+  the gateway protocol (join, sync, heartbeat), bearer tokens, body limits, JSON errors, OpenAPI, /metrics.
+- `serve`, `client`, `cli`: `meshgate dashboard`, `meshgate apply` / `get`, and the `meshgate` entry point.
 """

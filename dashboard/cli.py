@@ -1,23 +1,135 @@
-"""The `meshgate` command: one entry point whose subcommands live with the package they drive."""
+"""The `meshgate` command: one entry point whose subcommands live with the package they drive.
+
+- `gateway`: gateway/cli.py.
+- `dashboard`, `dashboard token create`: arguments here, run by `dashboard.serve`.
+- `apply`, `get`: arguments here, run by `dashboard.client`.
+
+Each command imports what it runs only when it runs, so `meshgate gateway` (and its worker processes) never load
+the control server.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TypeAlias
 
+from dashboard.settings import CERT_LIFETIME
 from gateway import cli as gateway_cli
+from gateway.units import Address, parse_address, parse_duration
+
+DEFAULT_DATA = "./meshgate-data"
+DEFAULT_SERVER = "http://127.0.0.1:9000"
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshgate", description="An observability-first service mesh.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gateway_cli.add_parser(subparsers)
+    add_dashboard_parser(subparsers)
+    add_client_parsers(subparsers)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
     except KeyboardInterrupt:
         return 130
+
+
+def add_dashboard_parser(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser("dashboard", help="run the control server (config store, CA, API)")
+    parser.add_argument("--listen", type=_address, default="127.0.0.1:9000", metavar="HOST:PORT")
+    _store_arguments(parser)
+    parser.add_argument("--config", metavar="FILE", help="mesh YAML that seeds an empty store (ignored otherwise)")
+    parser.add_argument("--trust-domain", default="meshgate.local", metavar="TD", help="SPIFFE trust domain")
+    parser.add_argument(
+        "--cert-lifetime",
+        type=_duration,
+        default=CERT_LIFETIME,
+        metavar="DURATION",
+        help="how long gateway certificates live; gateways renew at about half-life (default 24h)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=_duration,
+        default=10.0,
+        metavar="DURATION",
+        help="on SIGTERM, how long requests in flight may take to finish (default 10s)",
+    )
+    parser.set_defaults(run=_run_dashboard)
+    commands = parser.add_subparsers(dest="dashboard_command", metavar="COMMAND")
+    token = commands.add_parser("token", help="API tokens")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
+    create = token_commands.add_parser("create", help="create a token and print it on stdout (shown only once)")
+    _store_arguments(create)
+    create.add_argument("--role", required=True, choices=("operator", "viewer", "gateway"))
+    create.add_argument("--group", help="the group a gateway join token is bound to (required for --role gateway)")
+    create.add_argument("--name", help="a label for the audit log (default: role and id)")
+    create.set_defaults(run=_run_token_create)
+
+
+def add_client_parsers(subparsers: Subparsers) -> None:
+    apply = subparsers.add_parser("apply", help="replace the mesh config on the dashboard with a mesh YAML file")
+    apply.add_argument("file", metavar="FILE")
+    apply.add_argument("--reason", help="recorded in the history and audit log (default: the file name)")
+    _connection_arguments(apply)
+    apply.set_defaults(run=_run_apply)
+    get = subparsers.add_parser("get", help="show services, gateways or the config history")
+    get.add_argument("what", choices=("services", "gateways", "history"))
+    get.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    get.add_argument("--limit", type=int, default=20, help="history: how many versions (default 20)")
+    _connection_arguments(get)
+    get.set_defaults(run=_run_get)
+
+
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=DEFAULT_DATA, metavar="DIR", help=f"state directory (default {DEFAULT_DATA})")
+    parser.add_argument("--store", metavar="URL", help="etcd://host:port[,host:port] (default: SQLite in --data)")
+
+
+def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+    help_text = f"dashboard URL (env MESHGATE_SERVER, default {DEFAULT_SERVER})"
+    parser.add_argument("--server", metavar="URL", help=help_text)
+    parser.add_argument("--token", help="operator or viewer token (env MESHGATE_TOKEN; the env keeps it out of ps)")
+
+
+def _address(text: str) -> Address:
+    try:
+        return parse_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT ({err}), got {text!r}") from None
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _run_dashboard(args: argparse.Namespace) -> int:
+    from dashboard import serve
+
+    return serve.run(args)
+
+
+def _run_token_create(args: argparse.Namespace) -> int:
+    from dashboard import serve
+
+    return serve.run_token_create(args)
+
+
+def _run_apply(args: argparse.Namespace) -> int:
+    from dashboard import client
+
+    return client.run_apply(args)
+
+
+def _run_get(args: argparse.Namespace) -> int:
+    from dashboard import client
+
+    return client.run_get(args)
 
 
 if __name__ == "__main__":

@@ -8,5 +8,6 @@ Pieces and how a request flows through them:
 - `upstream`: keep-alive pools and the response side.
 - `server`: listeners, the per-process `Runtime`, reload and drain; `supervisor` runs N worker processes.
 - `admin`, `health`, `errors`: admin endpoints, active health checks, and failures mapped to responses.
+- `control`, `tls`: joining a mesh (identity, config watch, heartbeats) and the mesh's mTLS contexts.
 - `cli`: `meshgate gateway`.
 """

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"meshgate: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per heartbeat and long-poll
     try:
         if args.workers == 1:
             import uvloop

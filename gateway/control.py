@@ -34,7 +34,7 @@ import httpx
 from gateway import tls
 from gateway.admin import AdminState
 from gateway.config import Config, ConfigError
-from gateway.server import Peers, Runtime
+from gateway.server import Peers, Publish, Spawn
 from gateway.telemetry import Snapshot
 from gateway.units import Address, is_wildcard, parse_address
 
@@ -44,6 +44,7 @@ SYNC_WAIT = 30.0  # the server holds a sync request this long when nothing chang
 REQUEST_TIMEOUT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 30.0
 HEARTBEAT_INTERVAL = 2.0
+RENEW_MARGIN = 60.0  # at start, a certificate with less life left than this is renewed before anything else
 # The caller's hop to another group only picks one of its gateways and retries connect failures (DESIGN.md,
 # "Division of work"): the owner's gateway splits, balances, retries and ejects, so retries never multiply.
 _PEER_POLICY: dict[str, object] = {
@@ -113,7 +114,7 @@ def mesh_config(settings: JoinSettings, payload: dict[str, Any], trust_domain: s
     gateway = {**(settings.gateway or {}), "group": settings.group}
     source = f"{settings.url} config version {payload.get('version')}"
     config = Config.parse({"gateway": gateway, "services": services}, source=source, base_dir=settings.base_dir)
-    return config, Peers(frozenset(remote), peers)
+    return config, Peers(frozenset(remote), peers, trust_domain)
 
 
 class Identity:
@@ -135,14 +136,14 @@ class Identity:
         self.trust_domain = ""  # from our own SPIFFE ID; peers must be of the same trust domain
 
     def load(self) -> bool:
-        """Use the identity on disk if it is still valid for a while."""
+        """Use the identity on disk (written by this gateway, or by its supervisor for a worker) if unexpired."""
         try:
             with open(self.key_path, "rb") as key, open(self.cert_path, "rb") as cert, open(self.ca_path, "rb") as ca:
                 key_pem, chain_pem, ca_pem = key.read(), cert.read(), ca.read()
         except OSError:
             return False
         try:
-            if tls.not_after(chain_pem) - time.time() < 60:
+            if tls.not_after(chain_pem) <= time.time():
                 return False
             self._install(key_pem, chain_pem, ca_pem)
         except (ValueError, ssl.SSLError) as exc:
@@ -176,6 +177,18 @@ def _write_private(path: str, data: bytes) -> None:
         file.flush()
         os.fsync(file.fileno())
     os.replace(temp, path)
+
+
+def _instance_id(data_dir: str) -> str:
+    """This gateway's ID in the dashboard's list, kept in its data directory so a restart is not a new gateway."""
+    path = os.path.join(data_dir, "instance")
+    try:
+        with open(path, encoding="ascii") as file:
+            return str(uuid.UUID(file.read().strip()))
+    except (OSError, ValueError):
+        instance = str(uuid.uuid4())
+        _write_private(path, instance.encode())
+        return instance
 
 
 def stats_json(snapshot: Snapshot) -> dict[str, Any]:
@@ -222,7 +235,7 @@ class ControlClient:
         self.cache_path = os.path.join(settings.data_dir, "config.json")
         self.applied = Applied()
         self.payload: dict[str, Any] | None = None  # the last sync answer applied
-        self.instance = str(uuid.uuid4())
+        self.instance = _instance_id(settings.data_dir)
         self.started = time.time()
         self.client: httpx.AsyncClient | None = None
         self.interval = HEARTBEAT_INTERVAL
@@ -246,9 +259,9 @@ class ControlClient:
     def _apply(self, payload: dict[str, Any], cache: bool) -> None:
         config, peers = mesh_config(self.settings, payload, self.identity.trust_domain)
         version = int(payload["version"])
-        self.publish(config, version, peers)
         self.payload = payload
         self.applied = Applied(version, str(payload.get("etag", "")))
+        self.publish(config, version, peers)
         if cache:
             _write_private(self.cache_path, json.dumps(payload).encode())
 
@@ -305,14 +318,6 @@ class ControlClient:
                 log.warning("joining the mesh failed (%s); retrying in %.1fs", _describe(exc), delay)
                 await asyncio.sleep(delay)
                 attempt += 1
-
-    async def keep_identity(self) -> None:
-        """Renew at about half-life, with jitter so a fleet started together does not renew together."""
-        while True:
-            identity = self.identity
-            renew = tls.renew_at(identity.not_before, identity.not_after, random.random())
-            await asyncio.sleep(max(0.0, renew - time.time()))
-            await self.join_until_done()
 
     async def watch(self) -> None:
         attempt = 0
@@ -392,40 +397,48 @@ def _when(epoch: float) -> str:
 
 
 class ControlSource:
-    """A joined gateway's config source for `server.serve()`: the control server, with the disk cache first."""
+    """A joined gateway's config source for `server.serve()` and the supervisor: the control server, with the
+    disk cache first. `identity_changed` tells worker processes to load a renewed certificate from disk."""
 
     def __init__(self, settings: JoinSettings) -> None:
         self.settings = settings
         self.client: ControlClient | None = None
         self.identity = Identity(settings.data_dir)
         self.server_tls: ssl.SSLContext | None = self.identity.server
+        self.client_tls: ssl.SSLContext | None = self.identity.client
+        self.identity_changed: Callable[[], None] = lambda: None
 
-    def start(self, runtime: Runtime, state: AdminState, addresses: dict[str, Address]) -> None:
-        def publish(config: Config, version: int, peers: Peers) -> None:
+    def start(self, state: AdminState, publish: Publish, addresses: dict[str, Address], spawn: Spawn) -> None:
+        def apply(config: Config, version: int, peers: Peers) -> None:
             state.config, state.version = config, version
-            runtime.trust_domain = self.identity.trust_domain
-            runtime.apply(config, version, peers)
+            publish(config, version, peers)
             state.ready = client.ready
 
-        runtime.peer_tls = self.identity.client
         listen = state.config.gateway.listen
         advertise = listen.advertise or (None if is_wildcard(listen.inbound.host) else addresses.get("inbound"))
         status = {
             "advertise": str(advertise) if advertise else None,
             "listeners": {kind: str(address) for kind, address in addresses.items()},
         }
-        client = self.client = ControlClient(self.settings, self.identity, publish, lambda: status, runtime.stats)
+        client = self.client = ControlClient(self.settings, self.identity, apply, lambda: status, state.stats)
         client.load_cache()
         state.ready = client.ready
-        runtime.spawn(self._identity(client, state))
-        runtime.spawn(client.watch())
-        runtime.spawn(client.heartbeat())
+        spawn(self._identity(client, state))
+        spawn(client.watch())
+        spawn(client.heartbeat())
 
     async def _identity(self, client: ControlClient, state: AdminState) -> None:
-        if not client.identity.valid:
+        """Join if the identity on disk is missing or nearly spent; then renew at about half-life, with jitter so
+        a fleet started together does not renew together."""
+        if client.identity.not_after - time.time() < RENEW_MARGIN:
             await client.join_until_done()
+            self.identity_changed()
             state.ready = client.ready
-        await client.keep_identity()
+        while True:
+            renew = tls.renew_at(client.identity.not_before, client.identity.not_after, random.random())
+            await asyncio.sleep(max(0.0, renew - time.time()))
+            await client.join_until_done()
+            self.identity_changed()
 
     async def close(self) -> None:
         if self.client is not None:

@@ -144,7 +144,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.peer_ip = peer[0].encode() if peer else b"127.0.0.1"
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
-            group = group_of(peer_spiffe_id(ssl_object), self.runtime.trust_domain)
+            group = group_of(peer_spiffe_id(ssl_object), self.runtime.peers.trust_domain)
             if group is not None:
                 self.source = group
                 self.trusted = True

@@ -51,6 +51,7 @@ class Peers:
 
     services: frozenset[str] = frozenset()
     addresses: Mapping[Address, str] = field(default_factory=dict)
+    trust_domain: str | None = None  # peers' SPIFFE IDs must be in it; None (standalone): the CA file decides
 
 
 class Runtime:
@@ -77,7 +78,6 @@ class Runtime:
         self.loads: dict[str, ServiceLoad] = {}
         self.listener_kinds: set[str] = set()  # the data listeners this process serves
         self.peers = Peers()
-        self.trust_domain: str | None = None  # joined: peers' SPIFFE IDs must be in our own trust domain
         self.peer_tls: ssl.SSLContext | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -149,7 +149,7 @@ class Runtime:
         if endpoint is None:
             pool = self.pools.get(address)
             peer_id = self.peers.addresses.get(address)
-            if pool is None or pool.peer_id != peer_id:
+            if pool is None or pool.peer_id != peer_id:  # a peer gateway now, or no longer
                 if pool is not None:
                     pool.close()
                 pool = Pool(address, self.peer_tls if peer_id else None, peer_id)
@@ -352,13 +352,18 @@ class Reloader:
                 self.reload("file changed")
 
 
+Publish = Callable[[Config, int, Peers | None], None]
+Spawn = Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]]
+
+
 class Source(Protocol):
     """Where a gateway's config comes from: a file (standalone) or the control server (joined)."""
 
     server_tls: ssl.SSLContext | None  # the inbound listener's, made before any config arrives
+    client_tls: ssl.SSLContext | None  # for dialing peer gateways
 
-    def start(self, runtime: Runtime, state: AdminState, addresses: dict[str, Address]) -> None:
-        """Apply the first config if there is one, and start watching for changes."""
+    def start(self, state: AdminState, publish: Publish, addresses: dict[str, Address], spawn: Spawn) -> None:
+        """Publish the first config if there is one, and keep publishing changes (and `state.ready`)."""
 
     async def close(self) -> None: ...
 
@@ -369,14 +374,15 @@ class FileSource:
     def __init__(self, path: str, config: Config) -> None:
         self.file = ConfigFile(path)
         self.server_tls = server_tls(config)
+        self.client_tls: ssl.SSLContext | None = None  # standalone gateways dial no peers
 
-    def start(self, runtime: Runtime, state: AdminState, addresses: dict[str, Address]) -> None:
+    def start(self, state: AdminState, publish: Publish, addresses: dict[str, Address], spawn: Spawn) -> None:
         state.version = 1
-        runtime.apply(state.config, state.version)
+        publish(state.config, state.version, None)
         state.ready = True
-        reloader = Reloader(self.file, state, runtime.apply)
+        reloader = Reloader(self.file, state, lambda config, version: publish(config, version, None))
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
-        runtime.spawn(reloader.watch())
+        spawn(reloader.watch())
 
     async def close(self) -> None:
         pass
@@ -388,7 +394,9 @@ async def serve(config: Config, drain_timeout: float, source: Source) -> None:
     runtime = Runtime(config)
     state = AdminState(config=config, stats=runtime.stats, lookup=runtime.lookup)
     sockets = {kind: bind_socket(address, reuse_port=False) for kind, address in listener_addresses(config).items()}
-    source.start(runtime, state, {kind: Address(*sock.getsockname()[:2]) for kind, sock in sockets.items()})
+    runtime.peer_tls = source.client_tls
+    addresses = {kind: Address(*sock.getsockname()[:2]) for kind, sock in sockets.items()}
+    source.start(state, runtime.apply, addresses, runtime.spawn)
     servers = []
     for kind, sock in sockets.items():
         if kind in DATA_LISTENERS:

@@ -1,9 +1,11 @@
 """`--workers N`: a supervisor process and N workers sharing the data listeners through SO_REUSEPORT.
 
 The supervisor reserves the data ports (bound, never listening, so port 0 resolves once for everyone), starts
-the workers, and owns what must exist once per gateway: the admin listener, config reload (SIGHUP and file
-changes) and, later, the control-server watch. It hands each validated config to the workers over a pipe;
-each worker builds its own snapshot. Limits, retry budgets and breakers are therefore per worker.
+the workers, and owns what must exist once per gateway: the admin listener and the config source (reload on
+SIGHUP and file changes, or the control-server watch, identity and heartbeats). It hands each validated config
+to the workers over a pipe; each worker builds its own snapshot. Limits, retry budgets and breakers are
+therefore per worker. A joined gateway's workers load the certificate the supervisor keeps in the data
+directory, at start and whenever it is renewed.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ from typing import Any
 import uvloop
 
 from gateway.admin import AdminState, admin_handler
-from gateway.config import Config, ConfigError
+from gateway.config import Config
+from gateway.control import ControlSource, Identity
 from gateway.proxy import Listener
 from gateway.server import (
     DATA_LISTENERS,
-    ConfigFile,
-    FileSource,
-    Reloader,
+    Peers,
     Runtime,
     Source,
     bind_socket,
@@ -50,9 +51,7 @@ LOOKUP_TIMEOUT = 2.0
 
 
 def supervise(config: Config, workers: int, drain_timeout: float, source: Source) -> None:
-    if not isinstance(source, FileSource):
-        raise ConfigError("--workers with --control is not supported yet; run one worker")
-    uvloop.run(Supervisor(source.file, config, workers, drain_timeout).run())
+    uvloop.run(Supervisor(source, config, workers, drain_timeout).run())
 
 
 @dataclass(slots=True)
@@ -63,10 +62,13 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, file: ConfigFile, config: Config, workers: int, drain_timeout: float) -> None:
-        self.file = file
+    def __init__(self, source: Source, config: Config, workers: int, drain_timeout: float) -> None:
+        self.source = source
+        # Joined: workers load the identity the supervisor obtained from the files it keeps in the data directory.
+        self.data_dir = source.settings.data_dir if isinstance(source, ControlSource) else None
+        self.peers: Peers | None = None
         self.runtime = Runtime(config)  # only for the admin listener's connections; it holds no routes
-        self.state = AdminState(config=config, stats=self.stats, lookup=self.lookup, version=1)
+        self.state = AdminState(config=config, stats=self.stats, lookup=self.lookup)
         self.count = workers
         self.drain_timeout = drain_timeout
         self.context = multiprocessing.get_context("spawn")
@@ -90,6 +92,7 @@ class Supervisor:
             kind: bind_socket(kinds[kind], reuse_port=False) for kind in ("admin", "metrics") if kind in kinds
         }
         self.addresses = {kind: Address(*sock.getsockname()[:2]) for kind, sock in reserved.items()}
+        admin_addresses = {kind: Address(*sock.getsockname()[:2]) for kind, sock in admin_sockets.items()}
         runtime = self.runtime
         servers = [
             await start_listener(
@@ -102,13 +105,14 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         try:
+            # The source publishes its first config (if it has one yet) before any worker exists: workers start
+            # from the current state, so none serves a moment without routes.
+            if isinstance(self.source, ControlSource):
+                self.source.identity_changed = self.broadcast_identity
+            self.source.start(self.state, self.broadcast, {**self.addresses, **admin_addresses}, runtime.spawn)
             for _ in range(self.count):
                 self.start_worker()
             await self.wait_ready()
-            self.state.ready = True
-            reloader = Reloader(self.file, self.state, self.broadcast)
-            loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
-            runtime.spawn(reloader.watch())
             runtime.spawn(self.monitor())
             runtime.spawn(runtime.metrics.watch_loop_lag())
             log.info(
@@ -122,6 +126,7 @@ class Supervisor:
             self.stopping = True
             await self.stop_workers()
             await runtime.drain(servers, 0.0)
+            await self.source.close()
             for sock in reserved.values():
                 sock.close()
         log.info("stopped")
@@ -130,7 +135,15 @@ class Supervisor:
         parent, child = self.context.Pipe()
         process = self.context.Process(
             target=worker_main,
-            args=(child, self.state.config, self.state.version, self.addresses, self.drain_timeout),
+            args=(
+                child,
+                self.state.config,
+                self.state.version,
+                self.peers,
+                self.addresses,
+                self.drain_timeout,
+                self.data_dir,
+            ),
             name="meshgate-worker",
         )
         process.start()
@@ -202,11 +215,19 @@ class Supervisor:
                     worker.conn.close()
                     self.start_worker()
 
-    def broadcast(self, config: Config, version: int) -> None:
+    def broadcast(self, config: Config, version: int, peers: Peers | None) -> None:
+        self.state.config, self.state.version, self.peers = config, version, peers
+        self.send(("config", config, version, peers))
+
+    def broadcast_identity(self) -> None:
+        """The supervisor renewed the certificate: every worker loads it into its own SSL contexts."""
+        self.send(("identity",))
+
+    def send(self, message: tuple[Any, ...]) -> None:
         for worker in self.workers:
-            # A dead worker raises OSError; the monitor replaces it and the new one starts from the current config.
+            # A dead worker raises OSError; the monitor replaces it and the new one starts from the current state.
             with contextlib.suppress(OSError):
-                worker.conn.send(("config", config, version))
+                worker.conn.send(message)
 
     async def stop_workers(self) -> None:
         for worker in self.workers:
@@ -220,17 +241,32 @@ class Supervisor:
                 worker.process.kill()
 
 
-def worker_main(conn: Connection, config: Config, version: int, addresses: dict[str, Address], drain: float) -> None:
+def worker_main(conn: Connection, *start: Any) -> None:
+    """A worker process: `start` is what `_worker` takes after the pipe (config, version, peers, addresses, drain
+    timeout and, when joined, the data directory holding the identity)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the supervisor leads
-    uvloop.run(_worker(conn, config, version, addresses, drain))
+    uvloop.run(_worker(conn, *start))
 
 
-async def _worker(conn: Connection, config: Config, version: int, addresses: dict[str, Address], drain: float) -> None:
+async def _worker(
+    conn: Connection,
+    config: Config,
+    version: int,
+    peers: Peers | None,
+    addresses: dict[str, Address],
+    drain: float,
+    data: str | None,
+) -> None:
     loop = asyncio.get_running_loop()
     runtime = Runtime(config)
-    runtime.apply(config, version)
-    tls = server_tls(config)
+    identity = Identity(data) if data is not None else None
+    if identity is not None:
+        identity.load()
+        runtime.peer_tls = identity.client
+    if version:  # joined and still waiting for a first config: answer 503 until one comes
+        runtime.apply(config, version, peers)
+    tls = identity.server if identity is not None else server_tls(config)
     servers = []
     for kind, address in addresses.items():
         sock: socket.socket = bind_socket(address, reuse_port=True)
@@ -244,7 +280,9 @@ async def _worker(conn: Connection, config: Config, version: int, addresses: dic
         except (EOFError, OSError):
             message = ("drain",)  # the supervisor is gone: finish what is in flight and exit
         if message[0] == "config":
-            runtime.apply(message[1], message[2])
+            runtime.apply(message[1], message[2], message[3])
+        elif message[0] == "identity" and identity is not None:
+            identity.load()
         elif message[0] == "lookup":
             conn.send(("hops", message[1], runtime.lookup(message[2])))
         elif message[0] == "drain":

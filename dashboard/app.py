@@ -1,0 +1,63 @@
+"""`create_app(settings)`: the control server's ASGI app (Starlette), built from injected parts only.
+
+Requests pass `RequestMetrics` (latency by route template), `ErrorBoundary` (unexpected exception -> logged
+traceback and a one-line JSON 500) and `BodyLimit` (413), then reach the operator API (`dashboard.api`), the
+gateway wire protocol (`dashboard.wire`), /metrics or the OpenAPI document. Store calls are timed by `TimedStore`.
+"""
+
+from __future__ import annotations
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from dashboard.api import OperatorApi
+from dashboard.auth import Auth, BearerTokens
+from dashboard.bodies import BodyLimit
+from dashboard.errors import ApiError, ErrorBoundary, error_response, log, on_api_error, on_http_exception
+from dashboard.metrics import DashboardMetrics, MetricsEndpoint, RequestMetrics, TimedStore
+from dashboard.openapi import OpenAPI
+from dashboard.settings import Settings
+from dashboard.store import StoreError
+from dashboard.wire import GatewayApi
+
+
+async def on_store_error(request: Request, exc: Exception) -> Response:
+    log.error("store unavailable during %s %s: %s", request.method, request.url.path, exc)
+    return error_response(503, f"the config store is unavailable: {exc}", {"retry-after": "1"})
+
+
+def create_app(settings: Settings) -> Starlette:
+    """The dashboard app. The caller owns `settings.store` (opens and closes it) and serves the app.
+
+    >>> app = create_app(Settings(store=store, ca=ca, registry=CollectorRegistry()))
+    >>> uvicorn.run(app)
+    """
+    if settings.ca.trust_domain != settings.trust_domain:
+        raise ValueError(f"the CA is for trust domain {settings.ca.trust_domain}, not {settings.trust_domain}")
+    metrics = DashboardMetrics(settings.registry)
+    store = TimedStore(settings.store, metrics)
+    auth = Auth([BearerTokens(store)])
+    scrape = MetricsEndpoint(metrics, store, settings.stale_after)
+    routes: list[BaseRoute] = [
+        *OperatorApi(store, auth).routes(),
+        *GatewayApi(settings, store, auth, metrics).routes(),
+        Route("/metrics", scrape.endpoint, methods=["GET"]),
+    ]
+    openapi = OpenAPI(routes)  # the same list: the document lists itself too
+    routes.append(Route("/api/v1/openapi.json", openapi.endpoint, methods=["GET"]))
+    app = Starlette(
+        routes=routes,
+        middleware=[
+            Middleware(RequestMetrics, metrics=metrics),
+            Middleware(ErrorBoundary),
+            Middleware(BodyLimit, limit=settings.max_body),
+        ],
+        exception_handlers={ApiError: on_api_error, HTTPException: on_http_exception, StoreError: on_store_error},
+    )
+    app.state.auth = auth  # for pages and login added by the UI, which authenticate the same way
+    app.state.store = store
+    return app

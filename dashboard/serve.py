@@ -1,0 +1,251 @@
+"""`meshgate dashboard`: run the control server on uvicorn, and `meshgate dashboard token create` (arguments in
+`dashboard.cli`).
+
+Start-up, in order: check the `--config` mesh file (exit 2 on bad input, before anything is written); bind the
+listen socket; open the CA in DIR/ca (with an etcd store too: replicas share those files) and the store; seed an
+empty store from the mesh file; make the bootstrap operator token if the store has none (printed once, saved to
+DIR/operator-token, 0600); serve, and log `listening http=HOST:PORT url=http://HOST:PORT`. SIGTERM or SIGINT
+stops accepting, answers waiting long-polls at once, lets requests in flight finish up to `--drain-timeout`, and
+exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from dashboard.app import create_app
+from dashboard.auth import TokenError, new_token
+from dashboard.identity import IdentityError, MeshCA
+from dashboard.mesh import Mesh
+from dashboard.settings import Settings
+from dashboard.store import Store, StoreError, open_store
+from gateway.config import ConfigError
+from gateway.units import Address
+
+log = logging.getLogger("meshgate.dashboard")
+
+TOKEN_FILE = "operator-token"
+
+
+def _fail(message: str, status: int = 2) -> int:
+    print(f"meshgate: {message}", file=sys.stderr)
+    return status
+
+
+@dataclass(frozen=True)
+class Startup:
+    """What `run` checked and opened before the event loop starts."""
+
+    settings: Settings
+    sock: socket.socket
+    mesh: Mesh | None
+    config_path: str | None
+    data: str
+    drain_timeout: float
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        mesh = Mesh.load(args.config) if args.config else None
+    except ConfigError as err:
+        return _fail(str(err))
+    try:
+        sock = _bind(args.listen)
+    except OSError as err:
+        return _fail(f"--listen {args.listen}: {err.strerror or err}")
+    try:
+        ca = MeshCA.load_or_create(os.path.join(args.data, "ca"), args.trust_domain)
+    except IdentityError as err:
+        sock.close()
+        return _fail(str(err))
+    try:
+        store = open_store(args.store or args.data)
+    except StoreError as err:
+        sock.close()
+        return _fail(str(err), 1)
+    settings = Settings(
+        store=store,
+        ca=ca,
+        registry=CollectorRegistry(),
+        trust_domain=args.trust_domain,
+        cert_lifetime=args.cert_lifetime,
+    )
+    startup = Startup(settings, sock, mesh, args.config, args.data, args.drain_timeout)
+    import uvloop
+
+    try:
+        return uvloop.run(serve(startup))
+    except StoreError as err:
+        return _fail(str(err), 1)
+    except OSError as err:  # e.g. the operator token file cannot be written
+        return _fail(f"{err.filename or 'dashboard'}: {err.strerror or err}", 1)
+
+
+def _bind(address: Address) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(startup: Startup) -> int:
+    settings = startup.settings
+    store = settings.store
+    try:
+        if startup.mesh is not None:
+            await seed(store, startup.mesh, startup.config_path or "")
+        token = await bootstrap_operator(store, startup.data)
+        if token is not None:
+            path = os.path.join(startup.data, TOKEN_FILE)
+            print(f"operator token (shown once, saved to {path}): {token}", flush=True)
+        log.info("mesh CA %s, trust domain %s", settings.ca.ca_hash, settings.ca.trust_domain)
+        config = uvicorn.Config(
+            create_app(settings),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=max(1, round(startup.drain_timeout)),
+        )
+        server = DashboardServer(config, settings.stopping, startup.sock)
+        await server.serve(sockets=[startup.sock])
+        log.info("stopped")
+    finally:
+        startup.sock.close()
+        await store.close()
+    return 0
+
+
+async def seed(store: Store, mesh: Mesh, source: str) -> None:
+    """Commit the mesh file as version 1 when the store is empty; an existing config always wins."""
+    current = await store.current()
+    if current.version > 0:
+        log.info("the store holds config version %d; --config %s is not applied", current.version, source)
+        return
+    revision = await store.commit(
+        mesh.to_dict(),
+        author="meshgate dashboard --config",
+        reason=f"seeded from {source}",
+        action="config.seed",
+        target="mesh",
+        expect_version=0,
+    )
+    log.info("seeded config version %d from %s", revision.version, source)
+
+
+async def bootstrap_operator(store: Store, data: str) -> str | None:
+    """The first operator token, when the store has none; saved to DATA/operator-token (0600)."""
+    if any(record.role == "operator" for record in await store.tokens()):
+        return None
+    token, record = new_token("operator", name="bootstrap")
+    os.makedirs(data, mode=0o700, exist_ok=True)
+    path = os.path.join(data, TOKEN_FILE)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a stale file from a wiped store: never reuse its mode or owner
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(token + "\n")
+    await store.add_token(record)
+    await store.record_audit(
+        who="meshgate dashboard (bootstrap)",
+        action="token.create",
+        target=f"tokens/{record.id}",
+        before=None,
+        after=_token_audit(record.id, record.name, record.role, record.group),
+        reason=f"first start: no operator token existed; saved to {path}",
+    )
+    return token
+
+
+def _token_audit(token_id: str, name: str, role: str, group: str | None) -> dict[str, object]:
+    return {"id": token_id, "name": name, "role": role, "group": group}
+
+
+class DashboardServer(uvicorn.Server):
+    """uvicorn's server with meshgate's lifecycle: our "listening" line once the socket serves, and signals
+    handled on the loop without being re-raised afterwards (uvicorn re-raises them, which would make a clean
+    SIGTERM exit look like a kill)."""
+
+    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event, sock: socket.socket) -> None:
+        super().__init__(config)
+        self.stopping = stopping
+        self.sock = sock
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # embedded (tests): the owner stops us
+            yield
+            return
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stop)
+        try:
+            yield
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+
+    def stop(self) -> None:
+        if self.should_exit:  # a second signal: stop waiting for requests in flight
+            self.force_exit = True
+        self.should_exit = True
+        self.stopping.set()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.sock.getsockname()[:2]
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            log.info("meshgate dashboard listening http=%s url=http://%s", address, address)
+
+
+def run_token_create(args: argparse.Namespace) -> int:
+    try:
+        token, record = new_token(args.role, args.group, args.name)
+    except TokenError as err:
+        return _fail(str(err))
+    try:
+        store = open_store(args.store or args.data)
+    except StoreError as err:
+        return _fail(str(err), 1)
+
+    async def create() -> None:
+        try:
+            await store.add_token(record)
+            await store.record_audit(
+                who=f"{os.environ.get('USER') or 'unknown'} (meshgate dashboard token create)",
+                action="token.create",
+                target=f"tokens/{record.id}",
+                before=None,
+                after=_token_audit(record.id, record.name, record.role, record.group),
+                reason="created on the command line",
+            )
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(create())
+    except StoreError as err:
+        return _fail(str(err), 1)
+    print(token)
+    return 0

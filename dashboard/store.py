@@ -1,0 +1,495 @@
+"""Where the dashboard keeps its state: the versioned mesh document, the audit log, API tokens and gateways.
+
+`Store` is the interface the API uses. `open_store(url_or_dir)` picks an implementation: a data directory gets
+`SQLiteStore` (one file, `mesh.db`, for a single dashboard), `etcd://host:port[,host:port]` gets
+`dashboard.etcd.EtcdStore` (several dashboard replicas sharing one etcd cluster).
+
+Every config change is a commit: a new `Revision` (version = previous + 1, never reused) holding the whole mesh and
+a human diff, plus an `AuditEntry`, written atomically. `wait_for_change` is what a gateway's long-poll `sync`
+waits on. Writes that are not config changes (tokens, joins) are audited through `record_audit`.
+
+An audit entry's `before`/`after` hold the part of the mesh named by the commit's `target`, a path of names
+separated by "/" (names never contain "/"): `services/catalog`, `services/catalog/subsets/v2`, `groups/shop`.
+`mesh` (or "") means the whole document; a part that does not exist on one side is None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+from dashboard.mesh import EMPTY, Mesh, diff
+
+_T = TypeVar("_T")
+DB_FILE = "mesh.db"
+ROLES = ("operator", "viewer", "gateway")
+
+
+class StoreError(Exception):
+    """The store cannot be reached or used (etcd down, unreadable database). `str(err)` is one line."""
+
+
+class VersionConflict(Exception):
+    """A commit said which version it edits (`expect_version`, from If-Match) and that is no longer current."""
+
+    def __init__(self, expected: int, current: int) -> None:
+        super().__init__(f"config version {expected} is not current (current is {current})")
+        self.expected = expected
+        self.current = current
+
+
+@dataclass(frozen=True, slots=True)
+class Revision:
+    """One version of the mesh. Version 0 is the empty mesh before the first commit."""
+
+    version: int
+    mesh: dict[str, Any]  # shared between readers: treat it as read-only
+    author: str
+    reason: str
+    time: float
+    diff: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One write: who did what to which target, the target before and after, and why. `version` is the config
+    version a commit created, None for writes that are not config changes."""
+
+    id: int
+    time: float
+    who: str
+    action: str
+    target: str
+    before: object
+    after: object
+    reason: str
+    version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """An API token, kept only as its sha256 `digest`. `role` is one of `ROLES`; `group` is set for gateway
+    join tokens, which may only obtain that group's identity."""
+
+    id: str
+    digest: str
+    role: str
+    group: str | None
+    name: str
+    created: float
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayRecord:
+    """A gateway's last heartbeat: `data` is its body, `seen` when it arrived."""
+
+    instance: str
+    group: str
+    data: dict[str, Any]
+    seen: float
+
+
+class Store(Protocol):
+    """The dashboard's state, shared by every replica that opens the same store. Methods are coroutines.
+
+    >>> async def canary(store: Store) -> int:
+    ...     current = await store.current()
+    ...     mesh = Mesh.parse(current.mesh).with_weights("catalog", {"v1": 90, "v2": 10})
+    ...     revision = await store.commit(mesh.to_dict(), author="ops", reason="canary", action="set-weights",
+    ...                                   target="services/catalog", expect_version=current.version)
+    ...     return revision.version
+    """
+
+    async def current(self) -> Revision: ...
+
+    async def get(self, version: int) -> Revision | None: ...
+
+    async def history(self, limit: int = 50, before: int | None = None) -> list[Revision]:
+        """Newest first, versions below `before` when given."""
+        ...
+
+    async def commit(
+        self,
+        mesh: Mapping[str, Any],
+        *,
+        author: str,
+        reason: str,
+        action: str,
+        target: str,
+        expect_version: int | None = None,
+    ) -> Revision:
+        """Validate `mesh` and store it as version current+1 with its diff and an audit entry, atomically, then
+        wake waiters. Raises `VersionConflict` if `expect_version` is given and not current, `ConfigError` if
+        the mesh is invalid."""
+        ...
+
+    async def audit(self, limit: int = 100, before: int | None = None) -> list[AuditEntry]:
+        """Newest first, ids below `before` when given."""
+        ...
+
+    async def record_audit(
+        self, *, who: str, action: str, target: str, before: object, after: object, reason: str
+    ) -> AuditEntry: ...
+
+    async def wait_for_change(self, after_version: int, timeout: float) -> Revision | None:
+        """The current revision as soon as its version is above `after_version`; None after `timeout` seconds."""
+        ...
+
+    async def add_token(self, record: TokenRecord) -> None:
+        """Raises `ValueError` if a token with that digest exists."""
+        ...
+
+    async def find_token(self, digest: str) -> TokenRecord | None: ...
+
+    async def tokens(self) -> list[TokenRecord]: ...
+
+    async def put_gateway(self, record: GatewayRecord, ttl: float) -> None: ...
+
+    async def gateways(self) -> list[GatewayRecord]:
+        """SQLite: every gateway ever seen (the API decides staleness). etcd: those heard from within `ttl`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(url_or_dir: str) -> Store:
+    """`etcd://host:port[,host:port]` or a data directory (created 0700 if missing) holding `mesh.db`."""
+    if url_or_dir.startswith("etcd://"):
+        from dashboard.etcd import EtcdStore  # etcd.py imports this module
+
+        return EtcdStore.from_url(url_or_dir)
+    return SQLiteStore.open(url_or_dir)
+
+
+def empty_revision() -> Revision:
+    return Revision(0, json.loads(json.dumps(EMPTY)), "", "", 0.0, ())
+
+
+def canonical(mesh: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a mesh for a commit; raises `ConfigError`."""
+    return Mesh.parse(mesh, source="mesh").to_dict()
+
+
+def part(mesh: Mapping[str, Any], target: str) -> object:
+    """The piece of `mesh` an audit entry records for `target` (see the module docstring)."""
+    if target in ("", "mesh"):
+        return mesh
+    value: object = mesh
+    for name in target.split("/"):
+        if not isinstance(value, Mapping) or name not in value:
+            return None
+        value = value[name]
+    return value
+
+
+class ChangeSignal:
+    """Wakes every waiter at once: `notify` sets the event waiters hold and starts a new one."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    @property
+    def event(self) -> asyncio.Event:
+        return self._event
+
+
+async def wait_for_version(
+    current: Callable[[], Awaitable[Revision]], changes: ChangeSignal, after_version: int, timeout: float
+) -> Revision | None:
+    """`Store.wait_for_change` on top of `current()` and a signal that fires after every commit."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        event = changes.event  # taken before reading, so a commit in between still wakes us
+        revision = await current()
+        if revision.version > after_version:
+            return revision
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return None
+        with contextlib.suppress(TimeoutError):  # then one last read: the change may come from another process
+            await asyncio.wait_for(event.wait(), remaining)
+
+
+_SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE revisions (
+        version INTEGER PRIMARY KEY, mesh TEXT NOT NULL, author TEXT NOT NULL, reason TEXT NOT NULL,
+        time REAL NOT NULL, diff TEXT NOT NULL);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, who TEXT NOT NULL, action TEXT NOT NULL,
+        target TEXT NOT NULL, before TEXT NOT NULL, after TEXT NOT NULL, reason TEXT NOT NULL, version INTEGER);
+    CREATE TABLE tokens (
+        digest TEXT PRIMARY KEY, id TEXT NOT NULL, role TEXT NOT NULL, grp TEXT, name TEXT NOT NULL,
+        created REAL NOT NULL);
+    CREATE TABLE gateways (instance TEXT PRIMARY KEY, grp TEXT NOT NULL, data TEXT NOT NULL, seen REAL NOT NULL);
+    """,
+]
+_REVISION = "SELECT version, mesh, author, reason, time, diff FROM revisions"
+_AUDIT = "SELECT id, time, who, action, target, before, after, reason, version FROM audit"
+_TOKEN = "SELECT id, digest, role, grp, name, created FROM tokens"
+
+
+def _revision(row: tuple[Any, ...]) -> Revision:
+    version, mesh, author, reason, when, lines = row
+    return Revision(version, json.loads(mesh), author, reason, when, tuple(json.loads(lines)))
+
+
+def _audit_entry(row: tuple[Any, ...]) -> AuditEntry:
+    entry_id, when, who, action, target, before, after, reason, version = row
+    return AuditEntry(entry_id, when, who, action, target, json.loads(before), json.loads(after), reason, version)
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class _Database:
+    """The SQLite connection and every query. Runs only on `SQLiteStore`'s one worker thread."""
+
+    def __init__(self, path: str) -> None:
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so a write never starts as a read
+        # that cannot upgrade; busy_timeout covers another process (`meshgate dashboard token create`).
+        self.conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit: acknowledged means durable
+        self._latest: Revision | None = None
+        self._migrate(path)
+
+    def _migrate(self, path: str) -> None:
+        with self._transaction():
+            (version,) = self.conn.execute("PRAGMA user_version").fetchone()
+            if version > len(_SCHEMA):
+                raise StoreError(f"{path}: schema version {version} is newer than this meshgate's ({len(_SCHEMA)})")
+            for script in _SCHEMA[version:]:
+                for statement in filter(str.strip, script.split(";")):
+                    self.conn.execute(statement)
+            self.conn.execute(f"PRAGMA user_version = {len(_SCHEMA)}")
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self.conn)
+
+    def current(self) -> Revision:
+        # Every waiter reads this after each commit: decode the mesh once per version, not once per waiter.
+        (version,) = self.conn.execute("SELECT MAX(version) FROM revisions").fetchone()
+        if version is None:
+            return empty_revision()
+        if self._latest is None or self._latest.version != version:
+            self._latest = _revision(self.conn.execute(f"{_REVISION} WHERE version = ?", (version,)).fetchone())
+        return self._latest
+
+    def get(self, version: int) -> Revision | None:
+        row = self.conn.execute(f"{_REVISION} WHERE version = ?", (version,)).fetchone()
+        return None if row is None else _revision(row)
+
+    def history(self, limit: int, before: int | None) -> list[Revision]:
+        rows = self.conn.execute(
+            f"{_REVISION} WHERE version < ? ORDER BY version DESC LIMIT ?", (_below(before), max(limit, 0))
+        )
+        return [_revision(row) for row in rows]
+
+    def commit(
+        self, mesh: dict[str, Any], author: str, reason: str, action: str, target: str, expect: int | None
+    ) -> Revision:
+        with self._transaction():
+            previous = self.current()
+            if expect is not None and expect != previous.version:
+                raise VersionConflict(expect, previous.version)
+            revision = Revision(
+                previous.version + 1, mesh, author, reason, time.time(), tuple(diff(previous.mesh, mesh))
+            )
+            self.conn.execute(
+                "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
+                (revision.version, _dumps(mesh), author, reason, revision.time, _dumps(revision.diff)),
+            )
+            before, after = part(previous.mesh, target), part(mesh, target)
+            self._insert_audit(
+                AuditEntry(0, revision.time, author, action, target, before, after, reason, revision.version)
+            )
+        return revision
+
+    def _insert_audit(self, entry: AuditEntry) -> AuditEntry:
+        cursor = self.conn.execute(
+            "INSERT INTO audit (time, who, action, target, before, after, reason, version)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.time,
+                entry.who,
+                entry.action,
+                entry.target,
+                _dumps(entry.before),
+                _dumps(entry.after),
+                entry.reason,
+                entry.version,
+            ),
+        )
+        assert cursor.lastrowid is not None  # set by every INSERT
+        return replace(entry, id=cursor.lastrowid)
+
+    def record_audit(
+        self, who: str, action: str, target: str, before: object, after: object, reason: str
+    ) -> AuditEntry:
+        with self._transaction():
+            return self._insert_audit(AuditEntry(0, time.time(), who, action, target, before, after, reason, None))
+
+    def audit(self, limit: int, before: int | None) -> list[AuditEntry]:
+        rows = self.conn.execute(f"{_AUDIT} WHERE id < ? ORDER BY id DESC LIMIT ?", (_below(before), max(limit, 0)))
+        return [_audit_entry(row) for row in rows]
+
+    def add_token(self, record: TokenRecord) -> None:
+        try:
+            with self._transaction():
+                self.conn.execute(
+                    "INSERT INTO tokens (id, digest, role, grp, name, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    (record.id, record.digest, record.role, record.group, record.name, record.created),
+                )
+        except sqlite3.IntegrityError:
+            raise ValueError(f"a token with digest {record.digest} exists") from None
+
+    def find_token(self, digest: str) -> TokenRecord | None:
+        row = self.conn.execute(f"{_TOKEN} WHERE digest = ?", (digest,)).fetchone()
+        return None if row is None else TokenRecord(*row)
+
+    def tokens(self) -> list[TokenRecord]:
+        return [TokenRecord(*row) for row in self.conn.execute(f"{_TOKEN} ORDER BY created, id")]
+
+    def put_gateway(self, record: GatewayRecord) -> None:
+        with self._transaction():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO gateways (instance, grp, data, seen) VALUES (?, ?, ?, ?)",
+                (record.instance, record.group, _dumps(record.data), record.seen),
+            )
+
+    def gateways(self) -> list[GatewayRecord]:
+        rows = self.conn.execute("SELECT instance, grp, data, seen FROM gateways ORDER BY grp, instance")
+        return [GatewayRecord(instance, group, json.loads(data), seen) for instance, group, data, seen in rows]
+
+
+def _below(before: int | None) -> int:
+    return 2**62 if before is None else before
+
+
+class _Transaction:
+    """`BEGIN IMMEDIATE` ... `COMMIT`, or `ROLLBACK` when the block raises."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, error: object, trace: object) -> None:
+        self.conn.execute("ROLLBACK" if kind is not None else "COMMIT")
+
+
+class SQLiteStore:
+    """`Store` on one SQLite file (WAL, synchronous=FULL), used from one worker thread so that the event loop
+    never blocks on disk. Waiters are woken in-process: run one dashboard per data directory.
+
+    >>> store = SQLiteStore.open("/var/lib/meshgate")   # doctest: +SKIP
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor, db: _Database) -> None:
+        self._executor = executor
+        self._db = db
+        self._changes = ChangeSignal()
+        self._closed = False
+
+    @classmethod
+    def open(cls, directory: str) -> SQLiteStore:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshgate-store")
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            db = executor.submit(_Database, os.path.join(directory, DB_FILE)).result()
+        except (OSError, sqlite3.Error) as err:
+            executor.shutdown()
+            raise StoreError(f"{os.path.join(directory, DB_FILE)}: cannot open the store: {err}") from None
+        except BaseException:
+            executor.shutdown()
+            raise
+        return cls(executor, db)
+
+    async def _run(self, call: Callable[..., _T], *args: Any) -> _T:
+        if self._closed:
+            raise StoreError("the store is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, partial(call, *args))
+        except sqlite3.Error as err:
+            raise StoreError(f"{DB_FILE}: {err}") from None
+
+    async def current(self) -> Revision:
+        return await self._run(self._db.current)
+
+    async def get(self, version: int) -> Revision | None:
+        return await self._run(self._db.get, version)
+
+    async def history(self, limit: int = 50, before: int | None = None) -> list[Revision]:
+        return await self._run(self._db.history, limit, before)
+
+    async def commit(
+        self,
+        mesh: Mapping[str, Any],
+        *,
+        author: str,
+        reason: str,
+        action: str,
+        target: str,
+        expect_version: int | None = None,
+    ) -> Revision:
+        loop = asyncio.get_running_loop()
+        data = canonical(mesh)
+
+        def commit_and_notify() -> Revision:
+            revision = self._db.commit(data, author, reason, action, target, expect_version)
+            # From the worker thread, so waiters wake even if the committing request is cancelled meanwhile.
+            loop.call_soon_threadsafe(self._changes.notify)
+            return revision
+
+        return await self._run(commit_and_notify)
+
+    async def audit(self, limit: int = 100, before: int | None = None) -> list[AuditEntry]:
+        return await self._run(self._db.audit, limit, before)
+
+    async def record_audit(
+        self, *, who: str, action: str, target: str, before: object, after: object, reason: str
+    ) -> AuditEntry:
+        return await self._run(self._db.record_audit, who, action, target, before, after, reason)
+
+    async def wait_for_change(self, after_version: int, timeout: float) -> Revision | None:
+        return await wait_for_version(self.current, self._changes, after_version, timeout)
+
+    async def add_token(self, record: TokenRecord) -> None:
+        await self._run(self._db.add_token, record)
+
+    async def find_token(self, digest: str) -> TokenRecord | None:
+        return await self._run(self._db.find_token, digest)
+
+    async def tokens(self) -> list[TokenRecord]:
+        return await self._run(self._db.tokens)
+
+    async def put_gateway(self, record: GatewayRecord, ttl: float) -> None:
+        await self._run(self._db.put_gateway, record)  # ttl: the API judges staleness from `seen`
+
+    async def gateways(self) -> list[GatewayRecord]:
+        return await self._run(self._db.gateways)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await self._run(self._db.conn.close)
+        self._closed = True
+        self._executor.shutdown(wait=True)

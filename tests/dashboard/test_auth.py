@@ -1,0 +1,144 @@
+"""Tokens and principals: what a token looks like, that only its digest is stored, and how `Auth` picks a
+principal and checks roles (including a second authenticator, the way the UI's cookie sessions will plug in)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from starlette.requests import Request
+
+from dashboard.auth import GATEWAY, READ, WRITE, Auth, BearerTokens, Principal, TokenError, digest, new_token
+from dashboard.errors import ApiError
+from dashboard.store import SQLiteStore, Store, open_store
+
+pytestmark = pytest.mark.anyio
+
+
+def request(authorization: str | None = None, cookie: str | None = None) -> Request:
+    headers = []
+    if authorization is not None:
+        headers.append((b"authorization", authorization.encode()))
+    if cookie is not None:
+        headers.append((b"cookie", cookie.encode()))
+    return Request({"type": "http", "method": "GET", "path": "/", "headers": headers, "query_string": b""})
+
+
+@pytest.fixture
+async def sqlite(tmp_path: Path) -> AsyncIterator[Store]:
+    store = open_store(str(tmp_path / "data"))
+    yield store
+    await store.close()
+
+
+@pytest.mark.parametrize(("role", "prefix"), [("operator", "mgo_"), ("viewer", "mgv_"), ("gateway", "mgj_")])
+def test_tokens_carry_their_role_in_the_prefix_and_32_random_bytes(role: str, prefix: str) -> None:
+    group = "shop" if role == "gateway" else None
+    secret, record = new_token(role, group)
+    assert secret.startswith(prefix) and len(secret) == len(prefix) + 43  # 32 bytes, urlsafe base64
+    assert record.digest == hashlib.sha256(secret.encode()).hexdigest() == digest(secret)
+    assert secret not in repr(record)
+    assert record.role == role and record.group == group and record.name.startswith(role)
+    assert new_token(role, group)[0] != secret
+
+
+@pytest.mark.parametrize(
+    ("role", "group", "name", "fragment"),
+    [
+        ("admin", None, None, "role"),
+        ("gateway", None, None, "--group is required"),
+        ("viewer", "shop", None, "--group is for gateway"),
+        ("gateway", "Shop!", None, "Shop!"),
+        ("operator", None, "<script>", "name"),
+        ("operator", None, "x" * 64, "name"),
+    ],
+)
+def test_tokens_that_cannot_be_made(role: str, group: str | None, name: str | None, fragment: str) -> None:
+    with pytest.raises(TokenError, match=None) as caught:
+        new_token(role, group, name)
+    assert fragment in str(caught.value)
+
+
+def test_the_audit_name_of_a_principal() -> None:
+    principal = Principal(id="3f2a9c1d0b7e4a65", name="alice", role="operator", group=None)
+    assert principal.who == "alice (token 3f2a9c1d0b7e4a65)"
+
+
+async def test_the_store_keeps_only_the_digest(tmp_path: Path) -> None:
+    store = SQLiteStore.open(str(tmp_path / "data"))
+    secret, record = new_token("operator", name="alice")
+    await store.add_token(record)
+    await store.close()
+    stored = b"".join(path.read_bytes() for path in (tmp_path / "data").iterdir())
+    assert record.digest.encode() in stored
+    assert secret.encode() not in stored and secret.split("_", 1)[1].encode() not in stored
+
+
+async def test_bearer_tokens_name_the_principal(sqlite: Store) -> None:
+    secret, record = new_token("gateway", "shop", "shop-join")
+    await sqlite.add_token(record)
+    auth = Auth([BearerTokens(sqlite)])
+    principal = await auth.require_gateway(request(f"Bearer {secret}"), "shop")
+    assert principal == Principal(id=record.id, name="shop-join", role="gateway", group="shop")
+    assert await auth.principal(request(f"bearer  {secret} ")) == principal, "scheme case and spaces are lenient"
+
+
+@pytest.mark.parametrize(
+    "header", [None, "Bearer mgo_" + "A" * 43, "Bearer mgo_short", "Token abc", "Bearer", "Basic YWxpY2U6c2VjcmV0"]
+)
+async def test_missing_unknown_or_malformed_credentials_are_401(sqlite: Store, header: str | None) -> None:
+    with pytest.raises(ApiError) as caught:
+        await Auth([BearerTokens(sqlite)]).principal(request(header))
+    assert caught.value.status == 401
+    assert caught.value.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_roles(sqlite: Store) -> None:
+    tokens = {}
+    for role, group in (("operator", None), ("viewer", None), ("gateway", "shop")):
+        tokens[role], record = new_token(role, group)
+        await sqlite.add_token(record)
+    auth = Auth([BearerTokens(sqlite)])
+    allowed = {
+        ("operator", WRITE): True,
+        ("operator", READ): True,
+        ("operator", GATEWAY): False,
+        ("viewer", WRITE): False,
+        ("viewer", READ): True,
+        ("viewer", GATEWAY): False,
+        ("gateway", WRITE): False,
+        ("gateway", READ): False,
+        ("gateway", GATEWAY): True,
+    }
+    for (role, roles), ok in allowed.items():
+        try:
+            await auth.require(request(f"Bearer {tokens[role]}"), roles)
+        except ApiError as err:
+            assert not ok and err.status == 403, (role, roles, err.reason)
+        else:
+            assert ok, (role, roles)
+    with pytest.raises(ApiError) as caught:
+        await auth.require_gateway(request(f"Bearer {tokens['gateway']}"), "web")
+    assert caught.value.status == 403 and "'shop'" in caught.value.reason
+
+
+class CookieSessions:
+    """A stand-in for the UI's session authenticator: a principal from a cookie (a real one checks CSRF too)."""
+
+    async def authenticate(self, request: Request) -> Principal | None:
+        if request.cookies.get("session") == "valid":
+            return Principal(id="s1", name="bob", role="operator", group=None, via="session")
+        return None
+
+
+async def test_a_second_authenticator_is_asked_when_there_is_no_bearer_token(sqlite: Store) -> None:
+    auth = Auth([BearerTokens(sqlite), CookieSessions()])
+    principal = await auth.require(request(cookie="session=valid"), WRITE)
+    assert principal.who == "bob (session s1)"
+    with pytest.raises(ApiError) as caught:
+        await auth.principal(request("Bearer mgo_" + "A" * 43, cookie="session=valid"))
+    assert caught.value.status == 401, "an invalid bearer token is refused, never passed over"
+    with pytest.raises(ApiError):
+        await auth.principal(request(cookie="session=forged"))

@@ -1,0 +1,328 @@
+"""`meshgate dashboard`, `meshgate dashboard token create`, `meshgate apply` and `meshgate get`, run as users run
+them: `.venv/bin/meshgate` subprocesses against a dashboard process on a loopback port.
+
+Bad input exits 2 with one line on stderr that names the file, the field and the value, and never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import stat
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import wait_for
+from tests.dashboard.dashboards import mesh
+
+ROOT = Path(__file__).resolve().parents[2]
+MESHGATE = str(ROOT / ".venv" / "bin" / "meshgate")
+TIMEOUT = 20.0
+LISTENING = re.compile(r"meshgate dashboard listening http=(\S+) url=(\S+)")
+TOKEN_LINE = re.compile(r"operator token \(shown once, saved to (.+)\): (mgo_\S+)")
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def meshgate(*args: str, env: dict[str, str] | None = None) -> Result:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("MESHGATE_")}
+    proc = subprocess.run(
+        [MESHGATE, *args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT, env={**environment, **(env or {})}
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def assert_bad_input(result: Result, *fragments: str, status: int = 2) -> None:
+    assert result.returncode == status, f"exit {result.returncode}:\n{result.stdout}{result.stderr}"
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+class DashboardProcess:
+    """`meshgate dashboard ARGS` with its output collected; `url` from its "listening" line."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [MESHGATE, "dashboard", "--listen", "127.0.0.1:0", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+        self.lines: list[str] = []
+        self.url = ""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        try:
+            wait_for(lambda: self.url or self.proc.poll() is not None, TIMEOUT, what="the dashboard to listen")
+        except AssertionError:
+            self.stop()
+            raise
+        assert self.url, f"the dashboard exited {self.proc.returncode}:\n{self.output()}"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if match := LISTENING.search(line):
+                assert match[2] == f"http://{match[1]}"
+                self.url = match[2]
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Any]:
+    started: list[DashboardProcess] = []
+
+    def run(*args: str) -> DashboardProcess:
+        process = DashboardProcess(*args)
+        started.append(process)
+        return process
+
+    yield run
+    for process in started:
+        with contextlib.suppress(ProcessLookupError):
+            process.stop()
+
+
+@pytest.fixture
+def mesh_file(tmp_path: Path) -> Path:
+    path = tmp_path / "mesh.yaml"
+    path.write_text(yaml.safe_dump(mesh()))
+    return path
+
+
+@pytest.fixture
+def running(start: Any, tmp_path: Path, mesh_file: Path) -> tuple[DashboardProcess, str]:
+    """A dashboard seeded from mesh.yaml, and its bootstrap operator token."""
+    dashboard = start("--data", str(tmp_path / "data"), "--config", str(mesh_file))
+    wait_for(lambda: TOKEN_LINE.search(dashboard.output()), 5, what="the operator token line")
+    token = (tmp_path / "data" / "operator-token").read_text().strip()
+    return dashboard, token
+
+
+def test_first_start_seeds_the_store_and_prints_the_operator_token_once(
+    start: Any, tmp_path: Path, mesh_file: Path
+) -> None:
+    data = tmp_path / "data"
+    dashboard = start("--data", str(data), "--config", str(mesh_file))
+    match = wait_for(lambda: TOKEN_LINE.search(dashboard.output()), 5, what="the operator token line")
+    path, token = Path(match[1]), match[2]
+    assert path == data / "operator-token" and path.read_text() == token + "\n"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    config = httpx.get(f"{dashboard.url}/api/v1/config", headers={"authorization": f"Bearer {token}"}).json()
+    assert config["version"] == 1 and config["mesh"]["groups"] == mesh()["groups"]
+    assert dashboard.output().count("mgo_") == 1, "the token is shown once, and never logged"
+
+    assert dashboard.stop() == 0
+    changed = tmp_path / "other.yaml"
+    changed.write_text(yaml.safe_dump({"groups": {}, "services": {}}))
+    again = start("--data", str(data), "--config", str(changed))
+    wait_for(lambda: "is not applied" in again.output(), 5, what="the seed to be skipped")
+    assert "mgo_" not in again.output(), "no new operator token while one exists"
+    config = httpx.get(f"{again.url}/api/v1/config", headers={"authorization": f"Bearer {token}"}).json()
+    assert config["version"] == 1, "the stored config wins over --config"
+
+
+def test_sigterm_answers_long_polls_and_exits_0(start: Any, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    dashboard = start("--data", str(data))
+    join = meshgate("dashboard", "token", "create", "--data", str(data), "--role", "gateway", "--group", "shop")
+    headers = {"authorization": f"Bearer {join.stdout.strip()}"}
+    etag = httpx.get(f"{dashboard.url}/api/v1/sync", headers=headers).json()["etag"]
+    answers: list[int] = []
+    poll = threading.Thread(
+        target=lambda: answers.append(
+            httpx.get(
+                f"{dashboard.url}/api/v1/sync", params={"after": etag, "wait": "60"}, headers=headers, timeout=70
+            ).status_code
+        )
+    )
+    poll.start()
+    wait_for(
+        lambda: "meshgate_dashboard_sync_watchers 1.0" in httpx.get(f"{dashboard.url}/metrics").text,
+        10,
+        what="the long-poll to wait",
+    )
+    stopping = time.monotonic()
+    assert dashboard.stop() == 0, dashboard.output()
+    poll.join(10)
+    assert answers == [304]
+    assert time.monotonic() - stopping < 5.0
+    assert "Traceback" not in dashboard.output()
+
+
+def test_get_prints_services_history_and_gateways(running: tuple[DashboardProcess, str]) -> None:
+    dashboard, token = running
+    env = {"MESHGATE_SERVER": dashboard.url, "MESHGATE_TOKEN": token}
+    services = meshgate("get", "services", env=env)
+    assert services.returncode == 0, services.stderr
+    header, *rows = services.stdout.splitlines()
+    assert header.split() == ["NAME", "GROUP", "WEIGHTS", "ENDPOINTS"]
+    assert rows[0].split()[:4] == ["catalog", "shop", "v1=90", "v2=10"]
+    as_json = json.loads(meshgate("get", "services", "-o", "json", env=env).stdout)
+    assert [service["name"] for service in as_json["services"]] == ["catalog", "frontend"]
+    history = meshgate("get", "history", "--server", dashboard.url, "--token", token)
+    assert history.returncode == 0 and "seeded from" in history.stdout
+    gateways = meshgate("get", "gateways", env=env)
+    assert gateways.returncode == 0 and gateways.stdout.split()[:2] == ["GROUP", "INSTANCE"]
+
+
+def test_apply_replaces_the_config_and_is_idempotent(running: tuple[DashboardProcess, str], tmp_path: Path) -> None:
+    dashboard, token = running
+    env = {"MESHGATE_SERVER": dashboard.url, "MESHGATE_TOKEN": token}
+    data = mesh()
+    data["services"]["catalog"]["routes"][-1]["split"] = {"v1": 50, "v2": 50}
+    path = tmp_path / "step.yaml"
+    path.write_text(yaml.safe_dump(data))
+    applied = meshgate("apply", str(path), "--reason", "canary 50%", env=env)
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout.strip() == f"{path}: applied as config version 2"
+    again = meshgate("apply", str(path), env=env)
+    assert again.returncode == 0 and again.stdout.strip() == f"{path}: no changes (config version 2)"
+    history = json.loads(meshgate("get", "history", "-o", "json", env=env).stdout)
+    assert history[0]["reason"] == "canary 50%"
+    assert history[0]["diff"] == [
+        "services.catalog.routes[1].split.v1: 90 → 50",
+        "services.catalog.routes[1].split.v2: 10 → 50",
+    ]
+
+
+def test_apply_refuses_a_bad_file_naming_file_field_and_value(
+    running: tuple[DashboardProcess, str], tmp_path: Path
+) -> None:
+    dashboard, token = running
+    env = {"MESHGATE_SERVER": dashboard.url, "MESHGATE_TOKEN": token}
+    data = mesh()
+    data["services"]["catalog"]["routes"][-1]["split"] = {"v1": 90, "v2": 20}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert_bad_input(meshgate("apply", str(path), env=env), str(path), "services.catalog.routes[1].split", "110")
+    path.write_text("groups: [unclosed")
+    assert_bad_input(meshgate("apply", str(path), env=env), str(path), "line 1")
+    assert_bad_input(meshgate("apply", str(tmp_path / "missing.yaml"), env=env), "missing.yaml")
+    version = httpx.get(f"{dashboard.url}/api/v1/config", headers={"authorization": f"Bearer {token}"})
+    assert version.json()["version"] == 1
+
+
+def test_client_errors_say_what_is_wrong(running: tuple[DashboardProcess, str], mesh_file: Path) -> None:
+    dashboard, _ = running
+    assert_bad_input(meshgate("get", "services", "--server", dashboard.url), "no token")
+    unknown = meshgate("get", "services", "--server", dashboard.url, "--token", "mgo_" + "A" * 43)
+    assert_bad_input(unknown, "401", "unknown token", status=1)
+    with socket_closed() as url:
+        unreachable = meshgate("get", "services", "--server", url, "--token", "mgo_x")
+    assert_bad_input(unreachable, "cannot reach", status=1)
+    assert_bad_input(meshgate("get", "services", "--server", "ftp://x", "--token", "t"), "--server")
+    assert meshgate("get", "everything").returncode == 2
+
+
+@contextlib.contextmanager
+def socket_closed() -> Iterator[str]:
+    """The URL of a loopback port nothing listens on."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+
+
+def test_token_create_makes_working_tokens_of_each_role(running: tuple[DashboardProcess, str], tmp_path: Path) -> None:
+    dashboard, operator = running
+    data = str(tmp_path / "data")
+    viewer = meshgate("dashboard", "token", "create", "--data", data, "--role", "viewer", "--name", "ci")
+    assert viewer.returncode == 0 and re.fullmatch(r"mgv_[A-Za-z0-9_-]{43}\n", viewer.stdout)
+    env = {"MESHGATE_SERVER": dashboard.url, "MESHGATE_TOKEN": viewer.stdout.strip()}
+    assert meshgate("get", "services", env=env).returncode == 0
+    assert_bad_input(meshgate("apply", str(tmp_path / "mesh.yaml"), env=env), "403", "operator", status=1)
+
+    join = meshgate("dashboard", "token", "create", "--data", data, "--role", "gateway", "--group", "shop")
+    assert join.returncode == 0 and join.stdout.startswith("mgj_")
+    sync = httpx.get(f"{dashboard.url}/api/v1/sync", headers={"authorization": f"Bearer {join.stdout.strip()}"})
+    assert sync.json()["group"] == "shop"
+    audit = httpx.get(f"{dashboard.url}/api/v1/audit", headers={"authorization": f"Bearer {operator}"}).json()
+    created = [entry for entry in audit if entry["action"] == "token.create"]
+    assert [entry["after"]["role"] for entry in created] == ["gateway", "viewer", "operator"]
+    assert created[1]["after"]["name"] == "ci" and "mgv_" not in json.dumps(audit)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--role", "gateway"], ["--group is required"]),
+        (["--role", "viewer", "--group", "shop"], ["--group is for gateway"]),
+        (["--role", "gateway", "--group", "Shop!"], ["Shop!"]),
+        (["--role", "root"], ["invalid choice", "root"]),
+    ],
+)
+def test_token_create_refuses_bad_input(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
+    result = meshgate("dashboard", "token", "create", "--data", str(tmp_path / "data"), *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+    assert not (tmp_path / "data").exists(), "nothing is written for a refused token"
+
+
+def test_dashboard_refuses_bad_input_before_writing_anything(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    bad = tmp_path / "mesh.yaml"
+    broken = mesh()
+    broken["groups"]["shop"] = ["catalog", "ghost"]
+    bad.write_text(yaml.safe_dump(broken))
+    assert_bad_input(
+        meshgate("dashboard", "--data", str(data), "--config", str(bad)), str(bad), "groups.shop[1]", "ghost"
+    )
+    listen = meshgate("dashboard", "--data", str(data), "--listen", "nowhere")
+    assert listen.returncode == 2 and "--listen" in listen.stderr and "Traceback" not in listen.stderr
+    assert_bad_input(meshgate("dashboard", "--data", str(data), "--trust-domain", "Not A Domain"), "trust domain")
+    assert not data.exists(), "refused before anything was written"
+
+
+def test_dashboard_refuses_a_listen_address_in_use(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        assert_bad_input(
+            meshgate("dashboard", "--data", str(tmp_path / "data"), "--listen", address), address, "in use"
+        )

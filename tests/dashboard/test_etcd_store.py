@@ -1,0 +1,127 @@
+"""What etcd adds over SQLite: several dashboard replicas (here, several `EtcdStore`s) on one real etcd share one
+version sequence, wake each other's waiters, and see gateways disappear when their lease runs out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from dashboard.etcd import EtcdStore
+from dashboard.store import GatewayRecord, StoreError, VersionConflict, open_store
+from tests.dashboard.conftest import EtcdServer, free_ports
+from tests.dashboard.test_store import mesh
+
+pytestmark = pytest.mark.anyio
+Replicas = Callable[[int], list[EtcdStore]]
+
+
+@pytest.fixture
+async def replicas(etcd: EtcdServer) -> AsyncIterator[Replicas]:
+    """`replicas(n)`: n stores on the test's etcd, as n dashboard replicas would open it."""
+    opened: list[EtcdStore] = []
+
+    def open_replicas(count: int) -> list[EtcdStore]:
+        stores = [EtcdStore.from_url(etcd.url) for _ in range(count)]
+        opened.extend(stores)
+        return stores
+
+    yield open_replicas
+    for store in opened:
+        await store.close()
+
+
+async def test_a_commit_through_one_replica_wakes_a_waiter_on_another(replicas: Replicas) -> None:
+    writer, reader = replicas(2)
+    waiter = asyncio.ensure_future(reader.wait_for_change(0, timeout=30))
+    done, _ = await asyncio.wait({waiter}, timeout=0.3)
+    assert not done, "returned although nothing changed"
+    started = time.monotonic()
+    await writer.commit(mesh(10), author="ops", reason="canary", action="apply", target="mesh")
+    revision = await asyncio.wait_for(waiter, 10)
+    assert revision is not None and revision.version == 1 and revision.reason == "canary"
+    assert time.monotonic() - started < 5
+    # The reader's watch stays open: the next commit wakes it too.
+    waiter = asyncio.ensure_future(reader.wait_for_change(1, timeout=30))
+    await writer.commit(mesh(20), author="ops", reason="step", action="apply", target="mesh")
+    revision = await asyncio.wait_for(waiter, 10)
+    assert revision is not None and revision.version == 2
+
+
+async def test_concurrent_commits_never_share_a_version(replicas: Replicas) -> None:
+    stores = replicas(3)
+    per_store = 8
+
+    async def commit_all(index: int, store: EtcdStore) -> list[int]:
+        versions = []
+        for step in range(per_store):
+            reason = f"{index}-{step}"
+            revision = await store.commit(mesh(step), author=f"r{index}", reason=reason, action="apply", target="mesh")
+            versions.append(revision.version)
+        return versions
+
+    results = await asyncio.gather(*(commit_all(index, store) for index, store in enumerate(stores)))
+    versions = sorted(version for result in results for version in result)
+    assert versions == list(range(1, len(stores) * per_store + 1))
+    history = await stores[0].history(limit=100)
+    assert sorted(revision.reason for revision in history) == sorted(f"{i}-{s}" for i in range(3) for s in range(8))
+    for result, index in zip(results, range(len(stores)), strict=True):
+        for step, version in enumerate(result):  # each commit's version holds that commit's reason
+            assert history[len(history) - version].reason == f"{index}-{step}"
+    assert [entry.id for entry in await stores[1].audit(limit=100)] == list(range(len(versions), 0, -1))
+
+
+async def test_racing_commits_on_one_expected_version_let_exactly_one_win(replicas: Replicas) -> None:
+    stores = replicas(4)
+    await stores[0].commit(mesh(0), author="ops", reason="seed", action="apply", target="mesh")
+
+    async def attempt(store: EtcdStore, v2: int) -> int | None:
+        try:
+            revision = await store.commit(
+                mesh(v2), author="ops", reason=str(v2), action="apply", target="mesh", expect_version=1
+            )
+        except VersionConflict:
+            return None
+        return revision.version
+
+    results = await asyncio.gather(*(attempt(store, 10 * (index + 1)) for index, store in enumerate(stores)))
+    assert sorted(results, key=lambda version: version or 0) == [None, None, None, 2]
+    current = await stores[3].current()
+    assert current.version == 2
+    winner = results.index(2)
+    assert current.reason == str(10 * (winner + 1))
+
+
+async def test_gateways_disappear_when_their_lease_expires(replicas: Replicas) -> None:
+    store, other = replicas(2)
+    await store.put_gateway(GatewayRecord("short", "shop", {"advertise": "127.0.0.1:1"}, time.time()), ttl=1)
+    await store.put_gateway(GatewayRecord("long", "shop", {}, time.time()), ttl=600)
+    assert [record.instance for record in await other.gateways()] == ["long", "short"]
+    deadline = time.monotonic() + 15  # etcd's shortest lease is a few seconds
+    while [record.instance for record in await other.gateways()] != ["long"]:
+        assert time.monotonic() < deadline, "the expired gateway is still listed"
+        await asyncio.sleep(0.2)
+
+
+async def test_a_dead_endpoint_is_skipped(etcd: EtcdServer) -> None:
+    (dead,) = free_ports(1)
+    store = open_store(f"etcd://127.0.0.1:{dead},{etcd.url.removeprefix('etcd://')}")
+    try:
+        revision = await store.commit(mesh(0), author="ops", reason="", action="apply", target="mesh")
+        assert revision.version == 1
+    finally:
+        await store.close()
+    unreachable = open_store(f"etcd://127.0.0.1:{dead}")
+    try:
+        with pytest.raises(StoreError, match=r"^etcd is unreachable: http://127\.0\.0\.1:\d+: "):
+            await unreachable.current()
+    finally:
+        await unreachable.close()
+
+
+@pytest.mark.parametrize("url", ["etcd://", "etcd://localhost", "etcd://127.0.0.1:0", "etcd://a:1,,b:2"])
+def test_a_bad_etcd_url_is_refused(url: str) -> None:
+    with pytest.raises(StoreError, match=r"expected etcd://host:port\[,host:port\]"):
+        open_store(url)

@@ -1,0 +1,314 @@
+"""A mesh on loopback: a real dashboard, three groups' joined gateways and real upstreams, with certificates from
+the dashboard's mesh CA. Calls go app -> own gateway's outbound -> mTLS -> owner's inbound -> upstream."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+import yaml
+from cryptography import x509
+
+from dashboard.identity import MeshCA
+from gateway import tls
+from tests.conftest import Gateway, StartUpstream, raw_request, wait_for, workers_of
+from tests.e2e.identities import issue_client_cert
+from tests.e2e.mesh import Dashboard, joined_gateway, wait_ready
+from tests.e2e.upstream_app import UpstreamServer
+
+
+@dataclass
+class Mesh:
+    dashboard: Dashboard
+    gateways: dict[str, Gateway]
+    upstreams: dict[str, UpstreamServer]
+    directory: Path
+
+    def call(self, group: str, service: str, path: str = "/echo", **kwargs: object) -> httpx.Response:
+        """What an app of `group` does: call `service` through its own gateway's outbound listener."""
+        url = self.gateways[group].url("outbound") + path
+        return httpx.get(url, headers={"host": service}, timeout=10, **kwargs)  # type: ignore[arg-type]
+
+    def restart(self, group: str, *extra: str) -> Gateway:
+        """Stop and start a gateway on the same ports (peers know it by its advertised address)."""
+        old = self.gateways[group]
+        old.stop()
+        config = yaml.safe_load(old.config_path.read_text())
+        config["gateway"]["listen"] = {kind: f"{host}:{port}" for kind, (host, port) in old.addresses.items()}
+        old.config_path.write_text(yaml.safe_dump(config))
+        gateway = self.gateways[group] = Gateway(old.config_path, [str(arg) for arg in old.proc.args[6:]] + list(extra))  # type: ignore[index]
+        return gateway
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, start_upstream: StartUpstream) -> Iterator[Mesh]:
+    with running_mesh(tmp_path, start_upstream) as found:
+        yield found
+
+
+@contextlib.contextmanager
+def running_mesh(tmp_path: Path, start_upstream: StartUpstream, *dashboard_args: str) -> Iterator[Mesh]:
+    upstreams = {name: start_upstream(name) for name in ("store", "v1", "v2", "pay")}
+    mesh_file = tmp_path / "mesh.yaml"
+    mesh_file.write_text(
+        yaml.safe_dump(
+            {
+                "groups": {"shop": ["storefront"], "catalog": ["catalog"], "payments": ["payments"]},
+                "services": {
+                    "storefront": {"subsets": {"v1": {"endpoints": [upstreams["store"].address]}}},
+                    "catalog": {
+                        "subsets": {
+                            "v1": {"endpoints": [upstreams["v1"].address]},
+                            "v2": {"endpoints": [upstreams["v2"].address]},
+                        },
+                        "routes": [{"name": "default", "split": {"v1": 100, "v2": 0}}],
+                    },
+                    "payments": {
+                        "subsets": {"v1": {"endpoints": [upstreams["pay"].address]}},
+                        "authorization": {"allow": ["shop"]},
+                    },
+                },
+            }
+        )
+    )
+    dashboard = Dashboard(tmp_path / "dashboard", "--config", str(mesh_file), *dashboard_args)
+    gateways: dict[str, Gateway] = {}
+    try:
+        for group in ("shop", "catalog", "payments"):
+            gateways[group] = joined_gateway(dashboard, tmp_path, group)
+        wait_ready(*gateways.values())
+        found = Mesh(dashboard, gateways, upstreams, tmp_path)
+        # Every gateway knows every other group's gateways once heartbeats have gone round.
+        wait_for(lambda: found.call("shop", "catalog").status_code == 200, 15, what="shop reaches catalog")
+        wait_for(lambda: found.call("catalog", "payments").status_code == 403, 15, what="catalog reaches payments")
+        yield found
+    finally:
+        for gateway in gateways.values():
+            gateway.stop()
+        dashboard.stop()
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`, from the gateway's admin /metrics."""
+    text = httpx.get(gateway.url("admin") + "/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{key}="{wanted}"' in head for key, wanted in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_a_call_to_another_group_crosses_mtls_and_is_counted_once_per_side(mesh: Mesh) -> None:
+    answer = mesh.call("shop", "catalog")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-upstream"] == "v1"
+    request_id = answer.headers["x-request-id"]
+    assert answer.json()["headers"]["x-request-id"] == [request_id]  # the same ID across both hops
+    # The owner saw the caller's mesh identity (only mTLS could tell it "shop") and counted as destination.
+    owner = dict(reporter="destination", source="shop", destination="catalog", subset="v1", code="200")
+    assert metric(mesh.gateways["catalog"], "meshgate_requests_total", **owner) >= 1
+    caller = dict(reporter="source", source="shop", destination="catalog", subset="catalog", code="200")
+    assert metric(mesh.gateways["shop"], "meshgate_requests_total", **caller) >= 1
+    # Both hops are found by the request ID in their gateways' rings, as one trace: caller's span, then owner's.
+    (caller_hop,), (owner_hop,) = (
+        httpx.get(mesh.gateways[group].url("admin") + f"/requests/{request_id}", timeout=5).json()["hops"]
+        for group in ("shop", "catalog")
+    )
+    assert owner_hop["trace_id"] == caller_hop["trace_id"]
+    assert owner_hop["parent_span_id"] == caller_hop["span_id"]
+
+
+def test_inbound_serves_only_its_own_groups_services(mesh: Mesh) -> None:
+    """A gateway is not a relay: catalog's inbound does not forward to payments, even for a mesh peer."""
+    wanted = httpx.get(mesh.gateways["catalog"].url("outbound") + "/echo", headers={"host": "payments"}, timeout=5)
+    assert wanted.status_code == 403  # catalog may not call payments at all: its authorization says shop only
+    local = httpx.get(mesh.gateways["shop"].url("outbound") + "/echo", headers={"host": "storefront"}, timeout=5)
+    assert local.status_code == 200 and local.headers["x-upstream"] == "store"
+
+
+def test_authorization_denies_other_groups_with_a_reason_and_counts_it(mesh: Mesh) -> None:
+    allowed = mesh.call("shop", "payments")
+    assert allowed.status_code == 200 and allowed.headers["x-upstream"] == "pay"
+    denied = mesh.call("catalog", "payments")
+    assert denied.status_code == 403
+    assert "'catalog' may not call service 'payments'" in denied.text
+    labels = dict(reporter="destination", source="catalog", destination="payments", code="403")
+    assert metric(mesh.gateways["payments"], "meshgate_requests_total", **labels) >= 1
+
+
+def test_a_weight_change_through_the_api_moves_real_traffic_within_a_second(mesh: Mesh) -> None:
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                answer = client.get(mesh.gateways["shop"].url("outbound") + "/echo", headers={"host": "catalog"})
+                if answer.status_code != 200:
+                    errors.append(f"{answer.status_code} {answer.text}")
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        with mesh.dashboard.api() as api:
+            changed = api.put("/services/catalog/weights", json={"weights": {"v1": 0, "v2": 100}, "reason": "canary"})
+            assert changed.status_code == 200, changed.text
+            started = time.monotonic()
+        wait_for(lambda: mesh.call("shop", "catalog").headers["x-upstream"] == "v2", 1.0, 0.01, "traffic on v2")
+        took = time.monotonic() - started
+        assert all(mesh.call("shop", "catalog").headers["x-upstream"] == "v2" for _ in range(20))
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+    assert took < 1.0
+
+
+def test_gateways_keep_serving_while_the_dashboard_is_down_and_resync_after(mesh: Mesh) -> None:
+    with mesh.dashboard.api() as api:
+        before = api.get("/config").json()["version"]
+    mesh.dashboard.kill()
+    statuses = [mesh.call("shop", "catalog").status_code for _ in range(100)]
+    assert statuses == [200] * 100
+    # A gateway restarted while the dashboard is away serves its cached config.
+    catalog = mesh.restart("catalog")
+    wait_ready(catalog)
+    statuses = [mesh.call("shop", "catalog").status_code for _ in range(50)]
+    assert statuses == [200] * 50
+    mesh.dashboard.restart()
+    with mesh.dashboard.api() as api:
+        assert api.get("/config").json()["version"] == before
+        changed = api.put("/services/catalog/weights", json={"weights": {"v2": 100}})
+        assert changed.status_code == 200, changed.text
+    wait_for(lambda: mesh.call("shop", "catalog").headers["x-upstream"] == "v2", 15, what="resync after restart")
+
+
+def test_a_joined_gateway_with_workers_joins_once_and_every_worker_serves_mtls(mesh: Mesh) -> None:
+    catalog = mesh.restart("catalog", "--workers", "2")
+    wait_ready(catalog)
+    assert len(workers_of(catalog)) == 2
+    answers = [mesh.call("shop", "catalog") for _ in range(60)]
+    assert [answer.status_code for answer in answers] == [200] * 60
+    # Workers push their counts to the supervisor every second; all 60 calls were counted with source "shop".
+    owner = dict(reporter="destination", source="shop", destination="catalog", code="200")
+    wait_for(lambda: metric(catalog, "meshgate_requests_total", **owner) >= 60, 5, what="60 counted calls")
+    with mesh.dashboard.api() as api:
+        version = api.put("/services/catalog/weights", json={"weights": {"v2": 100}}).json()["version"]
+        wait_for(lambda: mesh.call("shop", "catalog").headers["x-upstream"] == "v2", 2, what="both workers on v2")
+        assert all(mesh.call("shop", "catalog").headers["x-upstream"] == "v2" for _ in range(20))
+
+        def catalog_gateways() -> list[dict[str, object]] | None:
+            listed = [g for g in api.get("/gateways").json() if g["group"] == "catalog" and not g["stale"]]
+            return listed if listed and listed[0]["config_version"] == version else None
+
+        # One heartbeat for the whole gateway (the supervisor), not one per worker.
+        assert len(wait_for(catalog_gateways, 10, what="catalog heartbeat at the new version")) == 1
+
+
+def test_the_api_lists_every_gateway_in_sync_with_its_certificate(mesh: Mesh) -> None:
+    with mesh.dashboard.api() as api:
+        version = api.get("/config").json()["version"]
+
+        def listed() -> list[dict[str, object]] | None:
+            gateways = api.get("/gateways").json()
+            ok = len(gateways) == 3 and all(g["in_sync"] and g["config_version"] == version for g in gateways)
+            return gateways if ok else None
+
+        gateways = wait_for(listed, 10, what="three gateways in sync")
+    assert {g["group"] for g in gateways} == {"shop", "catalog", "payments"}
+    for gateway in gateways:
+        assert float(gateway["cert_not_after"]) > time.time() + 3600
+
+
+def test_certificates_rotate_under_load_without_a_failed_request(tmp_path: Path, start_upstream: StartUpstream) -> None:
+    """Six-second certificates renew at about half-life: several rotations on every gateway during the load, on
+    live SSL contexts: connections open before a rotation keep working, and new handshakes get the new cert."""
+    with running_mesh(tmp_path, start_upstream, "--cert-lifetime", "6s") as mesh:
+        first = {group: gw.output().count("mesh identity") for group, gw in mesh.gateways.items()}
+        ca = MeshCA.load_or_create(str(mesh.dashboard.data / "ca"), "meshgate.local")
+        key, csr = tls.new_key_and_csr()
+        probe = _client(ca.sign_csr(csr, "shop").chain_pem, key)
+        statuses: list[int] = []
+        served: set[int] = set()  # serial numbers the catalog gateway's inbound presented to new handshakes
+        deadline = time.monotonic() + 10
+        with httpx.Client(timeout=10) as client:
+            while time.monotonic() < deadline:
+                url = mesh.gateways["shop"].url("outbound") + "/echo"
+                statuses.append(client.get(url, headers={"host": "catalog"}).status_code)
+                statuses.append(client.get(url, headers={"host": "payments"}).status_code)
+                if len(statuses) % 50 == 0:
+                    served.add(_served_serial(mesh.gateways["catalog"].inbound, probe))
+        renewals = {group: gw.output().count("mesh identity") - first[group] for group, gw in mesh.gateways.items()}
+    assert set(statuses) == {200}, {status: statuses.count(status) for status in set(statuses)}
+    assert len(statuses) > 200
+    assert all(count >= 2 for count in renewals.values()), renewals
+    assert len(served) >= 2, served
+
+
+def _served_serial(address: tuple[str, int], context: ssl.SSLContext) -> int:
+    """A new handshake: the serial number of the certificate the server presents (and its request succeeds)."""
+    with socket.create_connection(address, timeout=5) as raw, context.wrap_socket(raw) as conn:
+        conn.sendall(b"GET /echo HTTP/1.1\r\nhost: catalog\r\n\r\n")
+        assert conn.recv(1024).startswith(b"HTTP/1.1 200")
+        der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+# The inbound mesh port refuses what is not a mesh peer.
+
+
+def _handshake(address: tuple[str, int], context: ssl.SSLContext) -> str:
+    """Open TLS and send a request; the server's answer, or "refused" with why.
+
+    In TLS 1.3 the server checks the client's certificate after the client thinks the handshake is done, so a
+    refusal shows up as an alert or a close on the first read.
+    """
+    try:
+        with socket.create_connection(address, timeout=5) as raw, context.wrap_socket(raw) as conn:
+            conn.sendall(b"GET /echo HTTP/1.1\r\nhost: catalog\r\n\r\n")
+            data = conn.recv(1024)
+    except (ssl.SSLError, OSError) as exc:
+        return f"refused: {exc}"
+    return data.decode(errors="replace") if data else "refused: closed without an answer"
+
+
+def _client(cert: bytes | None = None, key: bytes | None = None, ca: bytes | None = None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the test judges the server's verdict on us, not the other way round
+    if cert is not None and key is not None:
+        with tempfile.TemporaryDirectory() as directory:
+            Path(directory, "c.pem").write_bytes(cert)
+            Path(directory, "k.pem").write_bytes(key)
+            context.load_cert_chain(Path(directory, "c.pem"), Path(directory, "k.pem"))
+    return context
+
+
+def test_inbound_refuses_peers_without_a_mesh_certificate(mesh: Mesh) -> None:
+    inbound = mesh.gateways["catalog"].inbound
+    ca = MeshCA.load_or_create(str(mesh.dashboard.data / "ca"), "meshgate.local")
+    key, csr = tls.new_key_and_csr()
+    good = ca.sign_csr(csr, "shop")
+    assert _handshake(inbound, _client(good.chain_pem, key)).startswith("HTTP/1.1 200")  # the control case
+
+    assert _handshake(inbound, _client()).startswith("refused")  # no certificate
+    expired = ca.sign_csr(csr, "shop", lifetime=3600, now=time.time() - 7200)
+    assert _handshake(inbound, _client(expired.chain_pem, key)).startswith("refused")
+    cert, key_file = issue_client_cert(trustme.CA(), "spiffe://meshgate.local/group/shop", mesh.directory)
+    assert _handshake(inbound, _client(cert.read_bytes(), key_file.read_bytes())).startswith("refused")
+    plain = raw_request(inbound, b"GET /echo HTTP/1.1\r\nhost: catalog\r\n\r\n")
+    assert not plain.startswith(b"HTTP/"), plain  # plaintext gets no answer from the mesh port
