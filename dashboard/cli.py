@@ -44,6 +44,18 @@ def add_dashboard_parser(subparsers: Subparsers) -> None:
     parser.add_argument("--config", metavar="FILE", help="mesh YAML that seeds an empty store (ignored otherwise)")
     parser.add_argument("--trust-domain", default="meshgate.local", metavar="TD", help="SPIFFE trust domain")
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve HTTPS with a certificate from the mesh CA on loopback too (always beyond loopback)",
+    )
+    parser.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another DNS name or IP address gateways use to reach the dashboard (repeatable)",
+    )
+    parser.add_argument(
         "--cert-lifetime",
         type=_duration,
         default=CERT_LIFETIME,

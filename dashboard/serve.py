@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -33,11 +34,12 @@ from dashboard.mesh import Mesh
 from dashboard.settings import Settings
 from dashboard.store import Store, StoreError, open_store
 from gateway.config import ConfigError
-from gateway.units import Address
+from gateway.units import Address, is_loopback, is_wildcard
 
 log = logging.getLogger("meshgate.dashboard")
 
 TOKEN_FILE = "operator-token"
+HTTPS_LIFETIME = 90 * 86400.0  # the dashboard's own HTTPS certificate, made anew at every start
 
 
 def _fail(message: str, status: int = 2) -> int:
@@ -55,6 +57,7 @@ class Startup:
     config_path: str | None
     data: str
     drain_timeout: float
+    tls: tuple[str, str] | None = None  # (certificate file, key file) when serving HTTPS
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--listen {args.listen}: {err.strerror or err}")
     try:
         ca = MeshCA.load_or_create(os.path.join(args.data, "ca"), args.trust_domain)
+        tls = (
+            https_certificate(ca, args.data, args.listen, args.san)
+            if args.tls or not is_loopback(args.listen.host)
+            else None
+        )
     except IdentityError as err:
         sock.close()
         return _fail(str(err))
@@ -84,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         trust_domain=args.trust_domain,
         cert_lifetime=args.cert_lifetime,
     )
-    startup = Startup(settings, sock, mesh, args.config, args.data, args.drain_timeout)
+    startup = Startup(settings, sock, mesh, args.config, args.data, args.drain_timeout, tls)
     import uvloop
 
     try:
@@ -126,14 +134,47 @@ async def serve(startup: Startup) -> int:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=max(1, round(startup.drain_timeout)),
+            ssl_certfile=startup.tls[0] if startup.tls else None,
+            ssl_keyfile=startup.tls[1] if startup.tls else None,
         )
-        server = DashboardServer(config, settings.stopping, startup.sock)
+        server = DashboardServer(config, settings.stopping, startup.sock, "https" if startup.tls else "http")
         await server.serve(sockets=[startup.sock])
         log.info("stopped")
     finally:
         startup.sock.close()
         await store.close()
     return 0
+
+
+def https_certificate(ca: MeshCA, data: str, listen: Address, extra: list[str]) -> tuple[str, str]:
+    """A server certificate from the mesh CA for every name gateways may use: the listen address, this host's
+    names and addresses, loopback, and `--san`. Gateways verify it against the CA they pinned by hash."""
+    names = {"localhost", socket.gethostname().lower(), socket.getfqdn().lower(), *extra}
+    if not is_wildcard(listen.host):
+        names.add(listen.host)
+    names.update(("127.0.0.1", "::1"))
+    with contextlib.suppress(OSError):
+        names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    ips = sorted(name for name in names if _is_ip(name))
+    dns = sorted(name for name in names if not _is_ip(name))
+    key_pem, chain_pem, _ = ca.issue(ca.dashboard_id, dns, ips, lifetime=HTTPS_LIFETIME)
+    directory = os.path.join(data, "tls")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    paths = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    for path, content in zip(paths, (chain_pem, key_pem), strict=True):
+        fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as file:
+            file.write(content)
+        os.replace(f"{path}.tmp", path)
+    return paths
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 async def seed(store: Store, mesh: Mesh, source: str) -> None:
@@ -186,10 +227,11 @@ class DashboardServer(uvicorn.Server):
     handled on the loop without being re-raised afterwards (uvicorn re-raises them, which would make a clean
     SIGTERM exit look like a kill)."""
 
-    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event, sock: socket.socket) -> None:
+    def __init__(self, config: uvicorn.Config, stopping: asyncio.Event, sock: socket.socket, scheme: str) -> None:
         super().__init__(config)
         self.stopping = stopping
         self.sock = sock
+        self.scheme = scheme
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -216,7 +258,7 @@ class DashboardServer(uvicorn.Server):
         if self.started:
             host, port = self.sock.getsockname()[:2]
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            log.info("meshgate dashboard listening http=%s url=http://%s", address, address)
+            log.info("meshgate dashboard listening %s=%s url=%s://%s", self.scheme, address, self.scheme, address)
 
 
 def run_token_create(args: argparse.Namespace) -> int:

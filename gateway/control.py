@@ -15,7 +15,6 @@ Failures back off with full jitter; nothing here is on the request path.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from gateway.admin import AdminState
 from gateway.config import Config, ConfigError
 from gateway.server import Peers, Publish, Spawn
 from gateway.telemetry import Snapshot
-from gateway.units import Address, is_wildcard, parse_address
+from gateway.units import Address, is_loopback, is_wildcard, parse_address
 
 log = logging.getLogger("meshgate.control")
 
@@ -81,15 +80,6 @@ class JoinSettings:
                 raise ControlError(f"--control {self.url}: beyond loopback the dashboard must be reached over https")
             if self.ca_hash is None:
                 raise ControlError(f"--control {self.url}: beyond loopback, pin the mesh CA with --ca-hash sha256:...")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def backoff(attempt: int) -> float:
@@ -242,7 +232,7 @@ class ControlClient:
 
     @property
     def ready(self) -> bool:
-        return self.applied.version > 0 and self.identity.valid
+        return self.payload is not None and self.identity.valid
 
     def load_cache(self) -> None:
         """Serve the last good config while the dashboard is away; a bad cache is ignored, not fatal."""

@@ -67,6 +67,7 @@ class Supervisor:
         # Joined: workers load the identity the supervisor obtained from the files it keeps in the data directory.
         self.data_dir = source.settings.data_dir if isinstance(source, ControlSource) else None
         self.peers: Peers | None = None
+        self.published: int | None = None  # the version of the last config published, None before the first
         self.runtime = Runtime(config)  # only for the admin listener's connections; it holds no routes
         self.state = AdminState(config=config, stats=self.stats, lookup=self.lookup)
         self.count = workers
@@ -216,7 +217,7 @@ class Supervisor:
                     self.start_worker()
 
     def broadcast(self, config: Config, version: int, peers: Peers | None) -> None:
-        self.state.config, self.state.version, self.peers = config, version, peers
+        self.state.config, self.state.version, self.peers, self.published = config, version, peers, version
         self.send(("config", config, version, peers))
 
     def broadcast_identity(self) -> None:
@@ -252,7 +253,7 @@ def worker_main(conn: Connection, *start: Any) -> None:
 async def _worker(
     conn: Connection,
     config: Config,
-    version: int,
+    version: int | None,
     peers: Peers | None,
     addresses: dict[str, Address],
     drain: float,
@@ -264,7 +265,7 @@ async def _worker(
     if identity is not None:
         identity.load()
         runtime.peer_tls = identity.client
-    if version:  # joined and still waiting for a first config: answer 503 until one comes
+    if version is not None:  # None: joined and still waiting for a first config, so answer 503 until one comes
         runtime.apply(config, version, peers)
     tls = identity.server if identity is not None else server_tls(config)
     servers = []

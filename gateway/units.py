@@ -73,6 +73,11 @@ def is_wildcard(host: str) -> bool:
     return (ip := _ip(host)) is not None and ip.is_unspecified
 
 
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address: where plaintext and unpinned TLS are acceptable."""
+    return host == "localhost" or ((ip := _ip(host)) is not None and ip.is_loopback)
+
+
 def parse_duration(text: str | int | float) -> float:
     """Seconds from `250ms`, `2s`, `1.5s`, `1m` or `1h`; a bare number is seconds. Raises ValueError."""
     if isinstance(text, bool):

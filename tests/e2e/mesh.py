@@ -6,6 +6,7 @@ import functools
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -33,7 +34,7 @@ class Dashboard:
     def _start(self) -> subprocess.Popen[str]:
         self.lines = []
         ready = threading.Event()
-        listen = "127.0.0.1:0" if not self.url else self.url.removeprefix("http://")
+        listen = "127.0.0.1:0" if not self.url else self.url.split("://", 1)[1]
         proc = subprocess.Popen(
             [sys.executable, "-m", "dashboard.cli", "dashboard", "--listen", listen, "--data", str(self.data)]
             + list(self.args),
@@ -84,7 +85,10 @@ class Dashboard:
 
     def api(self, token: str | None = None) -> httpx.Client:
         headers = {"authorization": f"Bearer {token or self.operator_token}"}
-        return httpx.Client(base_url=f"{self.url}/api/v1", headers=headers, timeout=10)
+        verify = (
+            ssl.create_default_context(cafile=self.data / "ca" / "root.pem") if self.url.startswith("https") else True
+        )
+        return httpx.Client(base_url=f"{self.url}/api/v1", headers=headers, timeout=10, verify=verify)
 
     def kill(self) -> None:
         self.proc.kill()
@@ -107,15 +111,17 @@ class Dashboard:
         return "".join(self.lines)
 
 
-def joined_gateway(dashboard: Dashboard, directory: Path, group: str, *extra_listeners: str, **gateway: Any) -> Gateway:
-    """A gateway of `group` joined to `dashboard`, with its own data directory and a join token."""
+def joined_gateway(
+    dashboard: Dashboard, directory: Path, group: str, *extra_listeners: str, args: tuple[str, ...] = (), **gateway: Any
+) -> Gateway:
+    """A gateway of `group` joined to `dashboard`, with its own data directory, a join token and `args`."""
     section: dict[str, Any] = {"listen": listeners(*extra_listeners), "telemetry": {"access_log": "off"}}
     section.update(gateway)
     path = directory / f"gateway-{group}.yaml"
     path.write_text(yaml.safe_dump({"gateway": section}))
     token = dashboard.token("gateway", group)
     data = directory / f"gateway-{group}-data"
-    return Gateway(path, ["--control", dashboard.url, "--group", group, "--token", token, "--data", str(data)])
+    return Gateway(path, ["--control", dashboard.url, "--group", group, "--token", token, "--data", str(data), *args])
 
 
 def ready(gateway: Gateway) -> bool:

@@ -1,0 +1,108 @@
+"""Joining a mesh: the dashboard over HTTPS pinned by CA hash, refusals that say why, and readiness."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dashboard.identity import MeshCA
+from tests.conftest import ROOT, Gateway, wait_for
+from tests.e2e.mesh import Dashboard, joined_gateway, ready, wait_ready
+
+
+@pytest.fixture
+def https_dashboard(tmp_path: Path) -> Iterator[Dashboard]:
+    dashboard = Dashboard(tmp_path / "dashboard", "--tls")
+    yield dashboard
+    dashboard.stop()
+
+
+def ca_hash(dashboard: Dashboard) -> str:
+    return MeshCA.load_or_create(str(dashboard.data / "ca"), "meshgate.local").ca_hash
+
+
+def test_a_gateway_joins_an_https_dashboard_pinned_by_ca_hash(https_dashboard: Dashboard, tmp_path: Path) -> None:
+    assert https_dashboard.url.startswith("https://")
+    gateway = joined_gateway(https_dashboard, tmp_path, "shop", args=("--ca-hash", ca_hash(https_dashboard)))
+    try:
+        wait_ready(gateway)
+        with https_dashboard.api() as api:
+            listed = wait_for(lambda: api.get("/gateways").json(), 10, what="the gateway listed")
+        assert [entry["group"] for entry in listed] == ["shop"]
+    finally:
+        gateway.stop()
+
+
+def test_a_wrong_ca_hash_is_refused_and_said(https_dashboard: Dashboard, tmp_path: Path) -> None:
+    wrong = "sha256:" + "0" * 64
+    gateway = joined_gateway(https_dashboard, tmp_path, "shop", args=("--ca-hash", wrong))
+    try:
+        gateway.wait_log(f"but --ca-hash is {wrong}")
+        assert not ready(gateway)
+        with https_dashboard.api() as api:
+            assert api.get("/gateways").json() == []  # it never sent its token to an unpinned server
+    finally:
+        gateway.stop()
+
+
+def test_a_refused_join_token_keeps_the_gateway_unready_with_the_reason(tmp_path: Path) -> None:
+    dashboard = Dashboard(tmp_path / "dashboard")
+    config = tmp_path / "gw.yaml"
+    config.write_text("gateway: {listen: {inbound: 127.0.0.1:0, outbound: 127.0.0.1:0, admin: 127.0.0.1:0}}\n")
+    args = ["--control", dashboard.url, "--group", "shop", "--token", "mgj_not-a-token", "--data", str(tmp_path / "d")]
+    gateway = Gateway(config, args)
+    try:
+        gateway.wait_log("refused the join token")
+        assert not ready(gateway)
+    finally:
+        gateway.stop()
+        dashboard.stop()
+
+
+def test_a_gateway_that_never_got_a_config_is_not_ready_until_the_dashboard_comes(tmp_path: Path) -> None:
+    dashboard = Dashboard(tmp_path / "dashboard")
+    gateway = joined_gateway(dashboard, tmp_path, "shop")
+    wait_ready(gateway)
+    gateway.stop()  # it joined and cached; start afresh with neither, and the dashboard down
+    dashboard.kill()
+    for name in ("config.json", "cert.pem"):
+        (tmp_path / "gateway-shop-data" / name).unlink()
+    restarted = Gateway(gateway.config_path, [str(arg) for arg in gateway.proc.args[6:]])  # type: ignore[index]
+    try:
+        answer = httpx.get(restarted.url("admin") + "/ready", timeout=5)
+        assert answer.status_code == 503
+        for _ in range(3):  # requests get a clear 503, not a hang
+            answer = httpx.get(restarted.url("outbound") + "/", headers={"host": "shop"}, timeout=5)
+            assert answer.status_code == 503 and "no configuration" in answer.text
+        dashboard.restart()
+        wait_ready(restarted)
+    finally:
+        restarted.stop()
+        dashboard.stop()
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "reason"),
+    [
+        ("http://10.1.2.3:9000", [], "must be reached over https"),
+        ("https://10.1.2.3:9000", [], "pin the mesh CA with --ca-hash"),
+        ("ftp://127.0.0.1:9000", [], "expected an http(s) URL"),
+    ],
+)
+def test_the_command_line_refuses_plaintext_or_unpinned_control_beyond_loopback(
+    url: str, extra: list[str], reason: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dashboard.cli", "gateway", "--control", url, "--group", "shop", "--token", "t", *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert reason in done.stderr and "Traceback" not in done.stderr
