@@ -24,6 +24,7 @@ import yaml
 from tests.e2e.servers import ScriptedUpstream
 from tests.e2e.upstream_app import UpstreamServer
 from tests.e2e.wire import Wire
+from tests.etcd import etcd, etcd_server  # noqa: F401  (fixtures for every test directory)
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening (.*)")

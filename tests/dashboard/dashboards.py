@@ -94,7 +94,7 @@ class Dashboard:
         config = uvicorn.Config(
             self.app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
         )
-        self.server = DashboardServer(config, self.settings.stopping, sock)
+        self.server = DashboardServer(config, self.settings.stopping, sock, "http")
         try:
             await self.server.serve(sockets=[sock])
         finally:

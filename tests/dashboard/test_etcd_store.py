@@ -11,8 +11,8 @@ import pytest
 
 from dashboard.etcd import EtcdStore
 from dashboard.store import GatewayRecord, StoreError, VersionConflict, open_store
-from tests.dashboard.conftest import EtcdServer, free_ports
 from tests.dashboard.test_store import mesh
+from tests.etcd import EtcdServer, free_ports
 
 pytestmark = pytest.mark.anyio
 Replicas = Callable[[int], list[EtcdStore]]

@@ -74,6 +74,8 @@ class Dashboard:
 
     def token(self, role: str, group: str | None = None) -> str:
         args = ["--role", role] + (["--group", group] if group else [])
+        if "--store" in self.args:
+            args += ["--store", self.args[self.args.index("--store") + 1]]
         done = subprocess.run(
             [sys.executable, "-m", "dashboard.cli", "dashboard", "token", "create", "--data", str(self.data), *args],
             cwd=ROOT,
