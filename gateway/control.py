@@ -22,13 +22,15 @@ import random
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from gateway import tls
 from gateway.admin import AdminState
@@ -47,6 +49,7 @@ RENEW_MARGIN = 60.0  # at start, a certificate with less life left than this is 
 # The caller's hop to another group only picks one of its gateways and retries connect failures (DESIGN.md,
 # "Division of work"): the owner's gateway splits, balances, retries and ejects, so retries never multiply.
 _PEER_POLICY: dict[str, object] = {
+    "lb": "least_request",  # spread over replicas; latency-aware picking is the owner's job, per endpoint
     "retries": {"attempts": 2, "on": ["connect-failure"]},
     "timeouts": {"connect": "1s", "per_try": "60s", "request": "60s"},
     "outlier": {"consecutive_5xx": 1_000_000},  # the owner's 5xx say nothing about its gateway
@@ -386,6 +389,20 @@ def _when(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+class _IdentityCollector(Collector):
+    """The mesh certificate's expiry, so an alert fires before renewal has failed for half a lifetime."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "meshgate_certificate_expiry_timestamp_seconds",
+            "When this gateway's mesh certificate expires (Unix time; 0 before it has one)",
+            self.identity.not_after,
+        )
+
+
 class ControlSource:
     """A joined gateway's config source for `server.serve()` and the supervisor: the control server, with the
     disk cache first. `identity_changed` tells worker processes to load a renewed certificate from disk."""
@@ -413,6 +430,7 @@ class ControlSource:
         client = self.client = ControlClient(self.settings, self.identity, apply, lambda: status, state.stats)
         client.load_cache()
         state.ready = client.ready
+        state.registry.register(_IdentityCollector(self.identity))
         spawn(self._identity(client, state))
         spawn(client.watch())
         spawn(client.heartbeat())

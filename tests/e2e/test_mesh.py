@@ -103,7 +103,7 @@ def metric(gateway: Gateway, name: str, **labels: str) -> float:
     text = httpx.get(gateway.url("admin") + "/metrics", timeout=5).text
     total = 0.0
     for line in text.splitlines():
-        if not line.startswith(name + "{"):
+        if not line.startswith((name + "{", name + " ")):
             continue
         head, _, value = line.rpartition(" ")
         if all(f'{key}="{wanted}"' in head for key, wanted in labels.items()):
@@ -129,6 +129,36 @@ def test_a_call_to_another_group_crosses_mtls_and_is_counted_once_per_side(mesh:
     )
     assert owner_hop["trace_id"] == caller_hop["trace_id"]
     assert owner_hop["parent_span_id"] == caller_hop["span_id"]
+
+
+def test_calls_spread_over_the_owning_groups_gateway_replicas_and_http_proxy_works(mesh: Mesh) -> None:
+    (mesh.directory / "replica").mkdir()
+    second = joined_gateway(mesh.dashboard, mesh.directory / "replica", "catalog")
+    try:
+        wait_ready(second)
+        replicas = (mesh.gateways["catalog"], second)
+        owner = dict(reporter="destination", source="shop", destination="catalog")
+
+        def counts() -> list[float]:
+            return [metric(gateway, "meshgate_requests_total", **owner) for gateway in replicas]
+
+        before = counts()
+        proxy = mesh.gateways["shop"].url("outbound")
+        with httpx.Client(proxy=proxy, timeout=10) as client:  # an app with HTTP_PROXY set: absolute-form requests
+            wait_for(
+                lambda: client.get("http://catalog/echo").status_code == 200 and counts()[1] > before[1],
+                15,
+                what="the new replica in shop's view",
+            )
+            answers = [client.get("http://catalog/echo") for _ in range(100)]
+        assert {answer.status_code for answer in answers} == {200}
+        after = counts()
+        assert all(b - a >= 10 for a, b in zip(before, after, strict=True)), (before, after)
+    finally:
+        second.stop()
+    # The certificate's expiry is a metric on every gateway.
+    expiry = metric(mesh.gateways["shop"], "meshgate_certificate_expiry_timestamp_seconds")
+    assert expiry > time.time() + 3600
 
 
 def test_inbound_serves_only_its_own_groups_services(mesh: Mesh) -> None:
