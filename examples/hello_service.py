@@ -1,6 +1,6 @@
 """A sample upstream for trying a standalone gateway: answers every request with who it is and what it saw.
 
-python examples/hello_service.py --port 9101
+python examples/hello_service.py --port 9101 [--version v1]
 """
 
 from __future__ import annotations
@@ -12,11 +12,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class Hello(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    version = "v1"
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's naming
         body = (
             json.dumps(
-                {"service": "hello", "path": self.path, "request_id": self.headers.get("x-request-id")}, indent=1
+                {
+                    "service": "hello",
+                    "version": self.version,
+                    "path": self.path,
+                    "request_id": self.headers.get("x-request-id"),
+                },
+                indent=1,
             ).encode()
             + b"\n"
         )
@@ -33,7 +40,9 @@ class Hello(BaseHTTPRequestHandler):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=9101)
+    parser.add_argument("--version", default="v1", help="what the answers say this instance is")
     args = parser.parse_args()
+    Hello.version = args.version
     ThreadingHTTPServer(("127.0.0.1", args.port), Hello).serve_forever()
 
 

@@ -120,6 +120,13 @@ class Runtime:
     def apply(self, config: Config, version: int, peers: Peers | None = None) -> None:
         if peers is not None:
             self.peers = peers
+            # A pool whose address became (or stopped being) a peer gateway, or whose peer must now prove another
+            # identity (our trust domain arrives with our first certificate), is replaced with its endpoints.
+            changed = {address for address, pool in self.pools.items() if pool.peer_id != peers.addresses.get(address)}
+            for address in changed:
+                self.pools.pop(address).close()
+            for key in [key for key in self.endpoints if key[1] in changed]:
+                del self.endpoints[key]
         self.configure_telemetry(config)
         table = RouteTable(config, self.endpoint, version, self.load, self.peers.services)
         self.config, self.table, self.version = config, table, version
@@ -148,12 +155,9 @@ class Runtime:
         endpoint = self.endpoints.get(key)
         if endpoint is None:
             pool = self.pools.get(address)
-            peer_id = self.peers.addresses.get(address)
-            if pool is None or pool.peer_id != peer_id:  # a peer gateway now, or no longer
-                if pool is not None:
-                    pool.close()
-                pool = Pool(address, self.peer_tls if peer_id else None, peer_id)
-                self.pools[address] = pool
+            if pool is None:
+                peer_id = self.peers.addresses.get(address)
+                pool = self.pools[address] = Pool(address, self.peer_tls if peer_id else None, peer_id)
             endpoint = self.endpoints[key] = Endpoint(address, pool)
         return endpoint
 
