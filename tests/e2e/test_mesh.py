@@ -205,6 +205,12 @@ def test_a_weight_change_through_the_api_moves_real_traffic_within_a_second(mesh
         thread.join()
     assert errors == []
     assert took < 1.0
+    # Reverting to the first version is one call, and a new version that traffic follows too.
+    with mesh.dashboard.api() as api:
+        reverted = api.post("/config/revert", json={"version": 1, "reason": "roll back"})
+        assert reverted.status_code == 200, reverted.text
+        assert reverted.json()["version"] == changed.json()["version"] + 1
+    wait_for(lambda: mesh.call("shop", "catalog").headers["x-upstream"] == "v1", 1.0, 0.01, "traffic back on v1")
 
 
 def test_gateways_keep_serving_while_the_dashboard_is_down_and_resync_after(mesh: Mesh) -> None:
