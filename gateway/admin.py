@@ -78,14 +78,28 @@ def admin_handler(state: AdminState, metrics_only: bool = False) -> LocalHandler
         if path.startswith(b"/requests/"):
             if not is_loopback(peer):
                 return 403, TEXT, b"hop records are served to loopback clients only\n"
-            return requests_answer(state, unquote_to_bytes(path[len(b"/requests/") :]))
+            return requests_answer(state.lookup, unquote_to_bytes(path[len(b"/requests/") :]))
         return 404, TEXT, b"unknown admin path; try /healthz /ready /config /metrics /requests/{id}\n"
 
     return handle
 
 
-def requests_answer(state: AdminState, request_id: bytes) -> LocalAnswer | Awaitable[LocalAnswer]:
-    found = state.lookup(request_id)
+def requests_handler(lookup: Callable[[bytes], Hops | Awaitable[Hops]]) -> LocalHandler:
+    """What the inbound listener answers on the dashboard's mTLS connections: `GET /requests/{id}` only."""
+
+    def handle(method: bytes, target: bytes, peer: bytes) -> LocalAnswer | Awaitable[LocalAnswer]:
+        path = target.split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD") or not path.startswith(b"/requests/"):
+            return 404, TEXT, b"the dashboard's identity may only look up /requests/{id}\n"
+        return requests_answer(lookup, unquote_to_bytes(path[len(b"/requests/") :]))
+
+    return handle
+
+
+def requests_answer(
+    lookup: Callable[[bytes], Hops | Awaitable[Hops]], request_id: bytes
+) -> LocalAnswer | Awaitable[LocalAnswer]:
+    found = lookup(request_id)
     if isinstance(found, list):
         return _hops_answer(request_id, found)
 

@@ -179,8 +179,8 @@ class Exchange:
         listener = downstream.listener
         if self.method == b"CONNECT":
             return self.fail_local(405, "CONNECT tunnels are not supported", close=True)
-        if listener.local is not None:
-            return self.answer_locally(listener.local)
+        if downstream.local is not None:
+            return self.answer_locally(downstream.local)
         if self.url[:1] != b"/" and not self.absolute_form(listener.kind):
             return
         runtime = downstream.runtime

@@ -107,6 +107,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "tunnel",
         "max_head",
         "max_headers",
+        "local",
     )
 
     def __init__(self, listener: Listener, loop: asyncio.AbstractEventLoop) -> None:
@@ -135,6 +136,7 @@ class DownstreamProtocol(asyncio.Protocol):
         limits = self.runtime.limits
         self.max_head = limits.max_header_bytes
         self.max_headers = limits.max_headers
+        self.local = listener.local  # answers without forwarding: admin listeners, and the dashboard's lookups
 
     # connection events
 
@@ -144,10 +146,14 @@ class DownstreamProtocol(asyncio.Protocol):
         self.peer_ip = peer[0].encode() if peer else b"127.0.0.1"
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
-            group = group_of(peer_spiffe_id(ssl_object), self.runtime.peers.trust_domain)
+            spiffe_id = peer_spiffe_id(ssl_object)
+            group = group_of(spiffe_id, self.runtime.peers.trust_domain)
             if group is not None:
                 self.source = group
                 self.trusted = True
+            elif spiffe_id is not None and spiffe_id == self.runtime.peers.dashboard_id:
+                # The dashboard asks for hop records over mTLS (DESIGN.md: never plaintext beyond loopback).
+                self.local = self.runtime.dashboard_handler
         if self.listener.kind == "edge":
             self.trusted = self.runtime.config.gateway.preserve_request_id
         self.runtime.connections.add(self)

@@ -16,12 +16,12 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from gateway.accesslog import AccessLog
-from gateway.admin import AdminState, admin_handler
+from gateway.admin import AdminState, Hops, admin_handler, requests_handler
 from gateway.balancer import Endpoint
 from gateway.config import Config, ConfigError
 from gateway.deadlines import Deadlines
@@ -53,6 +53,11 @@ class Peers:
     addresses: Mapping[Address, str] = field(default_factory=dict)
     trust_domain: str | None = None  # peers' SPIFFE IDs must be in it; None (standalone): the CA file decides
 
+    @property
+    def dashboard_id(self) -> str | None:
+        """The dashboard's SPIFFE ID: the one identity whose connections may look up hop records."""
+        return f"spiffe://{self.trust_domain}/dashboard" if self.trust_domain else None
+
 
 class Runtime:
     """The serving state of one process. `apply()` swaps in a new snapshot; requests in flight keep theirs."""
@@ -78,6 +83,10 @@ class Runtime:
         self.loads: dict[str, ServiceLoad] = {}
         self.listener_kinds: set[str] = set()  # the data listeners this process serves
         self.peers = Peers()
+        # Hop records for the dashboard, over its mTLS connection to the inbound listener. A worker replaces
+        # `mesh_lookup` with one that asks its supervisor, which asks every worker.
+        self.mesh_lookup: Callable[[bytes], Hops | Awaitable[Hops]] = self.lookup
+        self.dashboard_handler = requests_handler(lambda request_id: self.mesh_lookup(request_id))
         self.peer_tls: ssl.SSLContext | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

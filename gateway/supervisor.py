@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -164,6 +165,8 @@ class Supervisor:
             worker.ready.set()
         elif kind == "stats":
             self.worker_stats[worker.process.pid or 0] = message[1]
+        elif kind == "lookup":  # a worker answering the dashboard needs every worker's records
+            self.runtime.spawn(self.lookup_for(worker, message[1], message[2]))
         elif kind == "hops":
             pending = self.lookups.get(message[1])
             if pending is not None:
@@ -196,6 +199,11 @@ class Supervisor:
             await asyncio.wait_for(future, LOOKUP_TIMEOUT)
         del self.lookups[self.tokens]
         return sorted(found, key=lambda hop: hop["start"])
+
+    async def lookup_for(self, worker: Worker, token: int, request_id: bytes) -> None:
+        hops = await self.lookup(request_id)
+        with contextlib.suppress(OSError):  # the worker is gone; so is the connection that asked
+            worker.conn.send(("hops", token, hops))
 
     async def monitor(self) -> None:
         """Replace a worker that died, so the gateway keeps its capacity."""
@@ -274,13 +282,33 @@ async def _worker(
         context = tls if kind == "inbound" else None
         servers.append(await start_listener(data_listener(kind, runtime, context), sock, context))
     stop = asyncio.Event()
+    asked: dict[int, asyncio.Future[list[dict[str, Any]]]] = {}
+    tokens = itertools.count(1)
+
+    async def mesh_lookup(request_id: bytes) -> list[dict[str, Any]]:
+        """The dashboard asked this worker; the supervisor gathers every worker's records."""
+        token = next(tokens)
+        future = asked[token] = loop.create_future()
+        try:
+            conn.send(("lookup", token, request_id))
+            return await asyncio.wait_for(future, LOOKUP_TIMEOUT * 2)
+        except (OSError, TimeoutError):
+            return runtime.lookup(request_id)  # the supervisor is busy or gone: this worker's records at least
+        finally:
+            del asked[token]
+
+    runtime.mesh_lookup = mesh_lookup
 
     def on_message() -> None:
         try:
             message = conn.recv()
         except (EOFError, OSError):
             message = ("drain",)  # the supervisor is gone: finish what is in flight and exit
-        if message[0] == "config":
+        if message[0] == "hops":
+            waiting = asked.get(message[1])
+            if waiting is not None and not waiting.done():
+                waiting.set_result(message[2])
+        elif message[0] == "config":
             runtime.apply(message[1], message[2], message[3])
         elif message[0] == "identity" and identity is not None:
             identity.load()

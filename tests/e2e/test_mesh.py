@@ -161,6 +161,29 @@ def test_calls_spread_over_the_owning_groups_gateway_replicas_and_http_proxy_wor
     assert expiry > time.time() + 3600
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_dashboard_identity_looks_up_hop_records_over_mtls(mesh: Mesh, workers: str) -> None:
+    catalog = mesh.restart("catalog", "--workers", workers) if workers != "1" else mesh.gateways["catalog"]
+    wait_ready(catalog)
+    wait_for(lambda: mesh.call("shop", "catalog").status_code == 200, 10, what="shop reaches catalog")
+    ids = [mesh.call("shop", "catalog").headers["x-request-id"] for _ in range(8)]  # spread over the workers
+    ca = MeshCA.load_or_create(str(mesh.dashboard.data / "ca"), "meshgate.local")
+    key, chain, _ = ca.issue(ca.dashboard_id)
+    host, port = catalog.inbound
+    with httpx.Client(verify=tls.mesh_client_context(chain, key, ca.root_pem), timeout=5) as dashboard:
+        for request_id in ids:
+            found = dashboard.get(f"https://{host}:{port}/requests/{request_id}")
+            assert found.status_code == 200, found.text
+            assert [hop["source"] for hop in found.json()["hops"]] == ["shop"]
+        assert dashboard.get(f"https://{host}:{port}/config").status_code == 404  # lookups, nothing else
+    # A group's identity is a caller, not the dashboard: its /requests/... is just a path on the service.
+    shop_key, csr = tls.new_key_and_csr()
+    shop = tls.mesh_client_context(ca.sign_csr(csr, "shop").chain_pem, shop_key, ca.root_pem)
+    with httpx.Client(verify=shop, timeout=5) as caller:
+        proxied = caller.get(f"https://{host}:{port}/requests/{ids[0]}", headers={"host": "catalog"})
+    assert proxied.headers["x-upstream"] in ("v1", "v2")
+
+
 def test_inbound_serves_only_its_own_groups_services(mesh: Mesh) -> None:
     """A gateway is not a relay: catalog's inbound does not forward to payments, even for a mesh peer."""
     wanted = httpx.get(mesh.gateways["catalog"].url("outbound") + "/echo", headers={"host": "payments"}, timeout=5)
