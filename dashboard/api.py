@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -21,7 +22,7 @@ from starlette.routing import Route
 
 from dashboard.auth import READ, WRITE, Auth, Principal
 from dashboard.bodies import read_object, reason_of
-from dashboard.errors import HEADERS, ApiError
+from dashboard.errors import HEADERS, ApiError, log
 from dashboard.mesh import Mesh, NotFound
 from dashboard.store import AuditEntry, Revision, Store, VersionConflict
 from gateway.config import ConfigError
@@ -87,9 +88,12 @@ def service_summary(mesh: Mesh, name: str) -> dict[str, object]:
 class OperatorApi:
     """The operator endpoints, bound to one store and one `Auth`; `routes()` lists them for the app."""
 
-    def __init__(self, store: Store, auth: Auth) -> None:
+    def __init__(
+        self, store: Store, auth: Auth, signals: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None
+    ) -> None:
         self.store = store
         self.auth = auth
+        self.signals = signals  # golden signals per service and subset over the last 5 minutes
         self._parsed: tuple[int, Mesh] | None = None  # revisions never change, so the last parse is reusable
         # One write at a time in this process, so edits here never race each other; a race with another
         # dashboard replica (etcd) is caught by expect_version and the edit redone.
@@ -176,12 +180,16 @@ class OperatorApi:
         summary: List services with their owning group, subsets, endpoints and live weights
         tags: [services]
         responses:
-          "200": {description: "`{version, services: [{name, group, subsets, weights, routes}]}`"}
+          "200": {description: "`{version, services: [{name, group, subsets, weights, routes, signals}]}`; signals are
+            `{rps, error_rate, p99_ms, subsets: {...}}` over the last 5 minutes"}
           "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
         """
         revision, mesh = await self._read(request)
-        services = [service_summary(mesh, service.name) for service in mesh.services]
+        golden = await self._signals()
+        services = [
+            {**service_summary(mesh, service.name), "signals": golden.get(service.name)} for service in mesh.services
+        ]
         return json_response(
             {"version": revision.version, "services": services}, headers=version_etag(revision.version)
         )
@@ -192,7 +200,7 @@ class OperatorApi:
         tags: [services]
         parameters: [{$ref: "#/components/parameters/name"}]
         responses:
-          "200": {description: "`{name, group, version, subsets, weights, routes, spec}`"}
+          "200": {description: "`{name, group, version, subsets, weights, routes, signals, spec}`"}
           "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "404": {$ref: "#/components/responses/Error"}
@@ -202,8 +210,24 @@ class OperatorApi:
         service = mesh.service(name)
         if service is None:
             raise ApiError(404, f"services.{name}: no such service")
-        detail = {**service_summary(mesh, name), "version": revision.version, "spec": service.to_dict()}
+        golden = (await self._signals()).get(name)
+        detail = {
+            **service_summary(mesh, name),
+            "version": revision.version,
+            "signals": golden,
+            "spec": service.to_dict(),
+        }
         return json_response(detail, headers=version_etag(revision.version))
+
+    async def _signals(self) -> dict[str, dict[str, Any]]:
+        """Golden signals for the listing; when their source (Prometheus) is down, the config is still listed."""
+        if self.signals is None:
+            return {}
+        try:
+            return await self.signals()
+        except ApiError as err:
+            log.warning("services listed without golden signals: %s", err)
+            return {}
 
     async def put_service(self, request: Request) -> Response:
         """---

@@ -18,10 +18,16 @@ from dashboard.api import OperatorApi
 from dashboard.auth import Auth, BearerTokens
 from dashboard.bodies import BodyLimit
 from dashboard.errors import ApiError, ErrorBoundary, error_response, log, on_api_error, on_http_exception
+from dashboard.headers import SecurityHeaders
 from dashboard.metrics import DashboardMetrics, MetricsEndpoint, RequestMetrics, TimedStore
 from dashboard.openapi import OpenAPI
-from dashboard.settings import Settings
+from dashboard.pagedata import PageData
+from dashboard.sessions import Sessions
+from dashboard.settings import MAX_SPAN_BATCH, Settings
+from dashboard.signals import SignalsApi
 from dashboard.store import StoreError
+from dashboard.traces import TraceApi
+from dashboard.views import Views
 from dashboard.wire import GatewayApi
 
 
@@ -40,24 +46,38 @@ def create_app(settings: Settings) -> Starlette:
         raise ValueError(f"the CA is for trust domain {settings.ca.trust_domain}, not {settings.trust_domain}")
     metrics = DashboardMetrics(settings.registry)
     store = TimedStore(settings.store, metrics)
-    auth = Auth([BearerTokens(store)])
+    sessions = Sessions(store)  # UI: cookie sessions, the second authenticator (the API accepts them too)
+    auth = Auth([BearerTokens(store), sessions])
     scrape = MetricsEndpoint(metrics, store, settings.stale_after)
+    signals = SignalsApi.create(settings, store, auth)  # golden signals; serve.py runs `signals.source.run()`
+    operator = OperatorApi(
+        store, auth, signals.services
+    )  # UI: shared with the pages, so one write lock and one commit path
+    gateway_api = GatewayApi(settings, store, auth, metrics)  # UI: shared with the gateways page
+    trace_api = TraceApi(settings, store, auth)  # UI: its `traces` serve the trace page too
     routes: list[BaseRoute] = [
-        *OperatorApi(store, auth).routes(),
-        *GatewayApi(settings, store, auth, metrics).routes(),
+        *operator.routes(),
+        *gateway_api.routes(),
+        *signals.routes(),
+        *trace_api.routes(),  # spans: the OTLP receiver and trace lookup
         Route("/metrics", scrape.endpoint, methods=["GET"]),
     ]
     openapi = OpenAPI(routes)  # the same list: the document lists itself too
     routes.append(Route("/api/v1/openapi.json", openapi.endpoint, methods=["GET"]))
+    pages = PageData(store, operator, gateway_api, signals=signals, traces=trace_api.traces)  # UI: page data
+    views = Views(auth=auth, sessions=sessions, operator=operator, data=pages)  # UI: pages, login, static files
+    routes = [*routes, *views.routes()]  # UI: a new list, so the OpenAPI document leaves the pages out
     app = Starlette(
         routes=routes,
         middleware=[
+            Middleware(SecurityHeaders),  # UI: CSP, X-Frame-Options, nosniff, Referrer-Policy on every answer
             Middleware(RequestMetrics, metrics=metrics),
             Middleware(ErrorBoundary),
-            Middleware(BodyLimit, limit=settings.max_body),
+            Middleware(BodyLimit, limit=settings.max_body, paths={"/v1/traces": MAX_SPAN_BATCH}),
         ],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_exception, StoreError: on_store_error},
     )
     app.state.auth = auth  # for pages and login added by the UI, which authenticate the same way
     app.state.store = store
+    app.state.signals = signals  # the sampler to run, and topology / signals for pages
     return app

@@ -15,9 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import TypeAlias
 
-from dashboard.settings import CERT_LIFETIME
 from gateway import cli as gateway_cli
-from gateway.units import Address, parse_address, parse_duration
+from gateway.units import Address, parse_address
 
 DEFAULT_DATA = "./meshgate-data"
 DEFAULT_SERVER = "http://127.0.0.1:9000"
@@ -57,14 +56,39 @@ def add_dashboard_parser(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--cert-lifetime",
-        type=_duration,
-        default=CERT_LIFETIME,
+        type=gateway_cli.duration,
         metavar="DURATION",
         help="how long gateway certificates live; gateways renew at about half-life (default 24h)",
     )
+    parser.add_argument("--jaeger", metavar="URL", help="look sampled traces up in Jaeger's query API at URL")
+    parser.add_argument("--prometheus", metavar="URL", help="read golden-signal history from Prometheus at URL")
+    parser.add_argument(
+        "--prometheus-scrape-interval",
+        type=gateway_cli.duration,
+        metavar="DURATION",
+        help="the scrape interval Prometheus uses for the gateways (default 15s)",
+    )
+    parser.add_argument(
+        "--signals-step",
+        type=gateway_cli.duration,
+        metavar="DURATION",
+        help="how often the embedded history samples the gateways' heartbeats (default 5s)",
+    )
+    parser.add_argument(
+        "--max-spans",
+        type=gateway_cli.positive_int,
+        metavar="N",
+        help="spans kept in the embedded store, oldest traces dropped first (default 200000)",
+    )
+    parser.add_argument(
+        "--span-max-age",
+        type=gateway_cli.duration,
+        metavar="DURATION",
+        help="how long the embedded store keeps spans (default 24h)",
+    )
     parser.add_argument(
         "--drain-timeout",
-        type=_duration,
+        type=gateway_cli.duration,
         default=10.0,
         metavar="DURATION",
         help="on SIGTERM, how long requests in flight may take to finish (default 10s)",
@@ -111,13 +135,6 @@ def _address(text: str) -> Address:
         return parse_address(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT ({err}), got {text!r}") from None
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _run_dashboard(args: argparse.Namespace) -> int:

@@ -30,8 +30,12 @@ from prometheus_client import CollectorRegistry
 from dashboard.app import create_app
 from dashboard.auth import TokenError, new_token
 from dashboard.identity import IdentityError, MeshCA
+from dashboard.jaeger import JaegerQuery
 from dashboard.mesh import Mesh
-from dashboard.settings import Settings
+from dashboard.settings import CERT_LIFETIME, PROMETHEUS_SCRAPE_INTERVAL, SIGNALS_STEP, Settings
+from dashboard.spans import DB_FILE as SPANS_FILE
+from dashboard.spans import MAX_AGE as MAX_SPAN_AGE
+from dashboard.spans import MAX_SPANS, SpanStore
 from dashboard.store import Store, StoreError, open_store
 from gateway.config import ConfigError
 from gateway.units import Address, is_loopback, is_wildcard
@@ -80,17 +84,38 @@ def run(args: argparse.Namespace) -> int:
     except IdentityError as err:
         sock.close()
         return _fail(str(err))
+    if args.jaeger:
+        try:
+            JaegerQuery(args.jaeger)
+        except ValueError as err:
+            sock.close()
+            return _fail(f"--jaeger {args.jaeger}: {err}")
     try:
         store = open_store(args.store or args.data)
     except StoreError as err:
         sock.close()
         return _fail(str(err), 1)
+    # With Jaeger, sampled traces live there; otherwise in the embedded span store next to the config.
+    spans = (
+        None
+        if args.jaeger
+        else SpanStore(
+            os.path.join(args.data, SPANS_FILE),
+            max_spans=args.max_spans or MAX_SPANS,
+            max_age=args.span_max_age or MAX_SPAN_AGE,
+        )
+    )
     settings = Settings(
         store=store,
         ca=ca,
         registry=CollectorRegistry(),
         trust_domain=args.trust_domain,
-        cert_lifetime=args.cert_lifetime,
+        cert_lifetime=args.cert_lifetime or CERT_LIFETIME,
+        spans=spans,
+        jaeger=args.jaeger,
+        prometheus=args.prometheus,
+        prometheus_scrape_interval=args.prometheus_scrape_interval or PROMETHEUS_SCRAPE_INTERVAL,
+        signals_step=args.signals_step or SIGNALS_STEP,
     )
     startup = Startup(settings, sock, mesh, args.config, args.data, args.drain_timeout, tls)
     import uvloop
@@ -128,8 +153,11 @@ async def serve(startup: Startup) -> int:
             path = os.path.join(startup.data, TOKEN_FILE)
             print(f"operator token (shown once, saved to {path}): {token}", flush=True)
         log.info("mesh CA %s, trust domain %s", settings.ca.ca_hash, settings.ca.trust_domain)
+        app = create_app(settings)
+        signals = app.state.signals.source  # golden-signal history (or Prometheus), sampled in the background
+        sampler = asyncio.ensure_future(signals.run())
         config = uvicorn.Config(
-            create_app(settings),
+            app,
             log_config=None,
             access_log=False,
             lifespan="off",
@@ -138,11 +166,19 @@ async def serve(startup: Startup) -> int:
             ssl_keyfile=startup.tls[1] if startup.tls else None,
         )
         server = DashboardServer(config, settings.stopping, startup.sock, "https" if startup.tls else "http")
-        await server.serve(sockets=[startup.sock])
+        try:
+            await server.serve(sockets=[startup.sock])
+        finally:
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+            await signals.close()
         log.info("stopped")
     finally:
         startup.sock.close()
         await store.close()
+        if settings.spans is not None:
+            await settings.spans.close()
     return 0
 
 

@@ -6,17 +6,23 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dashboard.topology import Thresholds
+
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from dashboard.identity import MeshCA
+    from dashboard.spans import SpanStore
     from dashboard.store import Store
 
 MAX_BODY = 1 << 20  # bytes; larger request bodies get 413
+MAX_SPAN_BATCH = 16 << 20  # bytes; an OTLP batch from a gateway (2048 spans with long paths) fits
 HEARTBEAT_INTERVAL = 2.0  # seconds between a gateway's heartbeats; stale after STALE_AFTER of them missed
 STALE_AFTER = 3
 MAX_WAIT = 60.0  # the longest /sync long-poll a gateway may ask for
 CERT_LIFETIME = 24 * 3600.0  # seconds a gateway certificate lives; gateways renew at about half-life
+SIGNALS_STEP = 5.0  # seconds between golden-signal samples of the gateways' heartbeats (dashboard/stats.py)
+PROMETHEUS_SCRAPE_INTERVAL = 15.0  # Prometheus's own default; rates need at least two scrapes in a window
 
 
 @dataclass(frozen=True)
@@ -39,7 +45,15 @@ class Settings:
     cert_lifetime: float = CERT_LIFETIME
     max_body: int = MAX_BODY
     max_wait: float = MAX_WAIT
+    spans: SpanStore | None = None  # the span store (owned by the caller, like `store`); None: POST /v1/traces 404s
+    jaeger: str | None = None  # Jaeger's query URL: sampled traces are looked up there instead of in `spans`
     stopping: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
+    # Golden signals (dashboard/stats.py, signals.py): the embedded history's sampling step, the health colours'
+    # thresholds, and Prometheus to read them from instead (with the scrape interval it uses).
+    signals_step: float = SIGNALS_STEP
+    health: Thresholds = Thresholds()
+    prometheus: str | None = None
+    prometheus_scrape_interval: float = PROMETHEUS_SCRAPE_INTERVAL
 
     @property
     def stale_after(self) -> float:

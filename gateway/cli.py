@@ -6,11 +6,14 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from gateway.config import Config, ConfigError, read_yaml
-from gateway.control import ControlError, ControlSource, JoinSettings
-from gateway.server import FileSource, Source
 from gateway.units import parse_duration
+
+if TYPE_CHECKING:
+    from gateway.control import JoinSettings
+    from gateway.server import Source
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,14 +39,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="worker processes sharing the data listeners (SO_REUSEPORT); default 1",
     )
     parser.add_argument(
         "--drain-timeout",
-        type=_duration,
+        type=duration,
         default=15.0,
         metavar="DURATION",
         help="on SIGTERM, how long requests in flight may take to finish (default 15s)",
@@ -56,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
         if args.config or args.control:
             args.parser.error("--check takes no other mode")
         return _check(args.check)
+    # The modules that serve are imported only now: `--check` and `--help` stay quick.
+    from gateway.control import ControlError, ControlSource
+    from gateway.server import FileSource
+
     source: Source
     try:
         if args.control:
@@ -101,6 +108,8 @@ def _check(path: str) -> int:
 
 
 def _join_settings(args: argparse.Namespace) -> JoinSettings:
+    from gateway.control import JoinSettings
+
     if not args.group or not args.token:
         args.parser.error("--control needs --group NAME and --token T (or $MESHGATE_JOIN_TOKEN)")
     gateway: dict[str, object] = {}
@@ -129,15 +138,20 @@ def _join_settings(args: argparse.Namespace) -> JoinSettings:
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
-def _duration(text: str) -> float:
+def duration(text: str) -> float:
+    """An argparse type: `250ms`, `2s`, `1m`, `24h` as seconds."""
     try:
         return parse_duration(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+        raise argparse.ArgumentTypeError(str(exc)) from None

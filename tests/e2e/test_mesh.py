@@ -81,7 +81,7 @@ def running_mesh(tmp_path: Path, start_upstream: StartUpstream, *dashboard_args:
             }
         )
     )
-    dashboard = Dashboard(tmp_path / "dashboard", "--config", str(mesh_file), *dashboard_args)
+    dashboard = Dashboard(tmp_path / "dashboard", "--config", str(mesh_file), "--signals-step", "0.5s", *dashboard_args)
     gateways: dict[str, Gateway] = {}
     try:
         for group in ("shop", "catalog", "payments"):
@@ -275,6 +275,27 @@ def test_a_joined_gateway_with_workers_joins_once_and_every_worker_serves_mtls(m
 
         # One heartbeat for the whole gateway (the supervisor), not one per worker.
         assert len(wait_for(catalog_gateways, 10, what="catalog heartbeat at the new version")) == 1
+
+
+def test_topology_and_service_signals_come_from_live_traffic(mesh: Mesh) -> None:
+    for _ in range(30):
+        assert mesh.call("shop", "catalog").status_code == 200
+    assert mesh.call("catalog", "payments").status_code == 403
+    with mesh.dashboard.api() as api:
+
+        def edges() -> dict[tuple[str, str], dict[str, object]] | None:
+            found = {(e["source"], e["destination"]): e for e in api.get("/topology?window=5m").json()["edges"]}
+            ready = ("group:shop", "service:catalog") in found and ("group:catalog", "service:payments") in found
+            return found if ready else None
+
+        found = wait_for(edges, 15, what="both edges on the topology")
+        catalog = found[("group:shop", "service:catalog")]
+        assert float(catalog["rps"]) > 0 and catalog["error_rate"] == 0 and catalog["mtls"] is True
+        assert float(catalog["p99_ms"]) > 0
+        assert found[("group:catalog", "service:payments")]["denied"]  # the refused call shows on the topology
+        services = {s["name"]: s for s in api.get("/services").json()["services"]}
+        assert services["catalog"]["signals"]["rps"] > 0
+        assert services["catalog"]["signals"]["subsets"]["v1"]["rps"] > 0
 
 
 def test_the_api_lists_every_gateway_in_sync_with_its_certificate(mesh: Mesh) -> None:

@@ -1,0 +1,553 @@
+"""What the pages show, gathered and shaped for the templates: `PageData`.
+
+It reads the config store (services, weights, the change timeline), the gateways' view (`GatewayApi`, so "in sync"
+means the same as in the API), golden signals (`dashboard.signals.SignalsApi` over the embedded history or
+Prometheus, the same calls as the JSON API) and traces (`dashboard.traces.Traces`). The geometry of the SVG
+(boxes and edges from `topology.layout`, charts, waterfalls from `dashboard.charts`) is computed here, never in
+templates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from dashboard import topology as topo
+from dashboard.api import OperatorApi
+from dashboard.charts import Chart, fmt, line_chart, waterfall
+from dashboard.errors import ApiError
+from dashboard.jaeger import JaegerError
+from dashboard.mesh import Mesh
+from dashboard.signals import SignalsApi, chart_series
+from dashboard.spans import TraceFilters
+from dashboard.stats import SignalsError
+from dashboard.store import Revision, Store
+from dashboard.traces import TraceResult, Traces, not_found
+from dashboard.wire import GatewayApi
+
+WINDOWS = {"5m": 300.0, "1h": 3600.0, "6h": 21600.0}
+RECENT = 15.0  # seconds of traffic behind a subset's "measured share": what the split does now
+TIMELINE = 50  # config versions searched for a service's weight changes
+LABEL_CHAR, LABEL_ROW = 6.4, 12.0  # edge labels: 10.5 px monospace characters and rows
+_TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
+Series = list[tuple[float, float | None]]
+_T = TypeVar("_T")
+
+
+def short_id(text: object) -> str:
+    return str(text)[:8] if text else ""
+
+
+def dom_id(prefix: str, key: str) -> str:
+    """A stable element id for any text (node ids hold ':'): htmx puts focus back on the element with the same id."""
+    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def split_of(mesh: Mapping[str, Any], service: str) -> dict[str, int] | None:
+    spec = mesh.get("services", {}).get(service)
+    if not isinstance(spec, Mapping) or not spec.get("routes"):
+        return None
+    return dict(spec["routes"][-1]["split"])
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+class PageData:
+    """The pages' data sources. `signals` and `traces` may be None (the pages then say so instead of charts).
+
+    >>> data = PageData(store, operator_api, gateway_api, signals=signals_api, traces=traces)
+    >>> await data.service("catalog", 300.0)
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        operator: OperatorApi,
+        gateway_api: GatewayApi,
+        *,
+        signals: SignalsApi | None = None,
+        traces: Traces | None = None,
+    ) -> None:
+        self.store = store
+        self.operator = operator
+        self.gateway_api = gateway_api
+        self.signals = signals
+        self.traces = traces
+
+    async def _mesh(self) -> tuple[Revision, Mesh]:
+        revision = await self.store.current()
+        return revision, self.operator.mesh_of(revision)
+
+    async def service_names(self) -> list[str]:
+        _, mesh = await self._mesh()
+        return [service.name for service in mesh.services]
+
+    async def subsets_of(self, name: str) -> list[str]:
+        _, mesh = await self._mesh()
+        service = mesh.service(name)
+        if service is None:
+            raise ApiError(404, f"services.{name}: no such service")
+        return [subset.name for subset in service.subsets]
+
+    async def weights_of(self, name: str) -> dict[str, int]:
+        """The live split of `name`'s catch-all route, every subset named (0 when omitted)."""
+        _, mesh = await self._mesh()
+        service = mesh.service(name)
+        if service is None:
+            raise ApiError(404, f"services.{name}: no such service")
+        split = dict(service.routes[-1].split)
+        return {subset.name: split.get(subset.name, 0) for subset in service.subsets}
+
+    # Topology
+
+    async def topology(
+        self, window: float, *, selected_node: str = "", selected_edge: str = "", path: frozenset[str] = frozenset()
+    ) -> dict[str, Any] | None:
+        """The graph as SVG geometry; `path` holds "source>destination" node-id pairs to highlight (a trace)."""
+        if self.signals is None:
+            return None
+        document = await _signals(self.signals.topology(window))
+        return graph(document, selected_node, selected_edge, path, self.signals.thresholds)
+
+    async def details(self, window: float, *, node: str = "", edge: str = "") -> dict[str, Any] | None:
+        """The golden signals over time of the selected edge, service (per subset) or group (per gateway)."""
+        if self.signals is None or not (node or edge):
+            return None
+        end = time.time()
+        start = end - window
+        if edge:
+            source, _, destination = edge.partition(">")
+            found = await _signals(self.signals.edge(source, destination, window))
+            lines = {"all subsets": chart_series(found["points"])}
+            lines.update((subset, chart_series(points)) for subset, points in sorted(found["subsets"].items()))
+            tops = shared_tops(list(lines.values()))
+            return {
+                "kind": "edge",
+                "title": f"{source} → {destination}",
+                "totals": found["totals"],
+                "columns": [(name, signal_charts(series, start, end, (), tops)) for name, series in lines.items()],
+                "edges": [],
+                "link": None,
+            }
+        document = await _signals(self.signals.topology(window))
+        node_data = next((item for item in document["nodes"] if item["id"] == node), None)
+        if node_data is None:
+            return {"kind": "missing", "title": node, "totals": None, "columns": [], "edges": [], "link": None}
+        kind, name = node_data["kind"], str(node_data["name"])
+        edges = [item for item in document["edges"] if node in (item["source"], item["destination"])]
+        columns: list[tuple[str, list[Chart]]] = []
+        totals = None
+        link = None
+        if kind == "service":
+            found = await _signals(self.signals.service(name, window))
+            totals = found["totals"]
+            per_subset = {subset: chart_series(item["points"]) for subset, item in found["subsets"].items()}
+            tops = shared_tops(list(per_subset.values()))
+            columns = [(subset, signal_charts(series, start, end, (), tops)) for subset, series in per_subset.items()]
+            link = f"/services/{name}"
+        elif kind == "group":
+            for record in await self.store.gateways():
+                if record.group == name:
+                    found = await _signals(self.signals.gateway(record.instance, window))
+                    if not found["stale"]:
+                        charts = saturation_charts(chart_series(found["points"]), start, end)
+                        columns.append((f"gateway {short_id(record.instance)}", charts))
+        return {"kind": kind, "title": name, "totals": totals, "columns": columns, "edges": edges, "link": link}
+
+    # Services
+
+    async def services(self, window: float) -> list[dict[str, Any]]:
+        _, mesh = await self._mesh()
+        golden = await _signals(self.signals.services(window)) if self.signals is not None else {}
+        listing = []
+        for service in mesh.services:
+            signals = golden.get(service.name, {})
+            listing.append(
+                {
+                    "name": service.name,
+                    "group": mesh.group_of(service.name),
+                    "weights": dict(service.routes[-1].split),
+                    "rps": _number(signals.get("rps")),
+                    "error_rate": _number(signals.get("error_rate")),
+                    "p99_ms": _number(signals.get("p99_ms")),
+                }
+            )
+        return listing
+
+    async def service(self, name: str, window: float) -> dict[str, Any]:
+        revision, mesh = await self._mesh()
+        service = mesh.service(name)
+        if service is None:
+            raise ApiError(404, f"services.{name}: no such service")
+        weights = dict(service.routes[-1].split)
+        names = [subset.name for subset in service.subsets]
+        found: Mapping[str, Any] = {"subsets": {}}
+        recent: Mapping[str, Any] = {}
+        if self.signals is not None:
+            found = await _signals(self.signals.service(name, window))
+            recent = (await _signals(self.signals.services(RECENT))).get(name, {}).get("subsets", {})
+        rates = {subset: _number(recent.get(subset, {}).get("rps")) or 0.0 for subset in names}
+        total = sum(rates.values())
+        subsets = []
+        for subset in service.subsets:
+            totals = found["subsets"].get(subset.name, {}).get("totals", {})
+            subsets.append(
+                {
+                    "name": subset.name,
+                    "endpoints": [str(endpoint) for endpoint in subset.endpoints],
+                    "weight": weights.get(subset.name, 0),
+                    "share": rates[subset.name] / total if total > 0 else None,
+                    "rps": _number(totals.get("rps")),
+                    "error_rate": _number(totals.get("error_rate")),
+                    "p99_ms": _number(totals.get("p99_ms")),
+                }
+            )
+        timeline = await self.timeline(name)
+        end = time.time()
+        start = end - window
+        markers = [(item["time"], item["version"], item["label"]) for item in timeline]
+        per_subset = {
+            name: chart_series(found["subsets"][name]["points"]) for name in names if name in found["subsets"]
+        }
+        tops = shared_tops(list(per_subset.values()))  # canary and primary on one scale
+        columns = [(name, signal_charts(series, start, end, markers, tops)) for name, series in per_subset.items()]
+        return {
+            "name": name,
+            "group": mesh.group_of(name),
+            "version": revision.version,
+            "weights": weights,
+            "subsets": subsets,
+            "primary": names[0],
+            "canary": names[-1] if len(names) > 1 else None,
+            "percents": (0, 10, 25, 50, 75, 100),
+            "timeline": timeline,
+            "columns": columns,
+            "signals": self.signals is not None,
+            "recent": RECENT,
+        }
+
+    async def timeline(self, name: str) -> list[dict[str, Any]]:
+        """The config versions that changed `name`'s weights, newest first, with who, why and the split before."""
+        revisions = await self.store.history(TIMELINE + 1)
+        current = split_of(revisions[0].mesh, name) if revisions else None
+        changes = []
+        for newer, older in zip(revisions, revisions[1:], strict=False):
+            after, before = split_of(newer.mesh, name), split_of(older.mesh, name)
+            if after is None or before is None or after == before:
+                continue
+            label = ", ".join(f"{subset} {weight}" for subset, weight in after.items() if weight)
+            changes.append(
+                {
+                    "version": newer.version,
+                    "time": newer.time,
+                    "author": newer.author,
+                    "reason": newer.reason,
+                    "before": before,
+                    "after": after,
+                    "label": f"version {newer.version}: {label}" + (f" ({newer.reason})" if newer.reason else ""),
+                    "revertible": before != current,
+                }
+            )
+        return changes
+
+    async def weights_before(self, name: str, version: int) -> dict[str, int]:
+        """The split `name` had just before config `version` (what a timeline marker's revert restores)."""
+        older = await self.store.get(version - 1) if version > 1 else None
+        if older is None or await self.store.get(version) is None:
+            raise ApiError(404, f"no config version {version} with a version before it")
+        before = split_of(older.mesh, name)
+        if before is None:
+            raise ApiError(422, f"services.{name}: did not exist before version {version}; nothing to revert to")
+        return before
+
+    # Traces
+
+    async def trace(self, query: str) -> dict[str, Any]:
+        """Look `query` up as a trace ID (32 hex digits) and else as a request ID; `found` False with a reason."""
+        if self.traces is None:
+            return {"found": False, "reason": "trace lookup is not configured on this dashboard", "query": query}
+        result: TraceResult | None = None
+        try:
+            if _TRACE_ID.fullmatch(query):
+                result = await self.traces.lookup_trace(query)
+            if result is None or not result.spans:
+                result = await self.traces.lookup_request(query)
+        except ValueError as err:
+            return {"found": False, "reason": str(err), "query": query}
+        if not result.spans:
+            return {"found": False, "reason": not_found(result, f"request or trace ID {query}"), "query": query}
+        spans = list(result.spans)
+        path = frozenset(hop_edge(span) for span in spans) - {""}
+        return {
+            "found": True,
+            "query": query,
+            "trace_id": result.trace_id,
+            "trace_ids": result.trace_ids,
+            "request_id": result.request_id,
+            "rows": [(row, hop_view(row.span)) for row in waterfall(spans)],
+            "unreachable": [unreachable_text(problem) for problem in result.unreachable],
+            "gateways_asked": len(result.gateways_asked),
+            "graph": await self.topology(WINDOWS["5m"], path=path),
+            "path": sorted(path),
+        }
+
+    async def recent_traces(self, filters: Mapping[str, str]) -> tuple[list[dict[str, Any]], str]:
+        """The recent-traces list for the filters, and a one-line problem (bad filter, Jaeger down) or ""."""
+        if self.traces is None:
+            return [], ""
+        try:
+            params = {"service": filters.get("service", ""), "status": filters.get("status", "")}
+            params["min_duration_ms"] = filters.get("min_ms", "")
+            return await self.traces.recent(TraceFilters.parse(params)), ""
+        except ValueError as err:
+            return [], str(err)
+        except JaegerError as err:  # the page says so instead of failing
+            return [], f"the recent traces cannot be read: {err}"
+
+    # Gateways
+
+    async def gateways(self, request: Request) -> list[dict[str, Any]]:
+        # The API's own description, so "in sync" and "stale" mean the same here (see /tmp/issue5-needs.md).
+        answer = await self.gateway_api.gateways(request)
+        listing: list[dict[str, Any]] = json.loads(bytes(answer.body))
+        for item in listing:
+            item["saturation"] = {}
+            if self.signals is not None and not item["stale"]:
+                found = await _signals(self.signals.gateway(item["instance"], WINDOWS["5m"]))
+                item["saturation"] = found["latest"] or {}
+        return listing
+
+
+async def _signals(call: Awaitable[_T]) -> _T:
+    """A signals call; an unavailable source (Prometheus down) or a window it cannot answer is a one-line error."""
+    try:
+        return await call
+    except SignalsError as exc:
+        raise ApiError(503, str(exc), {"retry-after": "5"}) from None
+    except ValueError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def signal_charts(
+    series: Mapping[str, Series],
+    start: float,
+    end: float,
+    markers: Sequence[tuple[float, int, str]] = (),
+    tops: Mapping[str, float] | None = None,
+) -> list[Chart]:
+    """Rate, 5xx share and latency quantiles over time, with config changes as markers. `tops` (by unit) makes
+    charts shown side by side share their scale."""
+    tops = tops or {}
+
+    def chart(title: str, lines: list[tuple[str, Series]], unit: str, floor: float) -> Chart:
+        floor = max(floor, tops.get(unit, 0.0))
+        return line_chart(title, lines, start=start, end=end, unit=unit, markers=markers, floor=floor)
+
+    return [
+        chart("requests / s", [("rate", series.get("rate", []))], "rps", 0.0),
+        chart("errors (5xx)", [("errors", series.get("error_rate", []))], "%", 0.01),
+        chart("latency", [(name, series.get(name, [])) for name in ("p50", "p95", "p99")], "ms", 1.0),
+    ]
+
+
+def shared_tops(many: Sequence[Mapping[str, Series]]) -> dict[str, float]:
+    """The largest value of each kind of chart over several subsets' series, so they are drawn on one scale."""
+
+    def top(names: Sequence[str]) -> float:
+        values = [v for series in many for name in names for _, v in series.get(name, []) if v is not None]
+        return max(values, default=0.0)
+
+    return {"rps": top(["rate"]), "%": top(["error_rate"]), "ms": top(["p50", "p95", "p99"])}
+
+
+def saturation_charts(series: Mapping[str, Series], start: float, end: float) -> list[Chart]:
+    def one(title: str, name: str, unit: str, floor: float = 0.0) -> Chart:
+        return line_chart(title, [(name, series.get(name, []))], start=start, end=end, unit=unit, floor=floor)
+
+    return [
+        one("in flight", "inflight", "", 1.0),
+        one("event-loop lag", "loop_lag_ms", "ms", 1.0),
+        one("CPU (share of a core)", "cpu", "%", 0.01),
+        one("memory (RSS)", "rss", "bytes"),
+    ]
+
+
+def unreachable_text(problem: Mapping[str, Any]) -> str:
+    who = problem.get("group") or problem.get("kind") or "?"
+    return f"{who} ({problem.get('address', '?')}: {problem.get('error', '?')})"
+
+
+def hop_view(span: Mapping[str, Any]) -> dict[str, Any]:
+    """What a waterfall row shows of a span or gateway hop (`spans.SPAN_KEYS`), and every other field and attribute
+    for the row's details."""
+    status, error, tries = span.get("status"), span.get("error"), span.get("tries")
+    shown = ("name", "group", "reporter", "destination", "subset", "endpoint", "status", "error", "tries", "attributes")
+    details = {key: value for key, value in span.items() if key not in shown and value not in (None, "", [])}
+    details.update({f"attr.{key}": value for key, value in (span.get("attributes") or {}).items()})
+    return {
+        "name": span.get("name") or "span",
+        "group": span.get("group"),
+        "reporter": span.get("reporter"),
+        "service": span.get("destination") or span.get("service"),
+        "subset": span.get("subset"),
+        "endpoint": span.get("endpoint"),
+        "status": status,
+        "tries": tries,
+        "retried": isinstance(tries, int) and tries > 1,
+        "error": error,
+        "failed": bool(error) or (isinstance(status, int) and status >= 500),
+        "attributes": sorted(
+            (key, value if isinstance(value, str) else json.dumps(value)) for key, value in details.items()
+        ),
+    }
+
+
+def hop_edge(span: Mapping[str, Any]) -> str:
+    """The topology edge ("source node>destination node") a gateway hop crossed, else ""."""
+    caller, destination = span.get("caller"), span.get("destination")
+    if not caller or not destination or span.get("reporter") not in ("source", "destination"):
+        return ""
+    return f"{topo.source_node(str(caller))}>{topo.destination_node(str(destination))}"
+
+
+def ports(ends: list[tuple[str, float]], top: float, height: float) -> dict[str, float]:
+    """Where edges meet one side of a box: spread over its middle, in the order of the other ends' heights, so
+    edges sharing a box neither start nor end at one point."""
+    ordered = sorted(ends, key=lambda end: (end[1], end[0]))
+    step = height * 0.6 / max(len(ordered), 1)
+    return {key: top + height * 0.2 + step * (index + 0.5) for index, (key, _) in enumerate(ordered)}
+
+
+Box = tuple[float, float, float, float]  # left, top, right, bottom
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def on_curve(curve: tuple[float, ...], t: float) -> tuple[float, float]:
+    """The point at `t` of the cubic Bézier (x0, y0, x1, y1, x2, y2, x3, y3)."""
+    u = 1 - t
+    weights = (u**3, 3 * u * u * t, 3 * u * t * t, t**3)
+    return (
+        sum(w * c for w, c in zip(weights, curve[0::2], strict=True)),
+        sum(w * c for w, c in zip(weights, curve[1::2], strict=True)),
+    )
+
+
+def place_labels(edges: list[dict[str, Any]], obstacles: list[Box]) -> None:
+    """Give each edge label a spot on or near its curve that covers no box and no other label: the middle of the
+    curve, then further along it (a long edge's middle may cross a box), then steps up and down from those."""
+    taken = list(obstacles)
+    for edge in edges:
+        width = LABEL_CHAR * max(len(line) for line in edge["label"]) + 4
+        height = LABEL_ROW * len(edge["label"])
+        spots = [on_curve(edge["curve"], t) for t in (0.5, 0.7, 0.3, 0.85)]
+        candidates = [(x, y + shift * LABEL_ROW) for shift in (0, 1, -1, 2, -2, 3, -3) for x, y in spots]
+        for x, y in candidates:
+            box = (x - width / 2, y - LABEL_ROW + 2, x + width / 2, y - LABEL_ROW + 2 + height)
+            if box[1] >= 0 and not any(_overlaps(box, other) for other in taken):
+                edge["lx"], edge["ly"] = round(x, 1), round(y, 1)
+                taken.append(box)
+                break
+
+
+def edge_label(edge: Mapping[str, Any]) -> list[str]:
+    lines = [f"{fmt(_number(edge.get('rps')) or 0.0, 'rps')} · {fmt(_number(edge.get('error_rate')), '%')}"]
+    lines.append(("mTLS · " if edge.get("mtls") else "") + f"p99 {fmt(_number(edge.get('p99_ms')), 'ms')}")
+    return lines
+
+
+def graph(
+    document: Mapping[str, Any],
+    selected_node: str,
+    selected_edge: str,
+    path: frozenset[str],
+    thresholds: topo.Thresholds,
+) -> dict[str, Any]:
+    """SVG geometry: each node's box centred where `topology.layout` put it, sized by `topology.node_size`, with
+    its text rows; a curve per edge from box side to box side, its label placed clear of boxes and other labels."""
+    positions = topo.layout(document)
+    on_path = {node for edge in path for node in edge.split(">")}
+    nodes, boxes = [], {}
+    for node in document["nodes"]:
+        node_id = str(node["id"])
+        cx, cy = positions[node_id]  # the centre of the box
+        width, height = topo.node_size(node)
+        x, y = cx - width / 2, cy - height / 2
+        boxes[node_id] = (x, y, width, height)
+        lines = topo.node_lines(node)
+        nodes.append(
+            {
+                "id": node_id,
+                "dom": dom_id("node", node_id),
+                "kind": str(node["kind"]),
+                "name": lines[0],
+                "rows": [(round(y + topo.PADDING + topo.ROW * (i + 1) - 5, 1), line) for i, line in enumerate(lines)],
+                "health": node.get("health") if node.get("health") in topo.HEALTH else "ok",
+                "x": round(x, 1),
+                "y": round(y, 1),
+                "w": round(width, 1),
+                "h": round(height, 1),
+                "tx": round(x + topo.PADDING, 1),
+                "selected": node_id == selected_node,
+                "on_path": node_id in on_path,
+            }
+        )
+    drawn = [edge for edge in document["edges"] if edge["source"] in boxes and edge["destination"] in boxes]
+    outgoing: dict[str, list[tuple[str, float]]] = {}
+    incoming: dict[str, list[tuple[str, float]]] = {}
+    for edge in drawn:
+        key = f"{edge['source']}>{edge['destination']}"
+        outgoing.setdefault(edge["source"], []).append((key, positions[edge["destination"]][1]))
+        incoming.setdefault(edge["destination"], []).append((key, positions[edge["source"]][1]))
+    starts = {k: v for node, ends in outgoing.items() for k, v in ports(ends, boxes[node][1], boxes[node][3]).items()}
+    finishes = {k: v for node, ends in incoming.items() for k, v in ports(ends, boxes[node][1], boxes[node][3]).items()}
+    edges: list[dict[str, Any]] = []
+    for edge in drawn:
+        source, destination = str(edge["source"]), str(edge["destination"])
+        key = f"{source}>{destination}"
+        x1, y1 = boxes[source][0] + boxes[source][2], starts[key]
+        x2, y2 = boxes[destination][0], finishes[key]
+        bend = max(abs(x2 - x1) / 2, 40.0)
+        error_rate = _number(edge.get("error_rate"))
+        p99 = _number(edge.get("p99_ms"))
+        edges.append(
+            {
+                "key": key,
+                "dom": dom_id("edge", key),
+                "source": source,
+                "destination": destination,
+                "d": f"M{x1:.1f},{y1:.1f} C{x1 + bend:.1f},{y1:.1f} {x2 - bend:.1f},{y2:.1f} {x2:.1f},{y2:.1f}",
+                "curve": (x1, y1 - 4, x1 + bend, y1 - 4, x2 - bend, y2 - 4, x2, y2 - 4),
+                "lx": round((x1 + x2) / 2, 1),
+                "ly": round((y1 + y2) / 2 - 4, 1),
+                "label": edge_label(edge),
+                "rps": _number(edge.get("rps")) or 0.0,
+                "error_rate": error_rate,
+                "p50_ms": _number(edge.get("p50_ms")),
+                "p99_ms": p99,
+                "mtls": bool(edge.get("mtls")),
+                "denied": int(_number(edge.get("denied")) or 0),
+                "health": thresholds.health(error_rate, p99) if edge.get("rps") else "idle",
+                "selected": key == selected_edge,
+                "on_path": key in path,
+            }
+        )
+    for edge in edges:
+        if edge["denied"]:
+            edge["label"].append(f"{edge['denied']} denied")
+    place_labels(edges, [(x, y, x + w, y + h) for x, y, w, h in boxes.values()])
+    width, height = topo.canvas_size(document, positions) if nodes else (300.0, 80.0)
+    return {"nodes": nodes, "edges": edges, "width": round(width), "height": round(height), "path": bool(path)}
