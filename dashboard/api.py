@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
@@ -85,6 +86,17 @@ def service_summary(mesh: Mesh, name: str) -> dict[str, object]:
     }
 
 
+@dataclass(frozen=True)
+class Committed:
+    """The outcome of a write: the config version now live, and whether this write made it."""
+
+    version: int
+    changed: bool
+
+    def response(self) -> Response:
+        return json_response({"version": self.version, "changed": self.changed}, 200, version_etag(self.version))
+
+
 class OperatorApi:
     """The operator endpoints, bound to one store and one `Auth`; `routes()` lists them for the app."""
 
@@ -137,13 +149,33 @@ class OperatorApi:
     async def commit(
         self, principal: Principal, request: Request, edit: Edit, *, action: str, target: str, reason: str
     ) -> Response:
+        return (await self.apply(principal, request, edit, action=action, target=target, reason=reason)).response()
+
+    async def apply(
+        self, principal: Principal, request: Request, edit: Edit, *, action: str, target: str, reason: str
+    ) -> Committed:
+        """Edit the current mesh and commit it as a new version: the one write path of the API and the pages."""
         expected = if_match(request)
         async with self._writing:
             return await self._commit(principal, edit, expected, action=action, target=target, reason=reason)
 
+    async def set_weights(
+        self, principal: Principal, request: Request, name: str, weights: object, reason: str
+    ) -> Committed:
+        if not isinstance(weights, dict):
+            raise ApiError(422, f'weights: expected an object such as {{"v1": 90, "v2": 10}}, got {weights!r}')
+        return await self.apply(
+            principal,
+            request,
+            lambda mesh: mesh.with_weights(name, weights),
+            action="weights.set",
+            target=f"services/{name}/routes",
+            reason=reason,
+        )
+
     async def _commit(
         self, principal: Principal, edit: Edit, expected: int | None, *, action: str, target: str, reason: str
-    ) -> Response:
+    ) -> Committed:
         for _ in range(COMMIT_ATTEMPTS):
             current = await self.store.current()
             if expected is not None and current.version != expected:
@@ -156,7 +188,7 @@ class OperatorApi:
             except ConfigError as err:
                 raise ApiError(422, str(err)) from None
             if after == before.to_dict():
-                return json_response({"version": current.version, "changed": False}, 200, version_etag(current.version))
+                return Committed(current.version, changed=False)
             try:
                 revision = await self.store.commit(
                     after,
@@ -170,7 +202,7 @@ class OperatorApi:
                 if expected is not None:
                     raise ApiError(409, f"version conflict: the config changed after version {expected}") from None
                 continue  # someone committed between our read and our write: redo the edit on their version
-            return json_response({"version": revision.version, "changed": True}, 200, version_etag(revision.version))
+            return Committed(revision.version, changed=True)
         raise ApiError(409, "the config kept changing while this edit was applied; try again")
 
     # Services
@@ -291,17 +323,7 @@ class OperatorApi:
         principal = await self.auth.require(request, WRITE)
         name = request.path_params["name"]
         body = await read_object(request, ("weights", "reason"), required=("weights",))
-        weights = body["weights"]
-        if not isinstance(weights, dict):
-            raise ApiError(422, f'weights: expected an object such as {{"v1": 90, "v2": 10}}, got {weights!r}')
-        return await self.commit(
-            principal,
-            request,
-            lambda mesh: mesh.with_weights(name, weights),
-            action="weights.set",
-            target=f"services/{name}/routes",
-            reason=reason_of(body),
-        )
+        return (await self.set_weights(principal, request, name, body["weights"], reason_of(body))).response()
 
     async def put_routes(self, request: Request) -> Response:
         """---

@@ -17,8 +17,6 @@ import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from starlette.requests import Request
-
 from dashboard import topology as topo
 from dashboard.api import OperatorApi
 from dashboard.charts import Chart, fmt, line_chart, waterfall
@@ -317,10 +315,9 @@ class PageData:
 
     # Gateways
 
-    async def gateways(self, request: Request) -> list[dict[str, Any]]:
-        # The API's own description, so "in sync" and "stale" mean the same here (see /tmp/issue5-needs.md).
-        answer = await self.gateway_api.gateways(request)
-        listing: list[dict[str, Any]] = json.loads(bytes(answer.body))
+    async def gateways(self) -> list[dict[str, Any]]:
+        # The API's own description, so "in sync" and "stale" mean the same here.
+        listing: list[dict[str, Any]] = [dict(item) for item in await self.gateway_api.describe_all()]
         for item in listing:
             item["saturation"] = {}
             if self.signals is not None and not item["stale"]:

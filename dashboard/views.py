@@ -385,23 +385,13 @@ class Views:
     async def _commit_weights(
         self, request: Request, principal: Principal, name: str, weights: Mapping[str, object], reason: str
     ) -> Response:
-        # The same edit, action and target as PUT /api/v1/services/{name}/weights (see /tmp/issue5-needs.md).
-        answer = await self.operator.commit(
-            principal,
-            request,
-            lambda mesh: mesh.with_weights(name, dict(weights)),
-            action="weights.set",
-            target=f"services/{name}/routes",
-            reason=reason,
-        )
-        result = json.loads(bytes(answer.body))
+        committed = await self.operator.set_weights(principal, request, name, dict(weights), reason)
         if not is_htmx(request):
             return RedirectResponse(f"/services/{quote(name, '')}", 303)
-        changed = result.get("changed", False)
         message = (
-            f"{name}: {describe(weights)} (config version {result['version']})"
-            if changed
-            else f"{name} already has these weights (config version {result['version']})"
+            f"{name}: {describe(weights)} (config version {committed.version})"
+            if committed.changed
+            else f"{name} already has these weights (config version {committed.version})"
         )
         # The exact-weights form is outside the polled part (so typing is never interrupted): send its new values.
         current = await self.data.weights_of(name)
@@ -435,7 +425,7 @@ class Views:
 
     async def _gateways_context(self, request: Request) -> dict[str, Any]:
         principal = await self._principal(request)
-        return {"principal": principal, "section": "gateways", "gateways": await self.data.gateways(request)}
+        return {"principal": principal, "section": "gateways", "gateways": await self.data.gateways()}
 
     async def gateways(self, request: Request) -> Response:
         return self.render(request, "gateways.html", await self._gateways_context(request))

@@ -280,6 +280,10 @@ class GatewayApi:
           "403": {$ref: "#/components/responses/Error"}
         """
         await self.auth.require(request, READ)
+        return json_response(await self.describe_all())
+
+    async def describe_all(self) -> list[dict[str, object]]:
+        """Every gateway heard from, as `GET /gateways` lists them (the gateways page shows the same)."""
         records = await self.store.gateways()
         current = await self.store.current()
         now = time.time()
@@ -290,7 +294,7 @@ class GatewayApi:
             if record.group not in etags:
                 etags[record.group] = etag_of(group_view(current.mesh, record.group, live))
             listing.append(self._describe(record, now, current.version, etags[record.group]))
-        return json_response(listing)
+        return listing
 
     def _describe(self, record: GatewayRecord, now: float, version: int, etag: str) -> dict[str, object]:
         data = record.data
