@@ -5,5 +5,11 @@
 - `identity`: the mesh CA; gateways send CSRs and get SPIFFE X.509-SVIDs.
 - `app`, `api`, `wire`, `auth`, `bodies`, `errors`, `openapi`, `metrics`: the Starlette app: the operator API,
   the gateway protocol (join, sync, heartbeat), bearer tokens, body limits, JSON errors, OpenAPI, /metrics.
+- `otlp`, `spans`, `jaeger`, `traces`: the OTLP receiver, the span store, Jaeger's query API, and trace lookup by
+  request or trace ID (stored spans merged with the gateways' rings).
+- `stats`, `prometheus`, `topology`, `signals`: golden signals over time (embedded history or Prometheus), the
+  topology and its layout, and their API.
+- `views`, `pagedata`, `charts`, `sessions`, `headers`, `templates/`: the pages (Jinja2 + htmx), login sessions
+  with CSRF, and security headers.
 - `serve`, `client`, `cli`: `meshgate dashboard`, `meshgate apply` / `get`, and the `meshgate` entry point.
 """
