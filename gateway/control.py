@@ -105,6 +105,11 @@ def mesh_config(settings: JoinSettings, payload: dict[str, Any], trust_domain: s
         services[name] = {"subsets": {group: {"endpoints": gateways}}, **_PEER_POLICY}
         remote.add(name)
     gateway = {**(settings.gateway or {}), "group": settings.group}
+    telemetry = dict(gateway.get("telemetry") or {})
+    tracing = dict(telemetry.get("tracing") or {})
+    # Joined, sampled spans go to the dashboard's receiver unless the file names another endpoint (or null).
+    tracing.setdefault("endpoint", settings.url.rstrip("/") + "/v1/traces")
+    gateway["telemetry"] = {**telemetry, "tracing": tracing}
     source = f"{settings.url} config version {payload.get('version')}"
     config = Config.parse({"gateway": gateway, "services": services}, source=source, base_dir=settings.base_dir)
     return config, Peers(frozenset(remote), peers, trust_domain)

@@ -34,10 +34,12 @@ class Mesh:
     upstreams: dict[str, UpstreamServer]
     directory: Path
 
-    def call(self, group: str, service: str, path: str = "/echo", **kwargs: object) -> httpx.Response:
+    def call(
+        self, group: str, service: str, path: str = "/echo", headers: dict[str, str] | None = None
+    ) -> httpx.Response:
         """What an app of `group` does: call `service` through its own gateway's outbound listener."""
         url = self.gateways[group].url("outbound") + path
-        return httpx.get(url, headers={"host": service}, timeout=10, **kwargs)  # type: ignore[arg-type]
+        return httpx.get(url, headers={"host": service, **(headers or {})}, timeout=10)
 
     def restart(self, group: str, *extra: str) -> Gateway:
         """Stop and start a gateway on the same ports (peers know it by its advertised address)."""
@@ -182,6 +184,24 @@ def test_the_dashboard_identity_looks_up_hop_records_over_mtls(mesh: Mesh, worke
     with httpx.Client(verify=shop, timeout=5) as caller:
         proxied = caller.get(f"https://{host}:{port}/requests/{ids[0]}", headers={"host": "catalog"})
     assert proxied.headers["x-upstream"] in ("v1", "v2")
+
+
+def test_sampled_hops_are_exported_to_the_dashboard_by_default(mesh: Mesh) -> None:
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    sampled = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}  # the caller sampled it: every hop exports
+    answer = mesh.call("shop", "catalog", headers=sampled)
+    assert answer.status_code == 200
+    request_id = answer.headers["x-request-id"]
+    with mesh.dashboard.api() as api:
+
+        def stored() -> list[dict[str, object]] | None:
+            found = api.get("/traces", params={"request_id": request_id})
+            spans = found.json().get("spans", []) if found.status_code == 200 else []
+            in_store = [span for span in spans if "store" in span["found_in"]]
+            return in_store if len(in_store) == 2 else None
+
+        spans = wait_for(stored, 10, what="both hops' spans in the dashboard's span store")
+    assert {span["trace_id"] for span in spans} == {trace_id}
 
 
 def test_inbound_serves_only_its_own_groups_services(mesh: Mesh) -> None:
