@@ -12,4 +12,5 @@
 - `views`, `pagedata`, `charts`, `sessions`, `headers`, `templates/`: the pages (Jinja2 + htmx), login sessions
   with CSRF, and security headers.
 - `serve`, `client`, `cli`: `meshgate dashboard`, `meshgate apply` / `get`, and the `meshgate` entry point.
+- `demo`, `demoapps`: `meshgate demo`, a whole mesh of shop services on loopback with live traffic.
 """

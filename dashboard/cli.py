@@ -3,6 +3,7 @@
 - `gateway`: gateway/cli.py.
 - `dashboard`, `dashboard token create`: arguments here, run by `dashboard.serve`.
 - `apply`, `get`: arguments here, run by `dashboard.client`.
+- `demo`: arguments here, run by `dashboard.demo`.
 
 Each command imports what it runs only when it runs, so `meshgate gateway` (and its worker processes) never load
 the control server.
@@ -29,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     gateway_cli.add_parser(subparsers)
     add_dashboard_parser(subparsers)
     add_client_parsers(subparsers)
+    add_demo_parser(subparsers)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
@@ -119,6 +121,33 @@ def add_client_parsers(subparsers: Subparsers) -> None:
     get.set_defaults(run=_run_get)
 
 
+def add_demo_parser(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run a whole demo mesh: dashboard, four groups with their gateways, a shop, and traffic",
+        description="Starts a dashboard, a gateway per service group (shop, catalog, inventory, payments), a small "
+        "shop whose catalog has a worse v2 canary, and steady traffic; prints the dashboard URL and an operator "
+        "token. Ctrl-C or SIGTERM stops every process it started.",
+    )
+    parser.add_argument(
+        "--port-base",
+        type=_port_base,
+        default=19000,
+        metavar="N",
+        help="every port is N plus an offset: dashboard N, gateways N+10..N+42, services N+50..N+54, edge N+80 "
+        "(default 19000)",
+    )
+    parser.add_argument("--rate", type=_rate, default=5.0, metavar="N", help="requests a second (default 5)")
+    parser.add_argument(
+        "--duration", type=_positive_duration, metavar="DURATION", help="stop by itself after DURATION, e.g. 60s"
+    )
+    parser.add_argument(
+        "--data", metavar="DIR", help="state and logs (default: a temporary directory, removed at exit)"
+    )
+    parser.add_argument("--no-access-log", action="store_true", help="no access logs (default: DIR/logs/access-*.log)")
+    parser.set_defaults(run=_run_demo)
+
+
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, metavar="DIR", help=f"state directory (default {DEFAULT_DATA})")
     parser.add_argument("--store", metavar="URL", help="etcd://host:port[,host:port] (default: SQLite in --data)")
@@ -135,6 +164,33 @@ def _address(text: str) -> Address:
         return parse_address(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT ({err}), got {text!r}") from None
+
+
+def _port_base(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1024 <= value <= 65535 - 80:
+        raise argparse.ArgumentTypeError(f"expected 1024 to 65455 (the demo uses N to N+80), got {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected requests a second, got {text!r}") from None
+    if not 0 < value <= 10_000:
+        raise argparse.ArgumentTypeError(f"expected more than 0 and at most 10000, got {text}")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    value = gateway_cli.duration(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a duration above zero, got {text!r}")
+    return value
 
 
 def _run_dashboard(args: argparse.Namespace) -> int:
@@ -159,6 +215,12 @@ def _run_get(args: argparse.Namespace) -> int:
     from dashboard import client
 
     return client.run_get(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from dashboard import demo
+
+    return demo.run(args)
 
 
 if __name__ == "__main__":
