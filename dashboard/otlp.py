@@ -20,7 +20,10 @@ from typing import Any, NamedTuple
 
 from google.protobuf import json_format  # type: ignore[import-untyped]
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from dashboard.errors import ApiError
@@ -104,24 +107,13 @@ def _convert_ids(message: dict[str, Any]) -> None:
 
 def export_response(media: str, rejected: int, reason: str) -> bytes:
     """The ExportTraceServiceResponse body: empty when every span was taken, else its partial_success."""
+    answer = ExportTraceServiceResponse()
+    if rejected:
+        answer.partial_success.rejected_spans = rejected
+        answer.partial_success.error_message = reason
     if media == JSON:
-        partial = {"partialSuccess": {"rejectedSpans": rejected, "errorMessage": reason}} if rejected else {}
-        return json.dumps(partial).encode()
-    if not rejected:
-        return b""
-    message = reason.encode()
-    # ExportTraceServiceResponse.partial_success (1) = ExportTracePartialSuccess(rejected_spans (1), error_message (2))
-    inner = b"\x08" + _varint(rejected) + b"\x12" + _varint(len(message)) + message
-    return b"\x0a" + _varint(len(inner)) + inner
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+        return json_format.MessageToJson(answer, indent=None).encode() if rejected else b"{}"
+    return bytes(answer.SerializeToString())
 
 
 class SpanRow(NamedTuple):

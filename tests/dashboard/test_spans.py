@@ -174,7 +174,8 @@ def test_invalid_spans_are_rejected_in_partial_success_and_counted(dash: Dashboa
         assert reply.partial_success.rejected_spans == 2
         assert "invalid trace or span ids" in reply.partial_success.error_message
         as_json = post(anonymous, export(zero_trace), JSON)
-        rejected = {"rejectedSpans": 1, "errorMessage": "1 with invalid trace or span ids"}
+        # Proto3's JSON mapping (which OTLP/JSON follows) writes int64 as a decimal string.
+        rejected = {"rejectedSpans": "1", "errorMessage": "1 with invalid trace or span ids"}
         assert as_json.json() == {"partialSuccess": rejected}
         assert [span["span_id"] for span in found(viewer, "req-partial")["spans"]] == [good.span_id.hex()]
         assert metric(anonymous, "meshgate_dashboard_spans_received_total") == 4
