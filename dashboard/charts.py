@@ -1,7 +1,9 @@
-"""Geometry for the dashboard's server-rendered SVG: line charts with change markers, and trace waterfalls.
+"""Geometry for the dashboard's server-rendered SVG: line charts with change markers, trace waterfalls, and the
+topology graph (`graph`: boxes where `topology.layout` puts them, edges as curves, and their labels on plates in
+the lanes between the layers, where they cover no box and no other label).
 
-Everything here is pure data in, numbers and strings out; the templates (`partials/chart.html`,
-`partials/waterfall.html`) turn it into SVG with presentation attributes only, which the page's
+Everything here is pure data in, numbers and strings out; the macros in `templates/macros.html` and the waterfall
+in `templates/traces.html` turn it into SVG with presentation attributes only, which the page's
 Content-Security-Policy allows (no inline styles, no script).
 
 >>> chart = line_chart("rate", [("v1", [(0.0, 1.0), (10.0, 3.0)])], start=0.0, end=10.0, unit="rps")
@@ -11,11 +13,15 @@ Content-Security-Policy allows (no inline styles, no script).
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from dashboard import topology as topo
 
 WIDTH = 600
 HEIGHT = 150
@@ -207,3 +213,262 @@ def waterfall(spans: Sequence[Mapping[str, Any]]) -> tuple[Row, ...]:
 
     visit(None, 0)
     return tuple(rows)
+
+
+# The topology graph
+
+# Each edge ends in a straight run into its destination; its label sits on a plate on that run, in the lane before
+# the destination's layer. Labels are rows of 10.5 px monospace text, 6.3 px a character.
+LABEL_CHAR, LABEL_ROW = 6.4, 12.0
+LABEL_PAD_X, LABEL_PAD_Y = 6.0, 3.0  # inside a plate
+LABEL_SPACE = 4.0  # between two plates stacked in one lane
+CURVE_ROOM = 90.0  # before a lane's plates, where edges bend from the column they leave to their run
+LEAD = 8.0  # of each run before its plate, so the curve meets the plate level
+ARROW_ROOM = 24.0  # after a lane's plates, for the arrowhead (and a bend when a run cannot end on its box)
+
+
+def dom_id(prefix: str, key: str) -> str:
+    """A stable element id for any text (node ids hold ':'): htmx puts focus back on the element with the same id."""
+    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def number(value: object) -> float | None:
+    """A finite number as a float; anything else (None, a string, a bool, NaN) as None."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+Box = tuple[float, float, float, float]  # left, top, right, bottom
+XY = tuple[float, float]
+
+
+def ports(ends: list[tuple[str, float]], box: Box) -> dict[str, float]:
+    """Where edges meet one side of a box: spread over its middle, in the order of the other ends' heights, so
+    edges sharing a box neither start nor end at one point."""
+    ordered = sorted(ends, key=lambda end: (end[1], end[0]))
+    height = box[3] - box[1]
+    step = height * 0.6 / max(len(ordered), 1)
+    return {key: box[1] + height * 0.2 + step * (index + 0.5) for index, (key, _) in enumerate(ordered)}
+
+
+def spread(wanted: Sequence[float], heights: Sequence[float], space: float, low: float) -> list[float]:
+    """Tops for boxes stacked in one column, given in the order of their `wanted` tops: each as near its wanted
+    top as the others allow, at least `space` apart and none above `low`. Boxes that would overlap move as one
+    block, placed where its members want it on average.
+
+    >>> spread([10.0, 12.0, 100.0], [20.0, 20.0, 20.0], 4.0, 0.0)
+    [0.0, 24.0, 100.0]
+    """
+    blocks: list[tuple[list[int], float]] = []  # (members, top)
+
+    def below(members: list[int]) -> float:  # from the block's top to where the next box may start
+        return sum(heights[i] + space for i in members)
+
+    for index, top in enumerate(wanted):
+        blocks.append(([index], max(low, top)))
+        while len(blocks) > 1 and blocks[-2][1] + below(blocks[-2][0]) > blocks[-1][1]:
+            members = blocks[-2][0] + blocks.pop()[0]
+            offsets = itertools.accumulate((heights[i] + space for i in members[:-1]), initial=0.0)
+            mean = math.fsum(wanted[i] - offset for i, offset in zip(members, offsets, strict=True)) / len(members)
+            blocks[-1] = (members, max(low, mean))
+    tops = []
+    for members, top in blocks:
+        for i in members:
+            tops.append(top)
+            top += heights[i] + space
+    return tops
+
+
+def edge_label(edge: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The rows of an edge's label and the CSS class of each: rate and 5xx share, (mTLS and) p99, calls denied."""
+    rate = f"{fmt(number(edge.get('rps')) or 0.0, 'rps')} · {fmt(number(edge.get('error_rate')), '%')}"
+    latency = ("mTLS · " if edge.get("mtls") else "") + f"p99 {fmt(number(edge.get('p99_ms')), 'ms')}"
+    rows = [("edge-label", rate), ("edge-label", latency)]
+    denied = int(number(edge.get("denied")) or 0)
+    return rows + [("edge-denied", f"{denied} denied")] if denied else rows
+
+
+def plate_size(rows: Sequence[tuple[str, str]]) -> tuple[float, float]:
+    return LABEL_CHAR * max(len(text) for _, text in rows) + 2 * LABEL_PAD_X, LABEL_ROW * len(rows) + 2 * LABEL_PAD_Y
+
+
+def stack_labels(lanes: Mapping[float, list[tuple[float, str, float]]]) -> dict[str, float]:
+    """The height of each edge's run (and its label's centre), from the height each wants and its plate's, by lane:
+    `(wanted, edge key, plate height)`. Plates in a lane keep the order of the heights they want, as near them as
+    the others allow and never overlapping (`spread`)."""
+    centres: dict[str, float] = {}
+    for lane in lanes.values():
+        ordered = sorted(lane)
+        tops = spread([y - h / 2 for y, _, h in ordered], [h for _, _, h in ordered], LABEL_SPACE, LABEL_SPACE)
+        centres.update((key, top + h / 2) for (_, key, h), top in zip(ordered, tops, strict=True))
+    return centres
+
+
+def crossings(columns: Mapping[float, list[Box]], start: XY, end: XY) -> list[XY]:
+    """Where an edge from `start` to `end` crosses the layers between: level through the gap between two boxes of
+    each (or above or below them all), the gap nearest to a straight line, so that it never passes behind a box.
+    `columns`: each layer's boxes, by the layer's centre."""
+    points: list[XY] = []
+    (x1, y1), (x2, y2) = start, end
+    for centre in sorted(columns):
+        column = sorted(columns[centre], key=lambda box: box[1])
+        left, right = min(box[0] for box in column), max(box[2] for box in column)
+        if x1 < left and right < x2:
+            gaps = [(above[3] + below[1]) / 2 for above, below in zip(column, column[1:], strict=False)]
+            gaps += [column[0][1] - topo.GAP_Y / 2, column[-1][3] + topo.GAP_Y / 2]
+            wanted = y1 + (y2 - y1) * (centre - x1) / (x2 - x1)
+            y = min(gaps, key=lambda gap: (abs(gap - wanted), gap))
+            points += [(left, y), (right, y)]
+            x1, y1 = right, y
+    return points
+
+
+def edge_path(points: Sequence[XY]) -> str:
+    """An SVG path through `points`: a bend (level at both ends) from the first to the second, straight on to the
+    third, a bend to the fourth, and so on."""
+    (x, y), *rest = points
+    d = [f"M{x:.1f},{y:.1f}"]
+    for index, (to_x, to_y) in enumerate(rest):
+        if index % 2 or abs(to_y - y) < 0.05:
+            d.append(f"L{to_x:.1f},{to_y:.1f}")
+        else:
+            half = (to_x - x) / 2
+            d.append(f"C{x + half:.1f},{y:.1f} {to_x - half:.1f},{to_y:.1f} {to_x:.1f},{to_y:.1f}")
+        x, y = to_x, to_y
+    return " ".join(d)
+
+
+def graph_nodes(
+    document: Mapping[str, Any], positions: Mapping[str, tuple[float, float]], selected: str, on_path: set[str]
+) -> list[dict[str, Any]]:
+    """Each node's box centred where `topology.layout` put it, sized by `topology.node_size`, with its text rows."""
+    nodes = []
+    for node in document["nodes"]:
+        node_id = str(node["id"])
+        width, height = topo.node_size(node)
+        x, y = positions[node_id][0] - width / 2, positions[node_id][1] - height / 2
+        lines = topo.node_lines(node)
+        first = y + (height - topo.ROW * len(lines)) / 2 + topo.ROW - 5  # the rows' baselines, centred in the box
+        nodes.append(
+            {
+                "id": node_id,
+                "dom": dom_id("node", node_id),
+                "kind": str(node["kind"]),
+                "name": lines[0],
+                "rows": [(round(first + topo.ROW * i, 1), line) for i, line in enumerate(lines)],
+                "health": node.get("health") if node.get("health") in topo.HEALTH else "ok",
+                "box": (x, y, x + width, y + height),
+                "x": round(x, 1),
+                "y": round(y, 1),
+                "w": round(width, 1),
+                "h": round(height, 1),
+                "tx": round(x + topo.PADDING, 1),
+                "selected": node_id == selected,
+                "on_path": node_id in on_path,
+            }
+        )
+    return nodes
+
+
+def routes(
+    edges: Sequence[tuple[str, str, str]],
+    positions: Mapping[str, XY],
+    boxes: Mapping[str, Box],
+    rows: Mapping[str, list[tuple[str, str]]],
+) -> dict[str, dict[str, Any]]:
+    """Each edge's path and label, by key, for `edges` (key, source, destination) between `boxes` (by node id)
+    laid out at `positions`. Edges end in a straight run carrying their label on a plate, in the lane before their
+    destination's layer: the plates of a lane are one width and stacked (`stack_labels`) near where their edges
+    meet the box (`ports`), so each label sits on its own edge and covers no other (nor any box, the lanes being
+    as wide as `lane_room` asked)."""
+    columns: dict[float, list[Box]] = {}  # by layer (its centre): its boxes
+    lanes: dict[float, tuple[float, float]] = {}  # by layer: the right end of the lane before it, and its width
+    for node_id, box in boxes.items():
+        columns.setdefault(positions[node_id][0], []).append(box)
+        right, width = lanes.get(positions[node_id][0], (box[0], 0.0))
+        lanes[positions[node_id][0]] = (min(right, box[0] - ARROW_ROOM), width)
+    for key, _, destination in edges:
+        right, width = lanes[positions[destination][0]]
+        lanes[positions[destination][0]] = (right, max(width, plate_size(rows[key])[0]))
+    incoming: dict[str, list[tuple[str, float]]] = {}
+    for key, source, destination in edges:
+        incoming.setdefault(destination, []).append((key, positions[source][1]))
+    wanted = {key: y for node, ends in incoming.items() for key, y in ports(ends, boxes[node]).items()}
+    stacks: dict[float, list[tuple[float, str, float]]] = {}
+    for key, _, destination in edges:
+        stacks.setdefault(positions[destination][0], []).append((wanted[key], key, plate_size(rows[key])[1]))
+    runs = stack_labels(stacks)
+    outgoing: dict[str, list[tuple[str, float]]] = {}
+    for key, source, _ in edges:
+        outgoing.setdefault(source, []).append((key, runs[key]))
+    starts = {key: y for node, ends in outgoing.items() for key, y in ports(ends, boxes[node]).items()}
+    found = {}
+    for key, source, destination in edges:
+        y, (right, width), (x2, top, _, bottom) = runs[key], lanes[positions[destination][0]], boxes[destination]
+        left, height = right - width, plate_size(rows[key])[1]
+        end = y if top + 0.15 * (bottom - top) <= y <= bottom - 0.15 * (bottom - top) else wanted[key]  # or bend
+        start, run = (boxes[source][2], starts[key]), [(left - LEAD, y), (right, y)]
+        baseline = y - height / 2 + LABEL_PAD_Y + LABEL_ROW - 3  # 10.5 px text: 9 px above the baseline
+        found[key] = {
+            "d": edge_path([start, *crossings(columns, start, run[0]), *run, (x2, end)]),
+            "run": (round(left - LEAD, 1), round(right, 1), round(y, 1)),
+            "plate": (round(left, 1), round(y - height / 2, 1), round(width, 1), round(height, 1)),
+            "lx": round(left + width / 2, 1),
+            "lines": [(round(baseline + LABEL_ROW * i, 1), *row) for i, row in enumerate(rows[key])],
+        }
+    return found
+
+
+def lane_room(edges: Sequence[tuple[str, str, str]], rows: Mapping[str, list[tuple[str, str]]]) -> dict[str, float]:
+    """The gap each destination needs before its layer: room for edges to bend, for their labels, for arrows."""
+    room: dict[str, float] = {}
+    for key, _, destination in edges:
+        room[destination] = max(room.get(destination, 0.0), CURVE_ROOM + plate_size(rows[key])[0] + ARROW_ROOM)
+    return room
+
+
+def graph(
+    document: Mapping[str, Any],
+    selected_node: str,
+    selected_edge: str,
+    path: frozenset[str],
+    thresholds: topo.Thresholds,
+) -> dict[str, Any]:
+    """SVG geometry: the boxes (`graph_nodes`), and an edge from box side to box side for each pair that talked,
+    its label on it (`routes`)."""
+    edges = [(f"{edge['source']}>{edge['destination']}", edge) for edge in document["edges"]]
+    rows = {key: edge_label(edge) for key, edge in edges}
+    ends = [(key, str(edge["source"]), str(edge["destination"])) for key, edge in edges]
+    positions = topo.layout(document, lane_room(ends, rows))
+    nodes = graph_nodes(document, positions, selected_node, {node for edge in path for node in edge.split(">")})
+    boxes: dict[str, Box] = {node["id"]: node.pop("box") for node in nodes}
+    drawn = [(key, source, destination) for key, source, destination in ends if {source, destination} <= set(boxes)]
+    found = routes(drawn, positions, boxes, rows)
+    views = []
+    for key, edge in edges:
+        if key not in found:
+            continue
+        error_rate, p99 = number(edge.get("error_rate")), number(edge.get("p99_ms"))
+        views.append(
+            {
+                "key": key,
+                "dom": dom_id("edge", key),
+                "source": str(edge["source"]),
+                "destination": str(edge["destination"]),
+                **found[key],
+                "rps": number(edge.get("rps")) or 0.0,
+                "error_rate": error_rate,
+                "p50_ms": number(edge.get("p50_ms")),
+                "p99_ms": p99,
+                "mtls": bool(edge.get("mtls")),
+                "denied": int(number(edge.get("denied")) or 0),
+                "health": thresholds.health(error_rate, p99) if edge.get("rps") else "idle",
+                "selected": key == selected_edge,
+                "on_path": key in path,
+            }
+        )
+    width, height = topo.canvas_size(document, positions) if nodes else (300.0, 80.0)
+    lowest = max((view["plate"][1] + view["plate"][3] for view in views), default=0.0)
+    height = max(height, lowest + topo.MARGIN)
+    return {"nodes": nodes, "edges": views, "width": round(width), "height": round(height), "path": bool(path)}

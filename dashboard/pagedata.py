@@ -2,16 +2,13 @@
 
 It reads the config store (services, weights, the change timeline), the gateways' view (`GatewayApi`, so "in sync"
 means the same as in the API), golden signals (`dashboard.signals.SignalsApi` over the embedded history or
-Prometheus, the same calls as the JSON API) and traces (`dashboard.traces.Traces`). The geometry of the SVG
-(boxes and edges from `topology.layout`, charts, waterfalls from `dashboard.charts`) is computed here, never in
-templates.
+Prometheus, the same calls as the JSON API) and traces (`dashboard.traces.Traces`). The geometry of the SVG (the
+topology graph, charts, waterfalls) comes from `dashboard.charts`, never from templates.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import re
 import time
 from collections.abc import Awaitable, Mapping, Sequence
@@ -19,7 +16,8 @@ from typing import Any, TypeVar
 
 from dashboard import topology as topo
 from dashboard.api import OperatorApi
-from dashboard.charts import Chart, fmt, line_chart, waterfall
+from dashboard.charts import Chart, graph, line_chart, waterfall
+from dashboard.charts import number as _number
 from dashboard.errors import ApiError
 from dashboard.jaeger import JaegerError
 from dashboard.mesh import Mesh
@@ -33,7 +31,6 @@ from dashboard.wire import GatewayApi
 WINDOWS = {"5m": 300.0, "1h": 3600.0, "6h": 21600.0}
 RECENT = 15.0  # seconds of traffic behind a subset's "measured share": what the split does now
 TIMELINE = 50  # config versions searched for a service's weight changes
-LABEL_CHAR, LABEL_ROW = 6.4, 12.0  # edge labels: 10.5 px monospace characters and rows
 _TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
 Series = list[tuple[float, float | None]]
 _T = TypeVar("_T")
@@ -43,22 +40,11 @@ def short_id(text: object) -> str:
     return str(text)[:8] if text else ""
 
 
-def dom_id(prefix: str, key: str) -> str:
-    """A stable element id for any text (node ids hold ':'): htmx puts focus back on the element with the same id."""
-    return f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-
-
 def split_of(mesh: Mapping[str, Any], service: str) -> dict[str, int] | None:
     spec = mesh.get("services", {}).get(service)
     if not isinstance(spec, Mapping) or not spec.get("routes"):
         return None
     return dict(spec["routes"][-1]["split"])
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 class PageData:
@@ -416,135 +402,3 @@ def hop_edge(span: Mapping[str, Any]) -> str:
     if not caller or not destination or span.get("reporter") not in ("source", "destination"):
         return ""
     return f"{topo.source_node(str(caller))}>{topo.destination_node(str(destination))}"
-
-
-def ports(ends: list[tuple[str, float]], top: float, height: float) -> dict[str, float]:
-    """Where edges meet one side of a box: spread over its middle, in the order of the other ends' heights, so
-    edges sharing a box neither start nor end at one point."""
-    ordered = sorted(ends, key=lambda end: (end[1], end[0]))
-    step = height * 0.6 / max(len(ordered), 1)
-    return {key: top + height * 0.2 + step * (index + 0.5) for index, (key, _) in enumerate(ordered)}
-
-
-Box = tuple[float, float, float, float]  # left, top, right, bottom
-
-
-def _overlaps(a: Box, b: Box) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def on_curve(curve: tuple[float, ...], t: float) -> tuple[float, float]:
-    """The point at `t` of the cubic Bézier (x0, y0, x1, y1, x2, y2, x3, y3)."""
-    u = 1 - t
-    weights = (u**3, 3 * u * u * t, 3 * u * t * t, t**3)
-    return (
-        sum(w * c for w, c in zip(weights, curve[0::2], strict=True)),
-        sum(w * c for w, c in zip(weights, curve[1::2], strict=True)),
-    )
-
-
-def place_labels(edges: list[dict[str, Any]], obstacles: list[Box]) -> None:
-    """Give each edge label a spot on or near its curve that covers no box and no other label: the middle of the
-    curve, then further along it (a long edge's middle may cross a box), then steps up and down from those."""
-    taken = list(obstacles)
-    for edge in edges:
-        width = LABEL_CHAR * max(len(line) for line in edge["label"]) + 4
-        height = LABEL_ROW * len(edge["label"])
-        spots = [on_curve(edge["curve"], t) for t in (0.5, 0.7, 0.3, 0.85)]
-        candidates = [(x, y + shift * LABEL_ROW) for shift in (0, 1, -1, 2, -2, 3, -3) for x, y in spots]
-        for x, y in candidates:
-            box = (x - width / 2, y - LABEL_ROW + 2, x + width / 2, y - LABEL_ROW + 2 + height)
-            if box[1] >= 0 and not any(_overlaps(box, other) for other in taken):
-                edge["lx"], edge["ly"] = round(x, 1), round(y, 1)
-                taken.append(box)
-                break
-
-
-def edge_label(edge: Mapping[str, Any]) -> list[str]:
-    lines = [f"{fmt(_number(edge.get('rps')) or 0.0, 'rps')} · {fmt(_number(edge.get('error_rate')), '%')}"]
-    lines.append(("mTLS · " if edge.get("mtls") else "") + f"p99 {fmt(_number(edge.get('p99_ms')), 'ms')}")
-    return lines
-
-
-def graph(
-    document: Mapping[str, Any],
-    selected_node: str,
-    selected_edge: str,
-    path: frozenset[str],
-    thresholds: topo.Thresholds,
-) -> dict[str, Any]:
-    """SVG geometry: each node's box centred where `topology.layout` put it, sized by `topology.node_size`, with
-    its text rows; a curve per edge from box side to box side, its label placed clear of boxes and other labels."""
-    positions = topo.layout(document)
-    on_path = {node for edge in path for node in edge.split(">")}
-    nodes, boxes = [], {}
-    for node in document["nodes"]:
-        node_id = str(node["id"])
-        cx, cy = positions[node_id]  # the centre of the box
-        width, height = topo.node_size(node)
-        x, y = cx - width / 2, cy - height / 2
-        boxes[node_id] = (x, y, width, height)
-        lines = topo.node_lines(node)
-        nodes.append(
-            {
-                "id": node_id,
-                "dom": dom_id("node", node_id),
-                "kind": str(node["kind"]),
-                "name": lines[0],
-                "rows": [(round(y + topo.PADDING + topo.ROW * (i + 1) - 5, 1), line) for i, line in enumerate(lines)],
-                "health": node.get("health") if node.get("health") in topo.HEALTH else "ok",
-                "x": round(x, 1),
-                "y": round(y, 1),
-                "w": round(width, 1),
-                "h": round(height, 1),
-                "tx": round(x + topo.PADDING, 1),
-                "selected": node_id == selected_node,
-                "on_path": node_id in on_path,
-            }
-        )
-    drawn = [edge for edge in document["edges"] if edge["source"] in boxes and edge["destination"] in boxes]
-    outgoing: dict[str, list[tuple[str, float]]] = {}
-    incoming: dict[str, list[tuple[str, float]]] = {}
-    for edge in drawn:
-        key = f"{edge['source']}>{edge['destination']}"
-        outgoing.setdefault(edge["source"], []).append((key, positions[edge["destination"]][1]))
-        incoming.setdefault(edge["destination"], []).append((key, positions[edge["source"]][1]))
-    starts = {k: v for node, ends in outgoing.items() for k, v in ports(ends, boxes[node][1], boxes[node][3]).items()}
-    finishes = {k: v for node, ends in incoming.items() for k, v in ports(ends, boxes[node][1], boxes[node][3]).items()}
-    edges: list[dict[str, Any]] = []
-    for edge in drawn:
-        source, destination = str(edge["source"]), str(edge["destination"])
-        key = f"{source}>{destination}"
-        x1, y1 = boxes[source][0] + boxes[source][2], starts[key]
-        x2, y2 = boxes[destination][0], finishes[key]
-        bend = max(abs(x2 - x1) / 2, 40.0)
-        error_rate = _number(edge.get("error_rate"))
-        p99 = _number(edge.get("p99_ms"))
-        edges.append(
-            {
-                "key": key,
-                "dom": dom_id("edge", key),
-                "source": source,
-                "destination": destination,
-                "d": f"M{x1:.1f},{y1:.1f} C{x1 + bend:.1f},{y1:.1f} {x2 - bend:.1f},{y2:.1f} {x2:.1f},{y2:.1f}",
-                "curve": (x1, y1 - 4, x1 + bend, y1 - 4, x2 - bend, y2 - 4, x2, y2 - 4),
-                "lx": round((x1 + x2) / 2, 1),
-                "ly": round((y1 + y2) / 2 - 4, 1),
-                "label": edge_label(edge),
-                "rps": _number(edge.get("rps")) or 0.0,
-                "error_rate": error_rate,
-                "p50_ms": _number(edge.get("p50_ms")),
-                "p99_ms": p99,
-                "mtls": bool(edge.get("mtls")),
-                "denied": int(_number(edge.get("denied")) or 0),
-                "health": thresholds.health(error_rate, p99) if edge.get("rps") else "idle",
-                "selected": key == selected_edge,
-                "on_path": key in path,
-            }
-        )
-    for edge in edges:
-        if edge["denied"]:
-            edge["label"].append(f"{edge['denied']} denied")
-    place_labels(edges, [(x, y, x + w, y + h) for x, y, w, h in boxes.values()])
-    width, height = topo.canvas_size(document, positions) if nodes else (300.0, 80.0)
-    return {"nodes": nodes, "edges": edges, "width": round(width), "height": round(height), "path": bool(path)}

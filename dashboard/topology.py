@@ -236,9 +236,10 @@ def _order(layers: list[list[str]], neighbours: Mapping[str, set[str]]) -> None:
     sweep(range(count - 2, -1, -1), lambda index: range(index + 1, count))
 
 
-def layout(topology: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+def layout(topology: Mapping[str, Any], lanes: Mapping[str, float] | None = None) -> dict[str, tuple[float, float]]:
     """The centre of each node's box (`node_size`), layered left to right; no two boxes overlap, nor do boxes of
-    at most MIN_WIDTH × MIN_HEIGHT drawn around the same centres.
+    at most MIN_WIDTH × MIN_HEIGHT drawn around the same centres. Layers are GAP_X apart, or more where `lanes`
+    says a node needs a wider gap before its layer (room for the labels of the edges it receives).
 
     >>> positions = layout(build(mesh, traffic, gateways, now=now, stale_after=6.0, thresholds=Thresholds()))
     >>> positions["external"][0] < positions["group:shop"][0] < positions["service:catalog"][0]
@@ -262,14 +263,17 @@ def layout(topology: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
     heights = [sum(sizes[node][1] for node in layer) + GAP_Y * (len(layer) - 1) for layer in layers]
     tallest = max(heights, default=0.0)
     positions: dict[str, tuple[float, float]] = {}
+    lanes = lanes or {}
     x = MARGIN
-    for layer, height in zip(layers, heights, strict=True):
+    for index, (layer, height) in enumerate(zip(layers, heights, strict=True)):
+        if index:
+            x += max([GAP_X, *(lanes.get(node, 0.0) for node in layer)])
         y = MARGIN + (tallest - height) / 2
         column = max(sizes[node][0] for node in layer)
         for node_id in layer:
             positions[node_id] = (x + column / 2, y + sizes[node_id][1] / 2)
             y += sizes[node_id][1] + GAP_Y
-        x += column + GAP_X
+        x += column
     return positions
 
 

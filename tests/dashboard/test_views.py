@@ -17,12 +17,11 @@ import httpx
 import pytest
 
 from dashboard import topology as topo
-from dashboard.charts import fmt, line_chart, waterfall
+from dashboard.charts import ARROW_ROOM, fmt, graph, line_chart, waterfall
 from dashboard.errors import ApiError
 from dashboard.mesh import Mesh
-from dashboard.pagedata import graph
 from dashboard.spans import SpanStore
-from dashboard.stats import Traffic
+from dashboard.stats import FIRST_BUCKET, REQUESTS, WIDTH, Traffic, classify
 from dashboard.store import GatewayRecord
 from dashboard.views import local_path, weights_from_form
 from tests.dashboard.dashboards import Dashboard, running
@@ -30,6 +29,7 @@ from tests.dashboard.otlp_requests import app_span, export, hop_span, new_span_i
 from tests.dashboard.test_sessions import login
 
 XSS = "<script>alert(1)</script>"
+THRESHOLDS = topo.Thresholds()
 PAGES = ("/topology", "/services", "/services/catalog", "/traces", "/gateways")
 
 
@@ -360,7 +360,15 @@ def test_without_golden_signals_configured_pages_say_so(tmp_path: Path) -> None:
 # Geometry
 
 
-def test_graph_boxes_never_overlap_at_30_services() -> None:
+def topology_of(mesh: dict[str, Any], traffic: dict[tuple[str, str, str], list[float]]) -> dict[str, Any]:
+    return topo.build(
+        Mesh.parse(mesh), Traffic(300.0, 300.0, traffic), [], now=time.time(), stale_after=6.0, thresholds=THRESHOLDS
+    )
+
+
+def thirty_services(everyone_calls_everything: bool = False) -> dict[str, Any]:
+    """30 services with two subsets each, owned by 6 groups; each group calls the services it owns (or all 30),
+    and external clients call service-00."""
     services = {
         f"service-{index:02d}": {
             "subsets": {"v1": {}, "v2": {}},
@@ -369,23 +377,125 @@ def test_graph_boxes_never_overlap_at_30_services() -> None:
         for index in range(30)
     }
     groups = {f"g{group}": [name for index, name in enumerate(services) if index % 6 == group] for group in range(6)}
-    mesh = Mesh.parse({"groups": groups, "services": services})
-    counts = {
-        (f"g{index % 6}", name, "v1"): [10.0] + [0.0] * 3 + [10.0] + [0.0] * 16 for index, name in enumerate(services)
+    traffic = {
+        (group, name, "v1"): requests(10.0 + index)
+        for index, name in enumerate(services)
+        for group in groups
+        if everyone_calls_everything or name in groups[group]
     }
-    counts[("external", "service-00", "v1")] = [5.0] + [0.0] * 3 + [5.0] + [0.0] * 16
-    document = topo.build(
-        mesh, Traffic(300.0, 300.0, counts), [], now=time.time(), stale_after=6.0, thresholds=topo.Thresholds()
-    )
-    drawn = graph(document, "", "", frozenset(), topo.Thresholds())
+    traffic[("external", "service-00", "v1")] = requests(5.0)
+    return topology_of({"groups": groups, "services": services}, traffic)
+
+
+def three_groups() -> dict[str, Any]:
+    """The browser tests' mesh: shop calls catalog and payments over mTLS, catalog's calls to payments are denied,
+    shop calls its own storefront; and callers without a mesh identity call catalog (past the groups' layer)."""
+    services = {
+        "storefront": {"subsets": {"v1": {}}},
+        "catalog": {"subsets": {"v1": {}, "v2": {}}, "routes": [{"name": "default", "split": {"v1": 100, "v2": 0}}]},
+        "payments": {"subsets": {"v1": {}}, "authorization": {"allow": ["shop"]}},
+    }
+    groups = {"shop": ["storefront"], "catalog": ["catalog"], "payments": ["payments"]}
+    traffic = {
+        ("shop", "catalog", "v1"): requests(7050.0),
+        ("shop", "payments", "v1"): requests(980.0, failed=3.0),
+        ("catalog", "payments", ""): requests(26.0, denied=26.0),
+        ("shop", "storefront", "v1"): requests(120.0),
+        ("unknown", "catalog", "v1"): requests(4.0),
+    }
+    return topology_of({"groups": groups, "services": services}, traffic)
+
+
+def requests(count: float, failed: float = 0.0, denied: float = 0.0) -> list[float]:
+    """Traffic counts (dashboard/stats.py's layout): `count` requests between 5 and 10 ms, some 5xx or denied."""
+    values = [0.0] * WIDTH
+    classify(200, "v1", values, count - failed - denied)
+    classify(503, "v1", values, failed)
+    classify(403, "", values, denied)
+    values[FIRST_BUCKET + 6] = values[REQUESTS]
+    return values
+
+
+Box = tuple[float, float, float, float]
+
+
+def apart(a: Box, b: Box) -> bool:
+    return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+
+def assert_labels_clear(drawn: dict[str, Any]) -> None:
+    """No two edge labels' plates overlap, none covers a node's box, each holds its text and sits at the end of
+    its edge, in the canvas."""
+    boxes = {
+        node["id"]: (node["x"], node["y"], node["x"] + node["w"], node["y"] + node["h"]) for node in drawn["nodes"]
+    }
+    plates = []
+    for edge in drawn["edges"]:
+        x, y, w, h = edge["plate"]
+        plate = (x, y, x + w, y + h)
+        assert min(x, y) >= 0 and plate[2] <= drawn["width"] and plate[3] <= drawn["height"], edge["key"]
+        assert boxes[edge["source"]][2] < x and plate[2] <= boxes[edge["destination"]][0] - ARROW_ROOM, edge["key"]
+        for baseline, _, text in edge["lines"]:  # 10.5 px monospace: 6.3 px a character, 9 px up and 3 down
+            assert x < edge["lx"] - 6.3 * len(text) / 2 and edge["lx"] + 6.3 * len(text) / 2 < plate[2], text
+            assert y <= baseline - 9 and baseline + 3 <= plate[3], text
+        for node_id, box in boxes.items():
+            assert apart(plate, box), (edge["key"], node_id)
+        plates.append((edge["key"], plate))
+    for index, (key, plate) in enumerate(plates):
+        for other, second in plates[index + 1 :]:
+            assert apart(plate, second), (key, other)
+
+
+def test_graph_boxes_never_overlap_at_30_services() -> None:
+    drawn = graph(thirty_services(), "", "", frozenset(), THRESHOLDS)
     assert len(drawn["nodes"]) == 30 + 6 + 1
     boxes = [(node["x"], node["y"], node["x"] + node["w"], node["y"] + node["h"]) for node in drawn["nodes"]]
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
-            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+            assert apart(a, b), (a, b)
         assert a[2] <= drawn["width"] and a[3] <= drawn["height"]
     assert len(drawn["edges"]) == 31 and all(edge["d"].startswith("M") for edge in drawn["edges"])
     assert all(edge["rps"] > 0 for edge in drawn["edges"])
+
+
+@pytest.mark.parametrize(
+    "document",
+    [thirty_services, three_groups, lambda: thirty_services(everyone_calls_everything=True)],
+    ids=["30 services", "3 groups", "6 groups call 30 services"],
+)
+def test_edge_labels_cover_no_box_and_no_other_label(document: Any) -> None:
+    drawn = graph(document(), "", "", frozenset(), THRESHOLDS)
+    assert drawn["edges"]
+    assert_labels_clear(drawn)
+
+
+def test_each_label_sits_on_its_own_edge() -> None:
+    for drawn in (graph(document(), "", "", frozenset(), THRESHOLDS) for document in (thirty_services, three_groups)):
+        boxes = {node["id"]: node for node in drawn["nodes"]}
+        for edge in drawn["edges"]:  # the edge's straight run passes under the middle of its plate
+            x, y, w, h = edge["plate"]
+            start, end, run = edge["run"]
+            assert start < x and x + w <= end and run == pytest.approx(y + h / 2, abs=0.1), edge["key"]
+            assert f"{start:.1f},{run:.1f} L{end:.1f},{run:.1f}" in edge["d"], edge["key"]
+            destination = boxes[edge["destination"]]
+            if len([other for other in drawn["edges"] if other["destination"] == edge["destination"]]) == 1:
+                assert edge["d"].endswith(f"L{destination['x']:.1f},{run:.1f}"), edge["key"]  # straight in
+    denied = next(edge for edge in graph(three_groups(), "", "", frozenset(), THRESHOLDS)["edges"] if edge["denied"])
+    assert [kind for _, kind, _ in denied["lines"]] == ["edge-label", "edge-label", "edge-denied"]
+    assert denied["lines"][2][2] == "26 denied"
+
+
+def test_an_edge_that_skips_a_layer_passes_between_its_boxes() -> None:
+    drawn = graph(three_groups(), "", "", frozenset(), THRESHOLDS)
+    groups = [node for node in drawn["nodes"] if node["kind"] == "group"]
+    (edge,) = [edge for edge in drawn["edges"] if edge["source"] == "unknown:source"]
+    # M start, C to the groups' layer, L straight through it (between two boxes), C to the label's run, ...
+    assert re.fullmatch(r"M\S+ C\S+ \S+ \S+ L\S+ C\S+ \S+ \S+ L\S+ L\S+", edge["d"]), edge["d"]
+    points = [(float(x), float(y)) for x, y in re.findall(r"([-\d.]+),([-\d.]+)", edge["d"])]
+    (x1, y1), (x2, y2) = points[3], points[4]
+    assert y1 == y2 and x1 <= min(node["x"] for node in groups)
+    assert x2 >= max(node["x"] + node["w"] for node in groups)
+    assert all(y1 < node["y"] or y1 > node["y"] + node["h"] for node in groups)
 
 
 def test_line_charts_leave_gaps_and_place_markers_in_the_window() -> None:

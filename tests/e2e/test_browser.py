@@ -20,7 +20,11 @@ import pytest
 import yaml
 from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
 
+from dashboard.charts import graph
+from dashboard.topology import Thresholds
+from dashboard.views import environment
 from tests.conftest import ROOT, Gateway, wait_for
+from tests.dashboard.test_views import thirty_services
 from tests.e2e.mesh import Dashboard, joined_gateway, wait_ready
 from tests.e2e.upstream_app import UpstreamServer
 
@@ -177,15 +181,50 @@ def swapped(page: Page, element_id: str, timeout: float = 15.0) -> None:
     until(page, f"!document.getElementById({element_id!r}).dataset.old", timeout, f"#{element_id} updated")
 
 
+# Each edge label's plate and text rows, and each node's box, as the browser lays them out.
+LABELS = """(() => {
+  const box = element => { const r = element.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+  return {
+    labels: [...document.querySelectorAll('svg.topology .edge-tag')].map(tag => [
+      tag.dataset.source + '>' + tag.dataset.destination,
+      box(tag.querySelector('.edge-plate')),
+      [...tag.querySelectorAll('text')].map(box)]),
+    nodes: [...document.querySelectorAll('svg.topology .node rect')].map(box),
+  };
+})()"""
+
+
+def assert_labels_clear(found: dict[str, Any], count: int) -> None:
+    """Every label's text inside its plate; no two plates overlapping; no plate over a node's box."""
+
+    def apart(a: list[float], b: list[float]) -> bool:
+        return a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+    labels, nodes = found["labels"], found["nodes"]
+    assert len(labels) == count and nodes
+    for index, (edge, plate, texts) in enumerate(labels):
+        assert plate[2] > plate[0] and plate[3] > plate[1] and texts, edge
+        for text in texts:  # half a pixel for rounding
+            assert plate[0] - 0.5 <= text[0] and text[2] <= plate[2] + 0.5, (edge, text, plate)
+            assert plate[1] - 0.5 <= text[1] and text[3] <= plate[3] + 0.5, (edge, text, plate)
+        for other, second, _ in labels[index + 1 :]:
+            assert apart(plate, second), (edge, other)
+        for node in nodes:
+            assert apart(plate, node), (edge, node)
+
+
 def test_topology_shows_live_edges_and_keeps_focus_and_scroll_across_updates(browser: Browser, mesh: Mesh) -> None:
     with session(browser, mesh.dashboard, height=500) as page:
         for node in ("group:shop", "group:catalog", "group:payments", "service:catalog", "service:payments"):
             assert page.locator(f'[data-node="{node}"]').count() == 1, node
         edge = '.edge[data-source="group:shop"][data-destination="service:catalog"]'
         until(page, f"(document.querySelector('{edge}') || {{dataset: {{rps: '0'}}}}).dataset.rps > 0", 30, "rates")
-        assert "mTLS" in (page.locator(edge).text_content() or "")
-        denied = '.edge[data-source="group:catalog"][data-destination="service:payments"]'
+        label = '.edge-tag[data-source="group:shop"][data-destination="service:catalog"]'
+        assert "mTLS" in (page.locator(label).text_content() or "")
+        denied = '.edge-tag[data-source="group:catalog"][data-destination="service:payments"]'
         page.wait_for_selector(f"{denied} .edge-denied", timeout=20_000)
+        until(page, "document.querySelectorAll('svg.topology .edge-tag').length === 3", 20, "three edges")
+        assert_labels_clear(page.evaluate(LABELS), 3)
         # Select a node, focus it from the keyboard's point of view and scroll the page: the next updates keep both.
         page.click('[data-node="service:catalog"]')
         page.wait_for_selector("#details h3")
@@ -203,7 +242,7 @@ def test_topology_shows_live_edges_and_keeps_focus_and_scroll_across_updates(bro
         page.evaluate("window.scrollTo(0, 0)")
         page.set_viewport_size({"width": 1400, "height": 900})
         DOCS.mkdir(exist_ok=True)
-        page.screenshot(path=str(DOCS / "topology.png"))
+        page.screenshot(path=str(DOCS / "topology.png"), full_page=True)
 
 
 def test_a_trace_is_found_by_the_request_id_a_client_got_back(browser: Browser, mesh: Mesh) -> None:
@@ -219,8 +258,17 @@ def test_a_trace_is_found_by_the_request_id_a_client_got_back(browser: Browser, 
         assert rows.count() == 2, groups  # the caller's gateway and the owner's, nothing missing, nothing twice
         assert groups[0].startswith("catalog") and groups[1].startswith("shop") and "catalog" in groups[1]
         assert page.locator("#request-id").inner_text() == request_id
-        rows.nth(1).locator("summary").click()  # attributes on click
-        assert rows.nth(1).locator("dl.attributes").is_visible()
+        attributes = page.locator("#waterfall tr.span-attributes").nth(1)
+        assert not attributes.is_visible()
+        rows.nth(1).locator("summary").click()  # attributes on click, in a row of their own under the span
+        assert attributes.locator("dl.attributes").is_visible()
+        # The values take the table's width: a request ID (36 characters) stays on one line, as tall as its key.
+        key = attributes.locator("xpath=.//dt[text()='request_id']")
+        value = attributes.locator("xpath=.//dt[text()='request_id']/following-sibling::dd[1]")
+        width = page.locator("#waterfall").bounding_box()
+        value_box, key_box = value.bounding_box(), key.bounding_box()
+        assert width is not None and value_box is not None and key_box is not None
+        assert value_box["height"] <= key_box["height"] * 1.2 and value_box["width"] >= width["width"] / 2
         path = page.locator('#trace-path .edge.on-path[data-source="group:shop"][data-destination="service:catalog"]')
         assert path.count() == 1  # the request's path on the topology
         page.screenshot(path=str(DOCS / "trace.png"), full_page=True)
@@ -261,6 +309,7 @@ def test_canary_50_percent_moves_the_weights_and_then_the_traffic(browser: Brows
         assert page.locator("#change-2 q.reason-text").inner_text() == "canary step: half the traffic to v2"
         assert page.locator("#revert-2").count() == 1 and page.locator('a.marker[href="#change-2"]').count() == 6
         page.fill("#reason", "")
+        page.locator("#reason").blur()
         page.screenshot(path=str(DOCS / "service.png"), full_page=True)
     with mesh.dashboard.api() as api:
         (entry, *_) = api.get("/audit").json()
@@ -307,3 +356,18 @@ def test_thirty_services_no_two_node_labels_overlap(browser: Browser, tmp_path: 
             apart = a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
             assert apart, (name, other)
         assert any(box[0] <= a[0] and a[2] <= box[2] and box[1] <= a[1] and a[3] <= box[3] for box in boxes), name
+
+
+def test_thirty_services_with_traffic_no_edge_label_covers_another_or_a_box(browser: Browser) -> None:
+    """The 30-service topology with an edge into every service, drawn by the dashboard's own templates and
+    stylesheet (a dashboard process cannot be fed that traffic without 6 gateways)."""
+    drawn = graph(thirty_services(), "", "", frozenset(), Thresholds())
+    svg = environment().from_string('{% import "macros.html" as m %}{{ m.graph(g, "5m") }}').render(g=drawn)
+    context = browser.new_context(viewport=ViewportSize(width=1400, height=900))
+    try:
+        page = context.new_page()
+        page.set_content(f"<!doctype html><html><body><main>{svg}</main></body></html>")
+        page.add_style_tag(path=str(ROOT / "static" / "app.css"))
+        assert_labels_clear(page.evaluate(LABELS), 31)
+    finally:
+        context.close()
