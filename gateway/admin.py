@@ -2,7 +2,8 @@
 
 Admin requests go through the same HTTP engine as proxied ones (limits, request IDs), but a `Listener` with a
 local handler answers them instead of forwarding. The metrics listener serves /metrics only. Hop records hold
-paths and hosts, so /requests/{id} answers loopback peers only.
+paths and hosts, so /requests/{id} answers loopback peers only. /metrics is Prometheus text, or OpenMetrics (with
+exemplars on the latency buckets) when the scraper's Accept header asks for `application/openmetrics-text`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from urllib.parse import unquote_to_bytes
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
 from gateway.config import Config
@@ -24,6 +26,7 @@ from gateway.telemetry import Snapshot, SnapshotCollector
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 Hops = list[dict[str, Any]]
 
@@ -60,11 +63,16 @@ class _StateCollector(Collector):
 
 
 def admin_handler(state: AdminState, metrics_only: bool = False) -> LocalHandler:
-    def handle(method: bytes, target: bytes, peer: bytes) -> LocalAnswer | Awaitable[LocalAnswer]:
+    def handle(
+        method: bytes, target: bytes, peer: bytes, headers: dict[bytes, bytes]
+    ) -> LocalAnswer | Awaitable[LocalAnswer]:
         path = target.split(b"?", 1)[0]
         if method not in (b"GET", b"HEAD"):
             return 405, TEXT, b"admin endpoints are read-only: use GET\n"
         if path == b"/metrics":
+            if wants_openmetrics(headers.get(b"accept", b"")):
+                exposition: bytes = openmetrics.generate_latest(state.registry)  # type: ignore[no-untyped-call]
+                return 200, OPENMETRICS, exposition
             return 200, PROMETHEUS, generate_latest(state.registry)
         if metrics_only:
             return 404, TEXT, b"this listener serves /metrics only\n"
@@ -87,7 +95,9 @@ def admin_handler(state: AdminState, metrics_only: bool = False) -> LocalHandler
 def requests_handler(lookup: Callable[[bytes], Hops | Awaitable[Hops]]) -> LocalHandler:
     """What the inbound listener answers on the dashboard's mTLS connections: `GET /requests/{id}` only."""
 
-    def handle(method: bytes, target: bytes, peer: bytes) -> LocalAnswer | Awaitable[LocalAnswer]:
+    def handle(
+        method: bytes, target: bytes, peer: bytes, headers: dict[bytes, bytes]
+    ) -> LocalAnswer | Awaitable[LocalAnswer]:
         path = target.split(b"?", 1)[0]
         if method not in (b"GET", b"HEAD") or not path.startswith(b"/requests/"):
             return 404, TEXT, b"the dashboard's identity may only look up /requests/{id}\n"
@@ -112,6 +122,15 @@ def requests_answer(
 def _hops_answer(request_id: bytes, hops: Hops) -> LocalAnswer:
     body = json.dumps({"request_id": request_id.decode("latin-1"), "hops": hops}, indent=1).encode() + b"\n"
     return (200 if hops else 404), JSON, body
+
+
+def wants_openmetrics(accept: bytes) -> bool:
+    """Whether an Accept header lists OpenMetrics text (not refused with q=0): Prometheus asks for it first."""
+    for offer in accept.split(b","):
+        media, *parameters = (part.strip() for part in offer.split(b";"))
+        if media.lower() == b"application/openmetrics-text":
+            return not any(p.replace(b" ", b"") in (b"q=0", b"q=0.0", b"q=0.00", b"q=0.000") for p in parameters)
+    return False
 
 
 def is_loopback(peer: bytes) -> bool:

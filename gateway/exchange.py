@@ -627,7 +627,7 @@ class Exchange:
         self.finish()
 
     def answer_locally(self, handler: LocalHandler) -> None:
-        answer = handler(self.method, self.url, self.downstream.peer_ip)
+        answer = handler(self.method, self.url, self.downstream.peer_ip, self.header_map())
         if isinstance(answer, tuple):
             self.local_response(*answer)
         else:
@@ -682,9 +682,9 @@ class Exchange:
         route_name = route.name if route is not None else ""
         reporter = downstream.listener.reporter
         assert reporter is not None
-        runtime.metrics.series_for((reporter, downstream.source, destination, subset, route_name)).record(
-            self.status, duration
-        )
+        metrics, key = runtime.metrics, (reporter, downstream.source, destination, subset, route_name)
+        series = metrics.series.get(key) or metrics.series_for(key)
+        series.record(self.status, duration)
         if trace is None:
             trace = self.trace = new_trace()  # refused before it was routed
         status, error = self.status, self.error
@@ -702,7 +702,7 @@ class Exchange:
             destination,
             subset,
             route_name,
-            endpoint.name if endpoint is not None else None,  # a str: keeps the tuple out of the GC's sight
+            endpoint.name if endpoint is not None else None,  # a str: hop records hold atomic values only
             self.method,
             self.url,
             self.host,
@@ -715,8 +715,14 @@ class Exchange:
             error,
             downstream.peer_ip,
         )
-        runtime.ring.add(hop)
+        ring = runtime.ring
+        if ring.size:  # HopRing.add(hop), inlined: this runs for every request
+            young = ring.young
+            young += hop
+            if len(young) >= ring.limit:
+                ring.seal()
         if runtime.access_log is not None:
             runtime.access_log.add(hop)
         if export and runtime.exporter is not None:
             runtime.exporter.add(hop)
+            series.exemplar(duration, trace.trace_id, self.request_id, hop[0] + duration)

@@ -54,7 +54,8 @@ _REQUEST_SPECIAL = {
 }
 
 LocalAnswer = tuple[int, str, bytes]
-LocalHandler = Callable[[bytes, bytes, bytes], LocalAnswer | Awaitable[LocalAnswer]]  # (method, target, peer)
+# (method, target, peer, headers by lower-case name): headers for content negotiation (OpenMetrics on /metrics)
+LocalHandler = Callable[[bytes, bytes, bytes, dict[bytes, bytes]], LocalAnswer | Awaitable[LocalAnswer]]
 
 
 class Reject(Exception):

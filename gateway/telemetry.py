@@ -2,10 +2,13 @@
 
 The hot path does one thing per request: `Series.record(code, seconds)` on the series of its
 (reporter, source, destination, subset, route), a dict increment and a bucket increment (no locks: one event
-loop per process). Everything else is read from the runtime's own state when /metrics is scraped: requests in
-flight, pools, pending requests, ejected and unhealthy endpoints, open connections. `snapshot()` turns all of it
-into plain data, which is what a worker sends its supervisor; `merge()` adds snapshots up, and
-`SnapshotCollector` renders the sum through prometheus-client, so one scrape shows the whole gateway.
+loop per process). A request whose span is exported also leaves its trace and request IDs as the exemplar of its
+latency bucket (`Series.exemplar`); the others pay nothing for exemplars. Everything else is read from the
+runtime's own state when /metrics is scraped: requests in flight, pools, pending requests, ejected and unhealthy
+endpoints, open connections. `snapshot()` turns all of it into plain data, which is what a worker sends its
+supervisor; `merge()` adds snapshots up (keeping each bucket's latest exemplar), and `SnapshotCollector` renders
+the sum through prometheus-client, as Prometheus text or, when negotiated, OpenMetrics with the exemplars, so one
+scrape shows the whole gateway.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 
 if TYPE_CHECKING:
     from gateway.server import Runtime
@@ -27,19 +31,24 @@ if TYPE_CHECKING:
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SERIES_LABELS = ("reporter", "source", "destination", "subset", "route")
 Snapshot = dict[str, Any]
+SeriesKey = tuple[str, str, str, str, str]
+Exemplars = dict[int, tuple[bytes, bytes, float, float]]  # bucket -> (trace id, request id, seconds, when)
+EXEMPLAR_LABELS_LIMIT = 128  # OpenMetrics: label names and values of an exemplar, in characters; Prometheus enforces
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class Series:
-    """Counts and latency buckets of one (reporter, source, destination, subset, route)."""
+    """Counts and latency buckets of one (reporter, source, destination, subset, route), and the latest exemplar of
+    each bucket."""
 
-    __slots__ = ("codes", "buckets", "sum")
+    __slots__ = ("codes", "buckets", "sum", "exemplars")
 
     def __init__(self) -> None:
         self.codes: dict[int, int] = {}
         self.buckets = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
         self.sum = 0.0
+        self.exemplars: Exemplars = {}
 
     def record(self, code: int, seconds: float) -> None:
         codes = self.codes
@@ -47,25 +56,29 @@ class Series:
         self.buckets[bisect_left(BUCKETS, seconds)] += 1
         self.sum += seconds
 
+    def exemplar(self, seconds: float, trace_id: bytes, request_id: bytes, when: float) -> None:
+        """Only for requests whose span is exported: the exemplar then leads to a trace that exists."""
+        self.exemplars[bisect_left(BUCKETS, seconds)] = (trace_id, request_id, seconds, when)
+
 
 class Metrics:
     """One process's recordings. Labels are bounded: sources, destinations, subsets and routes come from the
     config and mesh identities, never from request data (an unmatched host is `unknown`)."""
 
     def __init__(self) -> None:
-        self.series: dict[tuple[str, str, str, str, str], Series] = {}
+        self.series: dict[SeriesKey, Series] = {}
         self.counters: dict[tuple[str, str], float] = {}  # (metric name, destination) -> count
         self.loop_lag = 0.0
 
-    def series_for(self, key: tuple[str, str, str, str, str]) -> Series:
+    def series_for(self, key: SeriesKey) -> Series:
         series = self.series.get(key)
         if series is None:
             series = self.series[key] = Series()
         return series
 
-    def count(self, name: str, destination: str) -> None:
+    def count(self, name: str, destination: str, amount: int = 1) -> None:
         key = (name, destination)
-        self.counters[key] = self.counters.get(key, 0) + 1
+        self.counters[key] = self.counters.get(key, 0) + amount
 
     async def watch_loop_lag(self, interval: float = 0.25) -> None:
         """Event-loop lag: how late a sleep wakes up. A busy or blocked loop delays every request it holds."""
@@ -110,6 +123,7 @@ def snapshot(runtime: Runtime) -> Snapshot:
         rss = int(statm.read().split()[1]) * _PAGE_SIZE
     return {
         "series": {key: (dict(s.codes), list(s.buckets), s.sum) for key, s in metrics.series.items()},
+        "exemplars": {key: dict(s.exemplars) for key, s in metrics.series.items() if s.exemplars},
         "counters": counters,
         "gauges": gauges,
         "loop_lag": metrics.loop_lag,
@@ -119,9 +133,23 @@ def snapshot(runtime: Runtime) -> Snapshot:
 
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
-    """The whole gateway: counts, buckets and gauges add up; event-loop lag is the worst worker's."""
-    total: Snapshot = {"series": {}, "counters": {}, "gauges": {}, "loop_lag": 0.0, "cpu": 0.0, "rss": 0}
+    """The whole gateway: counts, buckets and gauges add up; event-loop lag is the worst worker's; each bucket's
+    exemplar is the latest of any worker's."""
+    total: Snapshot = {
+        "series": {},
+        "exemplars": {},
+        "counters": {},
+        "gauges": {},
+        "loop_lag": 0.0,
+        "cpu": 0.0,
+        "rss": 0,
+    }
     for part in snapshots:
+        for key, exemplars in part.get("exemplars", {}).items():
+            have = total["exemplars"].setdefault(key, {})
+            for bucket, exemplar in exemplars.items():
+                if bucket not in have or exemplar[3] > have[bucket][3]:
+                    have[bucket] = exemplar
         for key, (codes, buckets, seconds) in part["series"].items():
             have = total["series"].get(key)
             if have is None:
@@ -177,14 +205,11 @@ class SnapshotCollector(Collector):
         durations = HistogramMetricFamily(
             "meshgate_request_duration_seconds", "Time to answer a request", labels=SERIES_LABELS
         )
+        exemplars = data.get("exemplars", {})
         for key, (codes, buckets, seconds) in sorted(data["series"].items()):
             for code, count in sorted(codes.items()):
                 requests.add_metric((*key, str(code)), count)
-            cumulative, running = [], 0
-            for bound, count in zip((*BUCKETS, float("inf")), buckets, strict=True):
-                running += count
-                cumulative.append((_bound(bound), running))
-            durations.add_metric(key, cumulative, seconds)
+            durations.add_metric(key, _cumulative(buckets, exemplars.get(key, {})), seconds)
         yield requests
         yield durations
         for name, help_text in _COUNTERS.items():
@@ -202,6 +227,24 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily("meshgate_event_loop_lag_seconds", "Worst event-loop lag", data["loop_lag"])
         yield CounterMetricFamily("meshgate_process_cpu_seconds", "CPU time of the gateway processes", data["cpu"])
         yield GaugeMetricFamily("meshgate_process_resident_memory_bytes", "RSS of the gateway processes", data["rss"])
+
+
+def _cumulative(buckets: list[int], exemplars: Exemplars) -> list[Any]:
+    """(le, cumulative count[, exemplar]) per bucket, as HistogramMetricFamily takes them."""
+    cumulative: list[Any] = []
+    running = 0
+    for index, (bound, count) in enumerate(zip((*BUCKETS, float("inf")), buckets, strict=True)):
+        running += count
+        found = exemplars.get(index)
+        cumulative.append((_bound(bound), running) if found is None else (_bound(bound), running, _exemplar(*found)))
+    return cumulative
+
+
+def _exemplar(trace_id: bytes, request_id: bytes, seconds: float, when: float) -> Exemplar:
+    labels = {"trace_id": trace_id.decode("latin-1"), "request_id": request_id.decode("latin-1")}
+    if sum(len(name) + len(value) for name, value in labels.items()) > EXEMPLAR_LABELS_LIMIT:
+        del labels["request_id"]  # a long client-given ID: the trace ID alone still leads to the trace
+    return Exemplar(labels, seconds, when)
 
 
 def _bound(value: float) -> str:

@@ -1,7 +1,8 @@
 """Golden signals and saturation on /metrics, end to end: a real gateway process, real upstreams, known traffic.
 
 Each test sends traffic whose outcome it knows, scrapes the admin listener (or the metrics listener) and parses
-the exposition with prometheus-client's parser, as Prometheus would read it. Label sets are compared whole, so a
+the exposition with prometheus-client's parser, as Prometheus would read it (the OpenMetrics parser when the scrape
+asks for OpenMetrics, whose latency buckets carry exemplars of exported requests). Label sets are compared whole, so a
 missing, extra or misspelt label fails. The contract is DESIGN.md's: `meshgate_requests_total`,
 `meshgate_request_duration_seconds` (with the listed buckets) and `meshgate_inflight_requests`; the saturation
 names are gateway/telemetry.py's and admin.py's.
@@ -23,6 +24,7 @@ import httpx
 import pytest
 import trustme
 import yaml
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import (
@@ -572,6 +574,79 @@ def test_process_figures(hello_gateway: Gateway) -> None:
 
 
 # --workers N
+
+
+# Exemplars (OpenMetrics)
+
+OPENMETRICS_ACCEPT = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+
+
+def exemplars(gw: Gateway, kind: str = "admin") -> dict[str, tuple[str, str, float]]:
+    """{request id: (trace id, le, value)} of the exemplars on `meshgate_request_duration_seconds` buckets."""
+    response = httpx.get(gw.url(kind) + "/metrics", headers={"accept": OPENMETRICS_ACCEPT}, trust_env=False)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0")
+    found = {}
+    for family in openmetrics_families(response.text):  # type: ignore[no-untyped-call]
+        for sample in family.samples:
+            if sample.exemplar is not None:
+                assert sample.name == "meshgate_request_duration_seconds_bucket", sample
+                labels = sample.exemplar.labels
+                found[labels["request_id"]] = (labels["trace_id"], sample.labels["le"], sample.exemplar.value)
+    return found
+
+
+def traced_config(upstream: UpstreamServer, sampling: float, **gateway: Any) -> dict[str, Any]:
+    # Spans go to the upstream, which answers any POST with 200: an OTLP sink is all the exporter needs here.
+    tracing = {"endpoint": f"http://{upstream.address}/v1/traces", "sampling": sampling}
+    return gateway_config(hello(upstream.address), telemetry={"access_log": "off", "tracing": tracing}, **gateway)
+
+
+def assert_in_bucket(le: str, value: float) -> None:
+    bounds = [0.0] + [float(b) for b in BUCKETS] + [float("inf")]
+    upper = bounds.index(float(le))
+    assert bounds[upper - 1] < value <= bounds[upper], (le, value)
+
+
+def test_exemplars_lead_to_exported_requests_only(start_gateway: StartGateway, hello_upstream: UpstreamServer) -> None:
+    gw = start_gateway(traced_config(hello_upstream, sampling=0.0))  # only errors and slow requests are exported
+    with client(gw) as c:
+        quick = [c.get("/echo", headers={"host": "hello"}) for _ in range(5)]
+        failed = c.get("/status/503", headers={"host": "hello"})
+        sampled = c.get("/delay/30", headers={"host": "hello", "traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"})
+    assert failed.status_code == 503 and sampled.status_code == 200
+    found = wait_for(lambda: len(exemplars(gw)) == 2 and exemplars(gw), timeout=5, what="two exemplars")
+    assert set(found) == {failed.headers["x-request-id"], sampled.headers["x-request-id"]}
+    assert not {r.headers["x-request-id"] for r in quick} & set(found), "unsampled requests leave no exemplar"
+    trace, le, value = found[sampled.headers["x-request-id"]]
+    assert trace == "ab" * 16  # the incoming trace, which the exported span belongs to
+    assert 0.03 <= value < 1 and float(le) >= 0.05
+    for request_id, (trace, le, value) in found.items():
+        assert_in_bucket(le, value)
+        (hop,) = httpx.get(gw.url("admin") + f"/requests/{request_id}", trust_env=False).json()["hops"]
+        assert hop["trace_id"] == trace and hop["duration"] == value
+    assert "trace_id" not in scrape(gw).text, "plain Prometheus text carries no exemplars"
+
+
+def test_workers_exemplars_merge_to_one_per_bucket(start_gateway: StartGateway, hello_upstream: UpstreamServer) -> None:
+    gw = start_gateway(traced_config(hello_upstream, sampling=1.0, listen=listeners("metrics")), "--workers", "2")
+    hello_key = key("destination", "unknown", "hello", "v1", "default")
+    responses = fresh_connection_requests(gw, 40)
+    wait_for(
+        lambda: requests_by_series(scrape(gw)).get(hello_key | {("code", "200")}) == 40,
+        timeout=5.0,
+        what="40 requests in one scrape",
+    )
+    request_ids = {r.headers["x-request-id"] for r in responses}
+    found = exemplars(gw)
+    assert found and set(found) <= request_ids
+    buckets = [le for _, le, _ in found.values()]
+    assert len(buckets) == len(set(buckets)), "one exemplar per bucket, the latest of any worker"
+    for _, le, value in found.values():
+        assert_in_bucket(le, value)
+    assert exemplars(gw, "metrics") == found  # the metrics listener serves the same
+    # The same 40 requests are counted, whatever the format.
+    assert_histogram(scrape(gw), hello_key, 40)
 
 
 def fresh_connection_requests(gw: Gateway, n: int) -> list[httpx.Response]:

@@ -2,7 +2,9 @@
 
 The test starts `/usr/bin/prometheus` (Debian package `prometheus`) itself, on loopback, with its own config (a 1 s
 scrape interval, the gateway's admin listener as the only target) and its own data directory under tmp_path, and
-stops it afterwards. It is skipped only where that binary is absent; CI installs it.
+stops it afterwards. It is skipped only where that binary is absent; CI installs it. Prometheus asks for
+OpenMetrics first, so it reads the gateway's OpenMetrics exposition; with `--enable-feature=exemplar-storage` it
+also keeps the exemplars that lead from a latency bucket to an exported request's trace and request ID.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import Gateway, wait_for
+from tests.conftest import Gateway, StartGateway, gateway_config, hello, wait_for
 from tests.e2e.upstream_app import UpstreamServer
 
 PROMETHEUS = Path("/usr/bin/prometheus")
@@ -73,10 +76,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def start_prometheus(tmp_path: Path) -> Iterator[Callable[[tuple[str, int]], Prometheus]]:
+def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., Prometheus]]:
     started: list[Prometheus] = []
 
-    def start(target: tuple[str, int]) -> Prometheus:
+    def start(target: tuple[str, int], *features: str) -> Prometheus:
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": "meshgate", "static_configs": [{"targets": [f"{target[0]}:{target[1]}"]}]}],
@@ -93,6 +96,7 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[tuple[str, int]], Pro
                     f"--storage.tsdb.path={tmp_path / 'prometheus-data'}",
                     f"--web.listen-address={address}",
                     "--log.level=warn",
+                    *(f"--enable-feature={feature}" for feature in features),
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -109,7 +113,7 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[tuple[str, int]], Pro
 
 
 def test_prometheus_scrapes_request_count_and_latency(
-    hello_gateway: Gateway, hello_upstream: UpstreamServer, start_prometheus: Callable[[tuple[str, int]], Prometheus]
+    hello_gateway: Gateway, hello_upstream: UpstreamServer, start_prometheus: Callable[..., Prometheus]
 ) -> None:
     prometheus = start_prometheus(hello_gateway.admin)
     # Traffic starts only once the target is up, so that it spans several scrapes: rate() needs the counters to
@@ -163,3 +167,36 @@ def test_prometheus_scrapes_request_count_and_latency(
     )
     assert p99 is not None and 0.05 <= p99 <= 0.25, p99  # each request waited 50 ms at the upstream
     assert p50 is not None and 0.05 <= p50 <= p99, (p50, p99)
+
+
+def test_prometheus_stores_exemplars_of_exported_requests(
+    start_gateway: StartGateway, hello_upstream: UpstreamServer, start_prometheus: Callable[..., Prometheus]
+) -> None:
+    # Every span is exported (to the upstream, which answers any POST with 200: an OTLP sink is all it takes).
+    tracing = {"endpoint": f"http://{hello_upstream.address}/v1/traces", "sampling": 1.0}
+    gw = start_gateway(
+        gateway_config(hello(hello_upstream.address), telemetry={"access_log": "off", "tracing": tracing})
+    )
+    prometheus = start_prometheus(gw.admin, "exemplar-storage")
+    wait_for(lambda: prometheus.scalar('up{job="meshgate"}') == 1, timeout=10.0, interval=0.2, what="the first scrape")
+    started = time.time()
+    with httpx.Client(base_url=gw.url(), trust_env=False, timeout=5.0) as http:
+        sent = {http.get("/delay/20", headers={"host": "hello"}).headers["x-request-id"] for _ in range(5)}
+
+    def stored() -> list[dict[str, Any]]:
+        response = httpx.get(
+            f"{prometheus.url}/api/v1/query_exemplars",
+            params={"query": "meshgate_request_duration_seconds_bucket", "start": started - 5, "end": time.time() + 5},
+            timeout=5.0,
+            trust_env=False,
+        )
+        assert response.status_code == 200, response.text
+        return [exemplar for series in response.json()["data"] for exemplar in series["exemplars"]]
+
+    found = wait_for(stored, timeout=15.0, interval=0.2, what="an exemplar in Prometheus")
+    for exemplar in found:
+        labels = exemplar["labels"]
+        assert labels["request_id"] in sent, labels
+        (hop,) = httpx.get(gw.url("admin") + f"/requests/{labels['request_id']}", trust_env=False).json()["hops"]
+        assert labels["trace_id"] == hop["trace_id"]
+        assert 0.02 <= float(exemplar["value"]) < 1.0 and float(exemplar["value"]) == hop["duration"]

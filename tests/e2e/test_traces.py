@@ -12,6 +12,7 @@ neither delaying requests nor growing memory (spans dropped and counted in `mesh
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -572,6 +574,41 @@ def test_admin_finds_the_hop_of_an_unsampled_request(
     # The unsampled request was never exported; the failed one was.
     wait_for(lambda: failed.headers["x-request-id"] in collector.by_request_id(), timeout=10, what="the 5xx span")
     assert request_id not in collector.by_request_id()
+
+
+def test_packed_ring_answers_exactly_what_the_access_log_wrote(
+    start_gateway: StartGateway, start_upstream: StartUpstream, tmp_path: Path
+) -> None:
+    """A ring of 40 packs every 5 records (the default ring packs every 1,024), so almost every hop below is served
+    from a packed block: each must come back with the values the access log wrote from the same hop record, and
+    only the most recent 40 are kept."""
+    upstream = start_upstream("v1")
+    log = tmp_path / "access.log"
+    telemetry = {"access_log": str(log), "recent_requests": 40, "tracing": {"sampling": 0.5}}
+    gw = start_gateway(gateway_config(hello(upstream.address), telemetry=telemetry))
+    targets = [f"/echo?n={n}" for n in range(45)] + ["/status/503", "/status/404", "/echo/caf%C3%A9", "/" + "p" * 300]
+    ids = []
+    with client(gw) as c:
+        for n, target in enumerate(targets):
+            headers = {"traceparent": traceparent(span=f"{n + 1:016x}")} if n % 3 == 0 else {}
+            ids.append(get(c, target, **headers).headers["x-request-id"])
+        ids.append(get(c, "/echo", host="nobody").headers["x-request-id"])  # unrouted: 404, no endpoint
+    wait_for(lambda: len(read_lines(log)) == len(ids), timeout=10, what="every access-log line")
+    logged = {line["request_id"]: line for line in read_lines(log)}
+    for request_id in ids[:-40]:
+        assert hops(gw, request_id).status_code == 404, "forgotten: older than the most recent 40"
+    for request_id in ids[-40:]:
+        (hop,) = hops(gw, request_id).json()["hops"]
+        line = logged[request_id]
+        assert {key: hop[key] for key in line.keys() & hop.keys()} == {
+            key: line[key] for key in line.keys() & hop.keys()
+        }
+        assert len(line.keys() & hop.keys()) >= 20, sorted(line.keys() & hop.keys())
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
 
 
 # --- shutdown -----------------------------------------------------------------------------------------------

@@ -1,26 +1,28 @@
 """Unit tests of the OTLP span encoding and the exporter's bounded queue.
 
-`encode()` output is decoded with the official `opentelemetry-proto` class, as a collector would decode it, and
-checked against the hop records it came from: ids, parent, kind, times, status and the attributes the issue names
-(OpenTelemetry HTTP semantic conventions, Envoy's `guid:x-request-id`, meshgate's own). No network, except one
-connect to a loopback port with nothing listening.
+`SpanEncoder` output is decoded with the official `opentelemetry-proto` class, as a collector would decode it, and
+- checked against the hop records it came from: ids, parent, kind, times, status and the attributes the issue
+  names (OpenTelemetry HTTP semantic conventions, Envoy's `guid:x-request-id`, meshgate's own);
+- required to be exactly the message the official classes build from the same hops (`otlp_reference.py`, the
+  encoder it replaced), for hand-picked edge cases and for seeded random ones.
+No network, except one connect to a loopback port with nothing listening.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
 from typing import Any
 
 import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from gateway.otlp import MAX_QUEUED, Exporter, encode
+from gateway.otlp import MAX_QUEUED, Exporter, SpanEncoder
 from gateway.telemetry import Metrics
+from tests.gateway import otlp_reference
 from tests.gateway.test_tracing import make_hop
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -29,8 +31,9 @@ PARENT = "5fe865d0f3a3c1e2"
 REQUEST_ID = "0b6f3c4e-9d2a-4c1b-8e7f-2a9c5d1e3f40"
 
 
-def resource(group: str = "catalog") -> Resource:
-    return Resource(attributes=[KeyValue(key="service.name", value=AnyValue(string_value=f"meshgate-gateway-{group}"))])
+def encode(hops: list[tuple[Any, ...]], group: str = "catalog") -> bytes:
+    encoder = SpanEncoder(group)
+    return encoder.request(encoder.spans(hops))
 
 
 def decode(body: bytes) -> list[Span]:
@@ -77,7 +80,7 @@ def server_hop(**fields: Any) -> tuple[Any, ...]:
 
 
 def test_encode_decodes_with_the_official_class() -> None:
-    body = encode([server_hop()], resource())
+    body = encode([server_hop()])
     request = ExportTraceServiceRequest.FromString(body)
     assert len(request.resource_spans) == 1
     resource_spans = request.resource_spans[0]
@@ -88,7 +91,7 @@ def test_encode_decodes_with_the_official_class() -> None:
 
 
 def test_span_ids_parent_kind_and_times() -> None:
-    (span,) = decode(encode([server_hop()], resource()))
+    (span,) = decode(encode([server_hop()]))
     assert span.trace_id == bytes.fromhex(TRACE) and len(span.trace_id) == 16
     assert span.span_id == bytes.fromhex(SPAN) and len(span.span_id) == 8
     assert span.parent_span_id == bytes.fromhex(PARENT)
@@ -100,17 +103,17 @@ def test_span_ids_parent_kind_and_times() -> None:
 
 
 def test_a_root_span_has_no_parent() -> None:
-    (span,) = decode(encode([server_hop(parent_span_id=b"")], resource()))
+    (span,) = decode(encode([server_hop(parent_span_id=b"")]))
     assert span.parent_span_id == b""
 
 
 def test_source_hop_is_a_client_span() -> None:
-    (span,) = decode(encode([server_hop(reporter="source")], resource()))
+    (span,) = decode(encode([server_hop(reporter="source")]))
     assert span.kind == Span.SPAN_KIND_CLIENT
 
 
 def test_every_named_attribute() -> None:
-    (span,) = decode(encode([server_hop()], resource()))
+    (span,) = decode(encode([server_hop()]))
     attrs = attributes(span)
     # OpenTelemetry HTTP semantic conventions
     assert attrs["http.request.method"] == "POST"
@@ -131,7 +134,7 @@ def test_every_named_attribute() -> None:
 
 def test_server_address_has_no_port() -> None:
     """Semantic conventions: `server.address` is the host alone; a port goes to `server.port`."""
-    (span,) = decode(encode([server_hop(host=b"catalog:8080")], resource()))
+    (span,) = decode(encode([server_hop(host=b"catalog:8080")]))
     attrs = attributes(span)
     assert attrs["server.address"] == "catalog"
     assert attrs.get("server.port") in (None, 8080)
@@ -139,7 +142,7 @@ def test_server_address_has_no_port() -> None:
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
 def test_upstream_5xx_is_an_error_span(status: int) -> None:
-    (span,) = decode(encode([server_hop(status=status, tries=1)], resource()))
+    (span,) = decode(encode([server_hop(status=status, tries=1)]))
     assert span.status.code == Status.STATUS_CODE_ERROR
     attrs = attributes(span)
     assert attrs["http.response.status_code"] == status
@@ -148,7 +151,7 @@ def test_upstream_5xx_is_an_error_span(status: int) -> None:
 
 def test_gateway_error_names_its_type() -> None:
     hop = server_hop(status=503, error="connect_failure", tries=3, upstream_duration=0.0)
-    (span,) = decode(encode([hop], resource()))
+    (span,) = decode(encode([hop]))
     assert span.status.code == Status.STATUS_CODE_ERROR
     attrs = attributes(span)
     assert attrs["error.type"] == "connect_failure"
@@ -157,7 +160,7 @@ def test_gateway_error_names_its_type() -> None:
 
 def test_unrouted_request_has_no_endpoint() -> None:
     hop = server_hop(status=404, error="no_route", destination="unknown", subset="", route="", endpoint=None, tries=0)
-    (span,) = decode(encode([hop], resource()))
+    (span,) = decode(encode([hop]))
     attrs = attributes(span)
     assert "meshgate.endpoint" not in attrs
     assert attrs["meshgate.service"] == "unknown"
@@ -167,9 +170,127 @@ def test_unrouted_request_has_no_endpoint() -> None:
 
 def test_a_batch_keeps_every_span_in_order() -> None:
     hops = [server_hop(span_id=b"%016x" % (n + 1), status=200 + n) for n in range(50)]
-    spans = decode(encode(hops, resource()))
+    spans = decode(encode(hops))
     assert [span.span_id for span in spans] == [bytes.fromhex("%016x" % (n + 1)) for n in range(50)]
     assert [attributes(span)["http.response.status_code"] for span in spans] == [200 + n for n in range(50)]
+
+
+# --- the same message as the official classes build ----------------------------------------------------------
+
+
+def assert_same_message(hops: list[tuple[Any, ...]], group: str = "catalog") -> None:
+    decoded = ExportTraceServiceRequest.FromString(encode(hops, group))
+    expected = otlp_reference.encode(hops, otlp_reference.resource(group))
+    assert decoded == ExportTraceServiceRequest.FromString(expected)
+
+
+EDGE_CASES: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "no parent": {"parent_span_id": b""},
+    "source reporter": {"reporter": "source"},
+    "gateway error": {"status": 503, "error": "connect_failure", "tries": 3, "upstream_duration": 0.0},
+    "upstream 500, not retried": {"status": 500, "tries": 1},
+    "5xx retried": {"status": 502, "tries": 3},
+    "client disconnect": {"status": 499, "error": "downstream_disconnect"},
+    "unrouted": {"status": 404, "error": "no_route", "destination": "unknown", "subset": "", "route": "", "tries": 0},
+    "no endpoint": {"endpoint": None, "status": 503, "error": "no_healthy_upstream", "tries": 0},
+    "many retries": {"tries": 40},
+    "status 100": {"status": 100},
+    "status 999": {"status": 999},
+    "unicode path": {"target": "/caf\u00e9/\u65e5\u672c?q=\u00fc".encode()},
+    "latin-1 path": {"target": b"/\xff\xfe\x80?x"},
+    "only a query": {"target": b"?a=1"},
+    "empty target": {"target": b""},
+    "long path": {"target": b"/" + b"p" * 200},
+    "path near a varint boundary": {"target": b"/" + b"q" * 126},
+    "very long path": {"target": b"/" + b"r" * 20_000 + b"?x=" + b"s" * 100},
+    "long request id": {"request_id": b"r" * 128},
+    "unicode request id": {"request_id": "id-\u00e9".encode("latin-1")},
+    "zero times": {"start": 0.0, "duration": 0.0, "upstream_duration": 0.0},
+    "huge times": {"start": 18_000_000_000.0, "duration": 86_400.0, "upstream_duration": 86_000.0},
+    "tiny times": {"start": 1e-9, "duration": 1e-9, "upstream_duration": 1e-12},
+    "host with port": {"host": b"catalog:8080"},
+    "ipv6 host with port": {"host": b"[::1]:8080"},
+    "ipv6 host": {"host": b"[fe80::1]"},
+    "bare ipv6": {"host": b"fe80::1"},
+    "host with a bad port": {"host": b"catalog:http"},
+    "empty host": {"host": b""},
+    "unicode host": {"host": "caf\u00e9.example".encode()},
+    "ipv6 peer": {"peer": b"::ffff:10.0.0.1"},
+    "unicode method": {"method": b"G\xc9T"},
+    "extension method": {"method": b"PROPFIND"},
+    "unicode labels": {"source": "\u00e9quipe", "route": "r\u00f6ute", "subset": "v\u00b2"},
+}
+
+
+@pytest.mark.parametrize("fields", EDGE_CASES.values(), ids=EDGE_CASES.keys())
+def test_same_message_as_the_official_classes(fields: dict[str, Any]) -> None:
+    assert_same_message([server_hop(**fields)])
+
+
+def random_hop(rng: random.Random) -> tuple[Any, ...]:
+    def text(alphabet: str, longest: int) -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randrange(longest)))
+
+    status = rng.choice([200, 201, 204, 301, 404, 429, 499, 500, 502, 503, 504])
+    return server_hop(
+        start=rng.choice([0.0, rng.uniform(0, 2e9), rng.uniform(1.7e9, 1.8e9)]),
+        request_id=text("0123456789abcdef-", 129).encode() or b"x",
+        trace_id=b"%032x" % rng.getrandbits(128),
+        span_id=b"%016x" % rng.getrandbits(64),
+        parent_span_id=rng.choice([b"", b"%016x" % rng.getrandbits(64)]),
+        reporter=rng.choice(["source", "destination"]),
+        source=rng.choice(["shop", "external", "unknown"]),
+        destination=rng.choice(["catalog", "unknown", "payments"]),
+        subset=rng.choice(["", "v1", "v2"]),
+        route=rng.choice(["", "default", "canary-header"]),
+        endpoint=rng.choice([None, "127.0.0.1:9101", "[::1]:9102"]),
+        method=rng.choice([b"GET", b"POST", b"DELETE", b"OPTIONS"]),
+        target=("/" + text("abc/?=&%\u00e9\u65e5 ", 300)).encode(),
+        host=rng.choice([b"catalog", b"catalog:8080", b"[::1]:15001", b"10.0.0.7"]),
+        status=status,
+        duration=rng.choice([0.0, rng.uniform(0, 0.01), rng.uniform(0, 100)]),
+        upstream_duration=rng.choice([0.0, rng.uniform(0, 0.01)]),
+        tries=rng.randrange(0, 20),
+        error=rng.choice(["", "", "", "reset", "per_try_timeout", "overflow"]),
+        peer=rng.choice([b"127.0.0.1", b"10.1.2.3", b"::1"]),
+    )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_same_message_for_random_batches(seed: int) -> None:
+    rng = random.Random(seed)
+    assert_same_message([random_hop(rng) for _ in range(300)], group=rng.choice(["catalog", "shop", "\u00e9"]))
+
+
+def test_caches_stay_bounded_under_a_flood_of_hosts_and_peers() -> None:
+    encoder = SpanEncoder("catalog")
+    hops = [server_hop(host=b"h%d" % n, peer=b"10.0.%d.%d" % (n // 256, n % 256)) for n in range(5000)]
+    spans = decode(encoder.request(encoder.spans(hops)))
+    assert [attributes(span)["server.address"] for span in spans] == [f"h{n}" for n in range(5000)]
+    assert len(encoder.routes) <= 1024 and len(encoder.peers) <= 1024
+
+
+def test_batches_larger_than_one_chunk_are_sent_whole() -> None:
+    """`send()` encodes a batch in chunks between yields to the loop; the body still holds every span in order."""
+    bodies: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.content)
+        return httpx.Response(200)
+
+    metrics = Metrics()
+    exporter = Exporter("http://collector/v1/traces", "catalog", metrics)
+    hops = [server_hop(span_id=b"%016x" % (n + 1)) for n in range(1000)]
+
+    async def send() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            await exporter.send(client, hops)
+
+    asyncio.run(send())
+    (body,) = bodies
+    assert [span.span_id for span in decode(body)] == [bytes.fromhex("%016x" % (n + 1)) for n in range(1000)]
+    assert metrics.counters == {("meshgate_spans_exported_total", "catalog"): 1000}
 
 
 # --- the exporter's bounded queue ---------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Unit tests of the golden-signal recording (`Series`, `Metrics`), `snapshot()`, `merge()` and the exposition
-through `SnapshotCollector`.
+"""Unit tests of the golden-signal recording (`Series`, `Metrics`), exemplars, `snapshot()`, `merge()` and the
+exposition through `SnapshotCollector`.
 
-The rendered text is produced by prometheus-client's `generate_latest` on a `CollectorRegistry`, and read back with
-its parser, as a scraper would read it. No sockets, no event loop.
+The rendered text is produced by prometheus-client's `generate_latest` (Prometheus text) or its OpenMetrics
+`generate_latest` on a `CollectorRegistry`, and read back with the matching prometheus-client parser, as a scraper
+would read it. No sockets, no event loop.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -94,9 +98,11 @@ def part(
     loop_lag: float = 0.0,
     cpu: float = 0.0,
     rss: int = 0,
+    exemplars: dict[tuple[str, ...], dict[int, tuple[bytes, bytes, float, float]]] | None = None,
 ) -> Snapshot:
     return {
         "series": series,
+        "exemplars": exemplars or {},
         "counters": counters or {},
         "gauges": gauges or {},
         "loop_lag": loop_lag,
@@ -197,6 +203,104 @@ def test_snapshot_copies_recordings_and_reads_runtime_state() -> None:
     assert taken["loop_lag"] == 0.01
     assert taken["cpu"] > 0
     assert taken["rss"] > 1_000_000  # this Python process's resident set, in bytes
+
+
+# Exemplars
+
+TRACE = b"4bf92f3577b34da6a3ce929d0e0e4736"
+OTHER_TRACE = b"0af7651916cd43dd8448eb211c80319c"
+DURATIONS = "meshgate_request_duration_seconds"
+
+
+def test_exemplar_goes_to_the_bucket_of_its_value_and_the_latest_wins() -> None:
+    series = Series()
+    series.exemplar(0.003, TRACE, b"req-1", 1_700_000_000.5)
+    series.exemplar(0.004, OTHER_TRACE, b"req-2", 1_700_000_001.5)  # same bucket (le 0.005): replaces the first
+    series.exemplar(0.0001, TRACE, b"req-3", 1_700_000_002.5)  # on a bound: that bound's bucket
+    assert series.exemplars == {
+        5: (OTHER_TRACE, b"req-2", 0.004, 1_700_000_001.5),
+        0: (TRACE, b"req-3", 0.0001, 1_700_000_002.5),
+    }
+    assert series.buckets == [0] * (INF + 1), "an exemplar is not an observation: record() counts"
+
+
+def test_snapshot_carries_exemplars_and_merge_keeps_the_latest_per_bucket() -> None:
+    metrics = Metrics()
+    metrics.series_for(HELLO).record(200, 0.003)
+    metrics.series_for(CANARY).record(200, 0.003)  # no exemplar: absent from the snapshot's exemplars
+    metrics.series_for(HELLO).exemplar(0.003, TRACE, b"req-a", 100.0)
+    runtime = SimpleNamespace(metrics=metrics, table=None, endpoints={}, connections=[], listener_kinds=set())
+    taken = snapshot(cast(Any, runtime))
+    metrics.series_for(HELLO).exemplar(0.003, OTHER_TRACE, b"req-b", 101.0)  # later: not in the snapshot taken
+    assert taken["exemplars"] == {HELLO: {5: (TRACE, b"req-a", 0.003, 100.0)}}
+
+    older = part({}, exemplars={HELLO: {5: (OTHER_TRACE, b"req-old", 0.004, 99.0), 7: (TRACE, b"req-c", 0.02, 50.0)}})
+    newer = part({}, exemplars={HELLO: {5: (TRACE, b"req-new", 0.002, 120.0)}, CANARY: {0: (TRACE, b"r", 0.0001, 1.0)}})
+    total = merge([older, taken, newer])
+    assert total["exemplars"] == {
+        HELLO: {5: (TRACE, b"req-new", 0.002, 120.0), 7: (TRACE, b"req-c", 0.02, 50.0)},
+        CANARY: {0: (TRACE, b"r", 0.0001, 1.0)},
+    }
+    assert merge([newer, older, taken]) == total, "the latest wins whatever the order of the workers"
+
+
+def parse_openmetrics(text: str) -> list[Metric]:
+    return list(openmetrics_families(text))  # type: ignore[no-untyped-call]
+
+
+def openmetrics_exposition(data: Snapshot) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: data))
+    text: bytes = openmetrics.generate_latest(registry)  # type: ignore[no-untyped-call]
+    return text.decode()
+
+
+def test_openmetrics_exposition_carries_exemplars_on_their_buckets() -> None:
+    data = part(
+        {HELLO: ({200: 3, 503: 1}, buckets(b3=2, b5=1, inf=1), 12.5), CANARY: ({200: 1}, buckets(b0=1), 0.0001)},
+        exemplars={
+            HELLO: {5: (TRACE, b"req-1", 0.004, 1_700_000_000.25), INF: (OTHER_TRACE, b"req-2", 12.0, 1_700_000_001.0)}
+        },
+    )
+    text = openmetrics_exposition(data)
+    assert text.endswith("# EOF\n")
+    families = {family.name: family for family in parse_openmetrics(text)}
+    histogram = families["meshgate_request_duration_seconds"]
+    assert histogram.type == "histogram"
+    with_exemplars = {
+        s.labels["le"]: (s.exemplar.labels, s.exemplar.value, float(cast(Any, s.exemplar.timestamp)))
+        for s in histogram.samples
+        if s.exemplar is not None
+    }
+    assert with_exemplars == {
+        "0.005": ({"trace_id": TRACE.decode(), "request_id": "req-1"}, 0.004, 1_700_000_000.25),
+        "+Inf": ({"trace_id": OTHER_TRACE.decode(), "request_id": "req-2"}, 12.0, 1_700_000_001.0),
+    }
+    for sample in histogram.samples:
+        if sample.exemplar is not None:
+            assert sample.labels["destination"] == "hello" and sample.labels["subset"] == "v1"
+    # The counts are those of the plain exposition.
+    counts = {
+        s.labels["le"]: s.value for s in histogram.samples if s.name.endswith("_bucket") and s.labels["subset"] == "v1"
+    }
+    assert counts["0.001"] == 2 and counts["0.005"] == 3 and counts["+Inf"] == 4
+    assert families["meshgate_requests"].type == "counter"
+
+
+def test_exemplar_of_a_long_request_id_keeps_only_the_trace_id() -> None:
+    """OpenMetrics caps an exemplar's label names and values at 128 characters (Prometheus refuses the scrape)."""
+    long_id = b"r" * 100
+    data = part({HELLO: ({200: 1}, buckets(b5=1), 0.004)}, exemplars={HELLO: {5: (TRACE, long_id, 0.004, 1.0)}})
+    (histogram,) = [f for f in parse_openmetrics(openmetrics_exposition(data)) if f.name == DURATIONS]
+    (exemplar,) = [s.exemplar for s in histogram.samples if s.exemplar is not None]
+    assert exemplar.labels == {"trace_id": TRACE.decode()}
+
+
+def test_plain_text_is_the_same_with_or_without_exemplars() -> None:
+    plain = part({HELLO: ({200: 3}, buckets(b3=2, b5=1), 0.01)})
+    with_exemplars = {**plain, "exemplars": {HELLO: {5: (TRACE, b"req-1", 0.004, 1.0)}}}
+    assert exposition(with_exemplars) == exposition(plain)
+    assert "trace_id" not in exposition(with_exemplars)
 
 
 # SnapshotCollector
