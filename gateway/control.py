@@ -90,7 +90,9 @@ def backoff(attempt: int) -> float:
     return random.uniform(BACKOFF_MIN, min(BACKOFF_MAX, BACKOFF_MIN * 2**attempt))
 
 
-def mesh_config(settings: JoinSettings, payload: dict[str, Any], trust_domain: str) -> tuple[Config, Peers]:
+def mesh_config(
+    settings: JoinSettings, payload: dict[str, Any], trust_domain: str, ca_pem: bytes = b""
+) -> tuple[Config, Peers]:
     """A sync answer as a gateway config, plus the services other groups own and where their gateways are."""
     services = dict(payload.get("services") or {})
     remote: set[str] = set()
@@ -112,7 +114,7 @@ def mesh_config(settings: JoinSettings, payload: dict[str, Any], trust_domain: s
     gateway["telemetry"] = {**telemetry, "tracing": tracing}
     source = f"{settings.url} config version {payload.get('version')}"
     config = Config.parse({"gateway": gateway, "services": services}, source=source, base_dir=settings.base_dir)
-    return config, Peers(frozenset(remote), peers, trust_domain)
+    return config, Peers(frozenset(remote), peers, trust_domain, ca_pem)
 
 
 class Identity:
@@ -132,6 +134,7 @@ class Identity:
         self.not_before = 0.0
         self.not_after = 0.0
         self.trust_domain = ""  # from our own SPIFFE ID; peers must be of the same trust domain
+        self.ca_pem = b""  # the mesh CA, which also signs the dashboard's HTTPS certificate
 
     def load(self) -> bool:
         """Use the identity on disk (written by this gateway, or by its supervisor for a worker) if unexpired."""
@@ -160,6 +163,7 @@ class Identity:
             tls.install(context, chain_pem, key_pem, ca_pem)
         self.not_before, self.not_after = tls.not_before(chain_pem), tls.not_after(chain_pem)
         self.trust_domain = tls.trust_domain_of(chain_pem)
+        self.ca_pem = ca_pem
 
     @property
     def valid(self) -> bool:
@@ -255,7 +259,7 @@ class ControlClient:
             log.warning("ignoring the cached config %s: %s", self.cache_path, exc)
 
     def _apply(self, payload: dict[str, Any], cache: bool) -> None:
-        config, peers = mesh_config(self.settings, payload, self.identity.trust_domain)
+        config, peers = mesh_config(self.settings, payload, self.identity.trust_domain, self.identity.ca_pem)
         version = int(payload["version"])
         self.payload = payload
         self.applied = Applied(version, str(payload.get("etag", "")))
@@ -296,10 +300,10 @@ class ControlClient:
             raise ControlError(f"the dashboard refused the join token: {_reason(answer)}")
         answer.raise_for_status()
         body = answer.json()
-        trust_domain = self.identity.trust_domain
+        before = (self.identity.trust_domain, self.identity.ca_pem)
         self.identity.save(key_pem, str(body["certificate"]).encode(), str(body["ca"]).encode())
-        if self.identity.trust_domain != trust_domain and self.payload is not None:
-            self._apply(self.payload, cache=False)  # peers' SPIFFE IDs are in the new trust domain
+        if (self.identity.trust_domain, self.identity.ca_pem) != before and self.payload is not None:
+            self._apply(self.payload, cache=False)  # peers' SPIFFE IDs and the CA to trust come with our identity
         log.info("mesh identity %s, valid until %s", body.get("spiffe_id"), _when(self.identity.not_after))
 
     async def join_until_done(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import struct
 from binascii import unhexlify
 from collections import Counter
@@ -47,8 +48,9 @@ _destination = itemgetter(HOP["destination"])
 class Exporter:
     """>>> exporter = Exporter("http://127.0.0.1:4318/v1/traces", "catalog", metrics); exporter.add(hop)"""
 
-    def __init__(self, endpoint: str, group: str, metrics: Metrics) -> None:
+    def __init__(self, endpoint: str, group: str, metrics: Metrics, verify: ssl.SSLContext | bool = True) -> None:
         self.endpoint = endpoint
+        self.verify = verify  # an https collector's certificate is checked against this
         self.encoder = SpanEncoder(group)
         self.metrics = metrics
         self.queue: list[tuple[Any, ...]] = []
@@ -63,7 +65,7 @@ class Exporter:
             self.wakeup.set()
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT, verify=self.verify) as client:
             while True:
                 with contextlib.suppress(TimeoutError):  # the interval passed: send what there is
                     await asyncio.wait_for(self.wakeup.wait(), INTERVAL)
@@ -72,7 +74,7 @@ class Exporter:
 
     async def flush(self) -> None:
         """Send what is queued (on shutdown), each batch within the export timeout."""
-        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT) as client:
+        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT, verify=self.verify) as client:
             await self.send_queued(client)
 
     async def send_queued(self, client: httpx.AsyncClient) -> None:

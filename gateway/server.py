@@ -52,6 +52,15 @@ class Peers:
     services: frozenset[str] = frozenset()
     addresses: Mapping[Address, str] = field(default_factory=dict)
     trust_domain: str | None = None  # peers' SPIFFE IDs must be in it; None (standalone): the CA file decides
+    ca_pem: bytes = b""  # the mesh CA: span export to the dashboard over HTTPS trusts it besides the system's
+
+    def export_verify(self) -> ssl.SSLContext | bool:
+        """How span export checks its collector: the system's CAs, plus the mesh CA when joined."""
+        if not self.ca_pem:
+            return True
+        context = ssl.create_default_context()
+        context.load_verify_locations(cadata=self.ca_pem.decode("ascii"))
+        return context
 
     @property
     def dashboard_id(self) -> str | None:
@@ -78,6 +87,7 @@ class Runtime:
         self.sampling = config.gateway.telemetry.tracing.sampling
         self.access_log: AccessLog | None = None
         self.exporter: Exporter | None = None
+        self.exporter_key: tuple[str | None, bytes] = (None, b"")  # what the exporter was made for
         self.wall_offset = time.time() - time.monotonic()  # hop records carry wall-clock times
         self.telemetry_tasks: dict[int, asyncio.Task[Any]] = {}
         self.loads: dict[str, ServiceLoad] = {}
@@ -112,9 +122,12 @@ class Runtime:
             self.access_log, old_log = (AccessLog(target, self.metrics) if target else None), self.access_log
             self._restart(old_log, self.access_log)
         endpoint = telemetry.tracing.endpoint
-        if (self.exporter.endpoint if self.exporter else None) != endpoint:
+        wanted = (endpoint, self.peers.ca_pem)
+        if self.exporter_key != wanted:
+            self.exporter_key = wanted
+            verify = self.peers.export_verify()
             self.exporter, old_exporter = (
-                (Exporter(endpoint, config.gateway.group, self.metrics) if endpoint else None),
+                (Exporter(endpoint, config.gateway.group, self.metrics, verify) if endpoint else None),
                 self.exporter,
             )
             self._restart(old_exporter, self.exporter)

@@ -33,7 +33,17 @@ def test_a_gateway_joins_an_https_dashboard_pinned_by_ca_hash(https_dashboard: D
         wait_ready(gateway)
         with https_dashboard.api() as api:
             listed = wait_for(lambda: api.get("/gateways").json(), 10, what="the gateway listed")
-        assert [entry["group"] for entry in listed] == ["shop"]
+            assert [entry["group"] for entry in listed] == ["shop"]
+            # Sampled spans go to the dashboard over HTTPS, checked against the mesh CA the gateway pinned.
+            sampled = {"host": "nowhere", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+            answer = httpx.get(gateway.url("outbound") + "/", headers=sampled, timeout=5)
+            request_id = answer.headers["x-request-id"]
+
+            def stored() -> bool:
+                found = api.get("/traces", params={"request_id": request_id})
+                return found.status_code == 200 and any("store" in span["found_in"] for span in found.json()["spans"])
+
+            wait_for(stored, 10, what="the gateway's span in the dashboard's store")
     finally:
         gateway.stop()
 
