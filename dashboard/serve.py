@@ -38,6 +38,7 @@ from dashboard.spans import MAX_AGE as MAX_SPAN_AGE
 from dashboard.spans import MAX_SPANS, SpanStore
 from dashboard.store import Store, StoreError, open_store
 from gateway.config import ConfigError
+from gateway.control import write_private
 from gateway.units import Address, is_loopback, is_wildcard
 
 log = logging.getLogger("meshgate.dashboard")
@@ -198,10 +199,7 @@ def https_certificate(ca: MeshCA, data: str, listen: Address, extra: list[str]) 
     os.makedirs(directory, mode=0o700, exist_ok=True)
     paths = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
     for path, content in zip(paths, (chain_pem, key_pem), strict=True):
-        fd = os.open(f"{path}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as file:
-            file.write(content)
-        os.replace(f"{path}.tmp", path)
+        write_private(path, content)
     return paths
 
 

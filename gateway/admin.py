@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from gateway.config import Config
 from gateway.proxy import LocalAnswer, LocalHandler
 from gateway.telemetry import Snapshot, SnapshotCollector
+from gateway.units import is_loopback
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
@@ -84,7 +85,7 @@ def admin_handler(state: AdminState, metrics_only: bool = False) -> LocalHandler
             body = {"version": state.version, "last_reload": state.last_reload, "config": state.config.to_dict()}
             return 200, JSON, json.dumps(body, indent=2).encode() + b"\n"
         if path.startswith(b"/requests/"):
-            if not is_loopback(peer):
+            if not is_loopback(peer.decode("ascii", "replace")):
                 return 403, TEXT, b"hop records are served to loopback clients only\n"
             return requests_answer(state.lookup, unquote_to_bytes(path[len(b"/requests/") :]))
         return 404, TEXT, b"unknown admin path; try /healthz /ready /config /metrics /requests/{id}\n"
@@ -131,7 +132,3 @@ def wants_openmetrics(accept: bytes) -> bool:
         if media.lower() == b"application/openmetrics-text":
             return not any(p.replace(b" ", b"") in (b"q=0", b"q=0.0", b"q=0.00", b"q=0.000") for p in parameters)
     return False
-
-
-def is_loopback(peer: bytes) -> bool:
-    return peer.startswith(b"127.") or peer in (b"::1", b"::ffff:127.0.0.1")

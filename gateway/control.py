@@ -154,9 +154,9 @@ class Identity:
 
     def save(self, key_pem: bytes, chain_pem: bytes, ca_pem: bytes) -> None:
         self._install(key_pem, chain_pem, ca_pem)  # first: a chain that does not load is never written
-        _write_private(self.key_path, key_pem)
-        _write_private(self.cert_path, chain_pem)
-        _write_private(self.ca_path, ca_pem)
+        write_private(self.key_path, key_pem)
+        write_private(self.cert_path, chain_pem)
+        write_private(self.ca_path, ca_pem)
 
     def _install(self, key_pem: bytes, chain_pem: bytes, ca_pem: bytes) -> None:
         for context in (self.server, self.client):
@@ -170,7 +170,7 @@ class Identity:
         return self.not_after > time.time()
 
 
-def _write_private(path: str, data: bytes) -> None:
+def write_private(path: str, data: bytes) -> None:
     """Write atomically, readable by this user only: a crash mid-write never leaves half a key or config."""
     temp = f"{path}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -189,7 +189,7 @@ def _instance_id(data_dir: str) -> str:
             return str(uuid.UUID(file.read().strip()))
     except (OSError, ValueError):
         instance = str(uuid.uuid4())
-        _write_private(path, instance.encode())
+        write_private(path, instance.encode())
         return instance
 
 
@@ -265,7 +265,7 @@ class ControlClient:
         self.applied = Applied(version, str(payload.get("etag", "")))
         self.publish(config, version, peers)
         if cache:
-            _write_private(self.cache_path, json.dumps(payload).encode())
+            write_private(self.cache_path, json.dumps(payload).encode())
 
     async def connect(self) -> httpx.AsyncClient:
         """An HTTP client that trusts the dashboard: pinned by CA hash, or the system store for plain http."""

@@ -75,7 +75,10 @@ def is_wildcard(host: str) -> bool:
 
 def is_loopback(host: str) -> bool:
     """`localhost` or a loopback address: where plaintext and unpinned TLS are acceptable."""
-    return host == "localhost" or ((ip := _ip(host)) is not None and ip.is_loopback)
+    ip = _ip(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1, as a dual-stack socket reports an IPv4 loopback peer
+    return host == "localhost" or (ip is not None and ip.is_loopback)
 
 
 def parse_duration(text: str | int | float) -> float:
