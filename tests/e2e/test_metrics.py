@@ -613,7 +613,8 @@ def test_exemplars_lead_to_exported_requests_only(start_gateway: StartGateway, h
     with client(gw) as c:
         quick = [c.get("/echo", headers={"host": "hello"}) for _ in range(5)]
         failed = c.get("/status/503", headers={"host": "hello"})
-        sampled = c.get("/delay/30", headers={"host": "hello", "traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"})
+        # 300 ms: a bucket of its own (the 503's retries with backoff can take 25-50 ms, and a bucket keeps one).
+        sampled = c.get("/delay/300", headers={"host": "hello", "traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"})
     assert failed.status_code == 503 and sampled.status_code == 200
     found = wait_for(lambda: len(exemplars(gw)) == 2 and exemplars(gw), timeout=5, what="two exemplars")
     assert set(found) == {failed.headers["x-request-id"], sampled.headers["x-request-id"]}
