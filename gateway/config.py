@@ -31,6 +31,7 @@ from gateway.units import (
     Address,
     format_duration,
     format_percent,
+    is_hostname,
     is_wildcard,
     parse_address,
     parse_duration,
@@ -169,6 +170,14 @@ def _is_http_url(value: object) -> bool:
 
 def _is_name(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 63 and _NAME.fullmatch(value) is not None
+
+
+def _is_srv(value: object) -> bool:
+    return isinstance(value, str) and is_hostname(value.removesuffix("."))
+
+
+def _is_key_prefix(value: object) -> bool:
+    return isinstance(value, str) and value.startswith("/") and len(value) > 1
 
 
 def _is_file_name(value: object) -> bool:
@@ -320,6 +329,15 @@ class Telemetry:
 
 
 @dataclass(frozen=True, slots=True)
+class Discovery:
+    """Where subsets with `dns`, `srv` or `etcd` find their endpoints: DNS servers (default: the system's, from
+    /etc/resolv.conf) and the etcd v3 endpoints whose leased keys list them."""
+
+    resolvers: tuple[Address, ...] = _key((), _each(_address(min_port=1)), _addresses)
+    etcd: tuple[str, ...] = _key((), _each(_url), list)
+
+
+@dataclass(frozen=True, slots=True)
 class GatewaySection:
     """The `gateway:` key: this process, as opposed to the services it routes to."""
 
@@ -329,14 +347,26 @@ class GatewaySection:
     preserve_request_id: bool = _key(True, _bool)
     limits: Limits = _nested(Limits)
     telemetry: Telemetry = _nested(Telemetry)
+    discovery: Discovery = _nested(Discovery)
 
 
 @dataclass(frozen=True, slots=True)
 class Subset:
-    """A named group of endpoints of one service, such as a version. It may be empty."""
+    """A named group of endpoints of one service, such as a version. It may be empty.
+
+    The endpoints are listed, or discovered from one source: `dns` (A/AAAA records of a name, with the port
+    given), `srv` (SRV records: targets and ports) or `etcd` (leased keys under a prefix, named `host:port`).
+    """
 
     name: str
     endpoints: tuple[Address, ...] = _key((), _endpoints, _addresses)
+    dns: Address | None = _key(None, _optional(_address(min_port=1)), str)
+    srv: str | None = _key(None, _optional(_rule("expected a DNS name such as _http._tcp.catalog.example", _is_srv)))
+    etcd: str | None = _key(None, _optional(_rule("expected a key prefix starting with /", _is_key_prefix)))
+
+    @property
+    def discovered(self) -> bool:
+        return bool(self.dns or self.srv or self.etcd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,7 +580,14 @@ def _subsets(value: object, path: str) -> tuple[Subset, ...]:
     items = _named(value, path)
     if not items:
         _fail(path, "expected at least one subset", value)
-    return tuple(Subset(name, **_fields(body, _join(path, name), _spec(Subset))) for name, body in items)
+    subsets = []
+    for name, body in items:
+        parsed = _fields(body, _join(path, name), _spec(Subset))
+        sources = [key for key in ("endpoints", "dns", "srv", "etcd") if parsed.get(key)]
+        if len(sources) > 1:
+            raise _Invalid(_join(_join(path, name), sources[1]), f"expected one source of endpoints, not {sources}")
+        subsets.append(Subset(name, **parsed))
+    return tuple(subsets)
 
 
 def _service(name: str, value: object, path: str) -> Service:

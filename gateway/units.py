@@ -50,7 +50,7 @@ def parse_address(text: str) -> Address:
             raise ValueError(f"invalid IPv6 address {host!r}")
     elif ":" in host:
         raise ValueError("IPv6 addresses need brackets, as in [::1]:80")
-    elif not _is_hostname(host):
+    elif not is_hostname(host):
         raise ValueError(f"invalid host {host!r}")
     return Address(host, int(port))
 
@@ -62,7 +62,7 @@ def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
-def _is_hostname(host: str) -> bool:
+def is_hostname(host: str) -> bool:
     labels = host.split(".")
     if all(label.isdigit() for label in labels):  # all-numeric must be a real IPv4 address, not a hostname
         return isinstance(_ip(host), ipaddress.IPv4Address)

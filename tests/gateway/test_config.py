@@ -241,6 +241,17 @@ def test_to_dict_round_trips_defaults_and_odd_values() -> None:
     gateway = {"telemetry": {"access_log": "off", "tracing": {"sampling": "1%"}}, "listen": {"edge": "[::1]:8080"}}
     cfg = Config.parse({"gateway": gateway, "services": {"catalog": service}})
     assert Config.parse(cfg.to_dict()) == cfg
+    subsets = {
+        "v1": {"dns": "catalog-v1.svc:8080"},
+        "v2": {"srv": "_http._tcp.catalog-v2."},
+        "v3": {"etcd": "/meshgate/endpoints/catalog/v3/"},
+    }
+    discovered = two_subsets(subsets=subsets)
+    gateway = {"discovery": {"resolvers": ["127.0.0.1:5353", "[::1]:53"], "etcd": ["http://127.0.0.1:2379"]}}
+    cfg = Config.parse({"gateway": gateway, "services": {"catalog": discovered}})
+    assert Config.parse(cfg.to_dict()) == cfg
+    assert [subset.discovered for subset in cfg.services[0].subsets] == [True, True, True]
+    assert cfg.gateway.discovery.resolvers[1] == Address("::1", 53)
     assert Config.parse(Config().to_dict()) == Config()
 
 
@@ -377,7 +388,30 @@ LB_RULE = "expected ewma, least_request, round_robin or hash(header:NAME)"
             first(match={"method": "GET"}),
             "routes[0].match.method: unknown key (expected one of: path_prefix, headers)",
         ),
-        (two_subsets(subsets={"v1": {"weight": 1}}), "subsets.v1.weight: unknown key (expected one of: endpoints)"),
+        (
+            two_subsets(subsets={"v1": {"weight": 1}}),
+            "subsets.v1.weight: unknown key (expected one of: endpoints, dns, srv, etcd)",
+        ),
+        (
+            two_subsets(subsets={"v1": {"dns": "catalog.svc"}}),
+            "subsets.v1.dns: expected host:port (missing host or port), got 'catalog.svc'",
+        ),
+        (
+            two_subsets(subsets={"v1": {"dns": "catalog.svc:0"}}),
+            "subsets.v1.dns: expected a port from 1 to 65535, got 'catalog.svc:0'",
+        ),
+        (
+            two_subsets(subsets={"v1": {"srv": "_http._tcp.catalog svc"}}),
+            "subsets.v1.srv: expected a DNS name such as _http._tcp.catalog.example, got '_http._tcp.catalog svc'",
+        ),
+        (
+            two_subsets(subsets={"v1": {"etcd": "meshgate/endpoints"}}),
+            "subsets.v1.etcd: expected a key prefix starting with /, got 'meshgate/endpoints'",
+        ),
+        (
+            two_subsets(subsets={"v1": {"endpoints": ["127.0.0.1:9101"], "srv": "_http._tcp.catalog"}}),
+            "subsets.v1.srv: expected one source of endpoints, not ['endpoints', 'srv']",
+        ),
         (
             two_subsets(retry={}),
             "retry: unknown key (expected one of: subsets, routes, lb, timeouts, retries, health, outlier, limits, "
@@ -433,7 +467,8 @@ LOG_RULE = "expected off, stdout or a file path"
         ({"telemetry": {"recent_requests": False}}, "telemetry.recent_requests: expected an integer >= 0, got False"),
         (
             {"identity": {}},
-            "identity: unknown key (expected one of: group, listen, tls, preserve_request_id, limits, telemetry)",
+            "identity: unknown key (expected one of: group, listen, tls, preserve_request_id, limits, telemetry, "
+            "discovery)",
         ),
     ],
 )
