@@ -2,7 +2,8 @@
 
 Requests pass `RequestMetrics` (latency by route template), `ErrorBoundary` (unexpected exception -> logged
 traceback and a one-line JSON 500) and `BodyLimit` (413), then reach the operator API (`dashboard.api`), the
-gateway wire protocol (`dashboard.wire`), /metrics or the OpenAPI document. Store calls are timed by `TimedStore`.
+gateway wire protocol (`dashboard.wire`), /metrics, /healthz or the OpenAPI document. Store calls are timed by
+`TimedStore`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from dashboard.api import OperatorApi
@@ -34,6 +35,22 @@ from dashboard.wire import GatewayApi
 async def on_store_error(request: Request, exc: Exception) -> Response:
     log.error("store unavailable during %s %s: %s", request.method, request.url.path, exc)
     return error_response(503, f"the config store is unavailable: {exc}", {"retry-after": "1"})
+
+
+async def healthz(request: Request) -> Response:
+    """---
+    summary: For probes (kubelet, compose), no token needed; 200 `ok` when the config store answers a read
+    tags: [meta]
+    security: []
+    responses:
+      "200": {description: "`ok`"}
+      "503": {description: one line saying why the config store cannot be read}
+    """
+    try:
+        await request.app.state.store.current()
+    except StoreError as exc:
+        return PlainTextResponse(f"the config store is unavailable: {exc}\n", 503)
+    return PlainTextResponse("ok\n")
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -61,6 +78,7 @@ def create_app(settings: Settings) -> Starlette:
         *signals.routes(),
         *trace_api.routes(),  # spans: the OTLP receiver and trace lookup
         Route("/metrics", scrape.endpoint, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
     ]
     openapi = OpenAPI(routes)  # the same list: the document lists itself too
     routes.append(Route("/api/v1/openapi.json", openapi.endpoint, methods=["GET"]))

@@ -1,7 +1,7 @@
 """The `meshgate` command: one entry point whose subcommands live with the package they drive.
 
 - `gateway`: gateway/cli.py.
-- `dashboard`, `dashboard token create`: arguments here, run by `dashboard.serve`.
+- `dashboard`, `dashboard ca`, `dashboard token create`: arguments here, run by `dashboard.serve`.
 - `apply`, `get`: arguments here, run by `dashboard.client`.
 - `demo`: arguments here, run by `dashboard.demo`.
 
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TypeAlias
 
 from gateway import cli as gateway_cli
+from gateway import register as register_cli
 from gateway.units import Address, parse_address
 
 DEFAULT_DATA = "./meshgate-data"
@@ -28,6 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshgate", description="An observability-first service mesh.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gateway_cli.add_parser(subparsers)
+    register_cli.add_parser(subparsers)
     add_dashboard_parser(subparsers)
     add_client_parsers(subparsers)
     add_demo_parser(subparsers)
@@ -43,7 +45,7 @@ def add_dashboard_parser(subparsers: Subparsers) -> None:
     parser.add_argument("--listen", type=_address, default="127.0.0.1:9000", metavar="HOST:PORT")
     _store_arguments(parser)
     parser.add_argument("--config", metavar="FILE", help="mesh YAML that seeds an empty store (ignored otherwise)")
-    parser.add_argument("--trust-domain", default="meshgate.local", metavar="TD", help="SPIFFE trust domain")
+    _trust_domain_argument(parser)
     parser.add_argument(
         "--tls",
         action="store_true",
@@ -62,8 +64,15 @@ def add_dashboard_parser(subparsers: Subparsers) -> None:
         metavar="DURATION",
         help="how long gateway certificates live; gateways renew at about half-life (default 24h)",
     )
-    parser.add_argument("--jaeger", metavar="URL", help="look sampled traces up in Jaeger's query API at URL")
-    parser.add_argument("--prometheus", metavar="URL", help="read golden-signal history from Prometheus at URL")
+    parser.add_argument(
+        "--jaeger", type=gateway_cli.http_url, metavar="URL", help="look sampled traces up in Jaeger's query API at URL"
+    )
+    parser.add_argument(
+        "--prometheus",
+        type=gateway_cli.http_url,
+        metavar="URL",
+        help="read golden-signal history from Prometheus at URL",
+    )
     parser.add_argument(
         "--prometheus-scrape-interval",
         type=gateway_cli.duration,
@@ -95,8 +104,24 @@ def add_dashboard_parser(subparsers: Subparsers) -> None:
         metavar="DURATION",
         help="on SIGTERM, how long requests in flight may take to finish (default 10s)",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate this command line and the --config file, then exit: no network, nothing written",
+    )
     parser.set_defaults(run=_run_dashboard)
     commands = parser.add_subparsers(dest="dashboard_command", metavar="COMMAND")
+    ca = commands.add_parser(
+        "ca",
+        help="load or create the mesh CA in DIR/ca and print its sha256: hash (gateways pin it)",
+        description="Loads the mesh CA from DIR/ca, creating it there first if there is none (as the dashboard does "
+        "at start), and prints its hash for `meshgate gateway --ca-hash`. --out also writes its root certificate, "
+        "for `meshgate gateway --ca FILE`.",
+    )
+    _data_argument(ca)
+    _trust_domain_argument(ca)
+    ca.add_argument("--out", metavar="FILE", help="also write the root certificate (PEM, mode 0644) to FILE")
+    ca.set_defaults(run=_run_ca)
     token = commands.add_parser("token", help="API tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="COMMAND")
     create = token_commands.add_parser("create", help="create a token and print it on stdout (shown only once)")
@@ -104,6 +129,11 @@ def add_dashboard_parser(subparsers: Subparsers) -> None:
     create.add_argument("--role", required=True, choices=("operator", "viewer", "gateway"))
     create.add_argument("--group", help="the group a gateway join token is bound to (required for --role gateway)")
     create.add_argument("--name", help="a label for the audit log (default: role and id)")
+    create.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write the token to FILE (mode 0600) instead of stdout; if FILE already holds one, create none",
+    )
     create.set_defaults(run=_run_token_create)
 
 
@@ -131,7 +161,7 @@ def add_demo_parser(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--port-base",
-        type=_port_base,
+        type=gateway_cli.whole_number(1024, 65535 - 80),  # the demo uses N to N+80
         default=19000,
         metavar="N",
         help="every port is N plus an offset: dashboard N, gateways N+10..N+42, services N+50..N+54, edge N+80 "
@@ -149,8 +179,16 @@ def add_demo_parser(subparsers: Subparsers) -> None:
 
 
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=DEFAULT_DATA, metavar="DIR", help=f"state directory (default {DEFAULT_DATA})")
+    _data_argument(parser)
     parser.add_argument("--store", metavar="URL", help="etcd://host:port[,host:port] (default: SQLite in --data)")
+
+
+def _data_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default=DEFAULT_DATA, metavar="DIR", help=f"state directory (default {DEFAULT_DATA})")
+
+
+def _trust_domain_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-domain", default="meshgate.local", metavar="TD", help="SPIFFE trust domain")
 
 
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,16 +202,6 @@ def _address(text: str) -> Address:
         return parse_address(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT ({err}), got {text!r}") from None
-
-
-def _port_base(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 1024 <= value <= 65535 - 80:
-        raise argparse.ArgumentTypeError(f"expected 1024 to 65455 (the demo uses N to N+80), got {value}")
-    return value
 
 
 def _rate(text: str) -> float:
@@ -197,6 +225,12 @@ def _run_dashboard(args: argparse.Namespace) -> int:
     from dashboard import serve
 
     return serve.run(args)
+
+
+def _run_ca(args: argparse.Namespace) -> int:
+    from dashboard import serve
+
+    return serve.run_ca(args)
 
 
 def _run_token_create(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """`Store` on etcd, so that several dashboard replicas share one state: `open_store("etcd://host:port,...")`.
 
 It speaks etcd's v3 HTTP/JSON gateway (`/v3/kv/range`, `/v3/kv/txn`, `/v3/lease/grant`, `/v3/watch`) through
-httpx, so there is no gRPC dependency. Keys (keys and values are base64 on the wire):
+gateway/etcd.py's client, so there is no gRPC dependency. Keys:
 
     /meshgate/version                  current config version N (absent: 0)
     /meshgate/revisions/<N, 20 digits> each revision as JSON, never rewritten
@@ -20,7 +20,6 @@ loser re-reads, and raises `VersionConflict` if it was given `expect_version`. D
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import json
@@ -29,8 +28,6 @@ import math
 import time
 from collections.abc import Mapping
 from typing import Any
-
-import httpx
 
 from dashboard.mesh import diff
 from dashboard.store import (
@@ -46,6 +43,7 @@ from dashboard.store import (
     part,
     wait_for_version,
 )
+from gateway.etcd import TIMEOUT, EtcdClient, EtcdError, b64, prefix_end, value_of
 from gateway.units import parse_address
 
 log = logging.getLogger("meshgate.store")
@@ -56,35 +54,21 @@ _REVISIONS = "/meshgate/revisions/"
 _AUDIT = "/meshgate/audit/"
 _TOKENS = "/meshgate/tokens/"
 _GATEWAYS = "/meshgate/gateways/"
-TIMEOUT = 5.0  # every request to etcd
-WATCH_IDLE = 30.0  # an idle watch stream is reopened after this long, so a dead connection is noticed
 ATTEMPTS = 50  # commits retried after losing a race, before giving up
 _KV = dict[str, Any]
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
 
 
 def _numbered(prefix: str, number: int) -> str:
     return f"{prefix}{number:020d}"  # fixed width: key order is numeric order
 
 
-def _prefix_end(prefix: str) -> str:
-    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
-
-
-def _value(kv: _KV) -> bytes:
-    return base64.b64decode(kv.get("value", ""))  # etcd's JSON leaves out empty fields
-
-
 def _json(kv: _KV) -> Any:
-    return json.loads(_value(kv))
+    return json.loads(value_of(kv))
 
 
 def _put(key: str, value: object, lease: str | None = None) -> _KV:
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    request: _KV = {"key": _b64(key), "value": base64.b64encode(text.encode()).decode()}
+    request: _KV = {"key": b64(key), "value": b64(text)}
     if lease is not None:
         request["lease"] = lease
     return {"request_put": request}
@@ -92,7 +76,7 @@ def _put(key: str, value: object, lease: str | None = None) -> _KV:
 
 def _unchanged(key: str, mod_revision: int) -> _KV:
     """A txn compare: `key` was not written since `mod_revision` (0: the key still does not exist)."""
-    return {"key": _b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": str(mod_revision)}
+    return {"key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": str(mod_revision)}
 
 
 def _revision(data: Any) -> Revision:
@@ -111,9 +95,7 @@ class EtcdStore:
     """
 
     def __init__(self, endpoints: list[str], timeout: float = TIMEOUT) -> None:
-        self._endpoints = endpoints
-        self._timeout = timeout
-        self._client = httpx.AsyncClient(timeout=timeout)
+        self._etcd = EtcdClient(endpoints, timeout)
         self._changes = ChangeSignal()
         self._watcher: asyncio.Task[None] | None = None
         self._watched_version: int | None = None
@@ -138,35 +120,17 @@ class EtcdStore:
     async def _call(self, path: str, body: _KV) -> _KV:
         if self._closed:
             raise StoreError("the store is closed")
-        failures = []
-        for _ in self._endpoints:
-            try:
-                response = await self._client.post(f"{self._endpoints[0]}/v3/{path}", json=body)
-            except httpx.ConnectError as err:  # nothing was sent: safe to try the next endpoint
-                failures.append(f"{self._endpoints[0]}: {err}")
-                self._endpoints.append(self._endpoints.pop(0))
-                continue
-            except httpx.HTTPError as err:  # a write may or may not have happened: the caller must not retry blindly
-                raise StoreError(f"etcd {path}: {type(err).__name__}: {err}") from None
-            return self._result(path, response)
-        raise StoreError(f"etcd is unreachable: {'; '.join(failures)}")
-
-    @staticmethod
-    def _result(path: str, response: httpx.Response) -> _KV:
         try:
-            data: _KV = response.json()
-        except ValueError:
-            raise StoreError(f"etcd {path}: HTTP {response.status_code}, not JSON") from None
-        if response.status_code != 200 or data.get("error"):
-            raise StoreError(f"etcd {path}: {data.get('message') or data.get('error') or response.status_code}")
-        return data
+            return await self._etcd.call(path, body)
+        except EtcdError as err:
+            raise StoreError(str(err)) from None
 
     async def _get(self, key: str) -> _KV | None:
-        kvs: list[_KV] = (await self._call("kv/range", {"key": _b64(key)})).get("kvs", [])
+        kvs: list[_KV] = (await self._call("kv/range", {"key": b64(key)})).get("kvs", [])
         return kvs[0] if kvs else None
 
     async def _range(self, start: str, end: str, limit: int = 0) -> list[_KV]:
-        body = {"key": _b64(start), "range_end": _b64(end), "limit": str(limit)}
+        body = {"key": b64(start), "range_end": b64(end), "limit": str(limit)}
         kvs: list[_KV] = (await self._call("kv/range", body)).get("kvs", [])
         return kvs
 
@@ -177,16 +141,16 @@ class EtcdStore:
     async def _counter(self, key: str) -> tuple[int, int]:
         """A counter's value and mod_revision; (0, 0) while the key does not exist."""
         kv = await self._get(key)
-        return (0, 0) if kv is None else (int(_value(kv)), int(kv["mod_revision"]))
+        return (0, 0) if kv is None else (int(value_of(kv)), int(kv["mod_revision"]))
 
     async def _counters(self) -> tuple[tuple[int, int], tuple[int, int]]:
         """The version and the audit counters, read together (one txn without compares always succeeds)."""
-        reads = [{"request_range": {"key": _b64(key)}} for key in (_VERSION, _AUDIT_SEQ)]
+        reads = [{"request_range": {"key": b64(key)}} for key in (_VERSION, _AUDIT_SEQ)]
         responses = (await self._call("kv/txn", {"success": reads})).get("responses", [])
         counters = []
         for response in responses:
             kvs = response["response_range"].get("kvs", [])
-            counters.append((int(_value(kvs[0])), int(kvs[0]["mod_revision"])) if kvs else (0, 0))
+            counters.append((int(value_of(kvs[0])), int(kvs[0]["mod_revision"])) if kvs else (0, 0))
         return counters[0], counters[1]
 
     # Config versions
@@ -262,36 +226,24 @@ class EtcdStore:
         while True:
             try:
                 await self._watch_once()
-            except httpx.ReadTimeout:
-                continue  # idle for WATCH_IDLE: reopen the stream
-            except (httpx.HTTPError, StoreError, ValueError, KeyError) as err:
+            except (EtcdError, StoreError, ValueError, KeyError) as err:
                 log.warning("etcd watch failed, retrying in 1s: %s", err)
                 await asyncio.sleep(1.0)  # waiters still time out and read the version themselves meanwhile
 
     async def _watch_once(self) -> None:
         """Watch the version key from just after a read of it, so no commit falls in between."""
-        response = await self._call("kv/range", {"key": _b64(_VERSION)})
+        response = await self._call("kv/range", {"key": b64(_VERSION)})
         kvs = response.get("kvs", [])
-        version = int(_value(kvs[0])) if kvs else 0
+        version = int(value_of(kvs[0])) if kvs else 0
         if version != self._watched_version:
             self._watched_version = version
             self._changes.notify()
-        start = int(response["header"]["revision"]) + 1
-        body = {"create_request": {"key": _b64(_VERSION), "start_revision": str(start)}}
-        timeout = httpx.Timeout(self._timeout, read=WATCH_IDLE)
-        async with self._client.stream("POST", f"{self._endpoints[0]}/v3/watch", json=body, timeout=timeout) as stream:
-            if stream.status_code != 200:
-                raise StoreError(f"etcd watch: HTTP {stream.status_code}")
-            async for line in stream.aiter_lines():
-                message = json.loads(line) if line.strip() else {}
-                if message.get("error"):
-                    raise StoreError(f"etcd watch: {message['error']}")
-                result = message.get("result", {})
-                for event in result.get("events", []):  # a DELETE (only in tests, wiping etcd) has no value: 0
-                    self._watched_version = int(_value(event["kv"]) or 0)
-                    self._changes.notify()
-                if result.get("canceled"):  # e.g. compacted past `start`: read the version again and re-watch
-                    return
+        # The stream ends when idle (a dead connection is noticed) or canceled (compacted past the start revision):
+        # either way the loop in `_watch` reads the version again and watches from there.
+        async for result in self._etcd.watch(_VERSION, None, int(response["header"]["revision"]) + 1):
+            for event in result.get("events", []):  # a DELETE (only in tests, wiping etcd) has no value: 0
+                self._watched_version = int(value_of(event["kv"]) or 0)
+                self._changes.notify()
 
     # Audit
 
@@ -325,7 +277,7 @@ class EtcdStore:
         return None if kv is None else TokenRecord(**_json(kv))
 
     async def tokens(self) -> list[TokenRecord]:
-        records = [TokenRecord(**_json(kv)) for kv in await self._range(_TOKENS, _prefix_end(_TOKENS))]
+        records = [TokenRecord(**_json(kv)) for kv in await self._range(_TOKENS, prefix_end(_TOKENS))]
         return sorted(records, key=lambda record: (record.created, record.id))
 
     async def put_gateway(self, record: GatewayRecord, ttl: float) -> None:
@@ -336,7 +288,7 @@ class EtcdStore:
         )
 
     async def gateways(self) -> list[GatewayRecord]:
-        kvs = await self._range(_GATEWAYS, _prefix_end(_GATEWAYS))
+        kvs = await self._range(_GATEWAYS, prefix_end(_GATEWAYS))
         return sorted((GatewayRecord(**_json(kv)) for kv in kvs), key=lambda record: (record.group, record.instance))
 
     async def close(self) -> None:
@@ -347,4 +299,4 @@ class EtcdStore:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        await self._client.aclose()
+        await self._etcd.aclose()

@@ -1,12 +1,12 @@
-"""`meshgate dashboard`: run the control server on uvicorn, and `meshgate dashboard token create` (arguments in
-`dashboard.cli`).
+"""`meshgate dashboard`: run the control server on uvicorn; `meshgate dashboard ca` and `meshgate dashboard token
+create` (arguments in `dashboard.cli`).
 
-Start-up, in order: check the `--config` mesh file (exit 2 on bad input, before anything is written); bind the
-listen socket; open the CA in DIR/ca (with an etcd store too: replicas share those files) and the store; seed an
-empty store from the mesh file; make the bootstrap operator token if the store has none (printed once, saved to
-DIR/operator-token, 0600); serve, and log `listening http=HOST:PORT url=http://HOST:PORT`. SIGTERM or SIGINT
-stops accepting, answers waiting long-polls at once, lets requests in flight finish up to `--drain-timeout`, and
-exits 0.
+Start-up, in order: check the command line and the `--config` mesh file (exit 2 on bad input, before anything is
+written; `--check` stops there); bind the listen socket; open the CA in DIR/ca (with an etcd store too: replicas
+share those files) and the store; seed an empty store from the mesh file; make the bootstrap operator token if the
+store has none (printed once, saved to DIR/operator-token, 0600); serve, and log `listening http=HOST:PORT
+url=http://HOST:PORT`. SIGTERM or SIGINT stops accepting, answers waiting long-polls at once, lets requests in
+flight finish up to `--drain-timeout`, and exits 0.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from dashboard.app import create_app
 from dashboard.auth import TokenError, new_token
-from dashboard.identity import IdentityError, MeshCA
-from dashboard.jaeger import JaegerQuery
+from dashboard.identity import _DNS_NAME, _TRUST_DOMAIN, IdentityError, MeshCA
 from dashboard.mesh import Mesh
 from dashboard.settings import CERT_LIFETIME, PROMETHEUS_SCRAPE_INTERVAL, SIGNALS_STEP, Settings
 from dashboard.spans import DB_FILE as SPANS_FILE
@@ -68,9 +67,14 @@ class Startup:
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        mesh = Mesh.load(args.config) if args.config else None
-    except ConfigError as err:
+        mesh = check_arguments(args)
+    except (ConfigError, IdentityError, StoreError) as err:
         return _fail(str(err))
+    if args.check:
+        scheme = "https" if args.tls or not is_loopback(args.listen.host) else "http"
+        seeds = f", seeds {len(mesh.groups)} groups and {len(mesh.services)} services" if mesh else ""
+        print(f"ok: dashboard on {scheme}://{args.listen}, store {args.store or args.data}{seeds}")
+        return 0
     try:
         sock = _bind(args.listen)
     except OSError as err:
@@ -85,12 +89,6 @@ def run(args: argparse.Namespace) -> int:
     except IdentityError as err:
         sock.close()
         return _fail(str(err))
-    if args.jaeger:
-        try:
-            JaegerQuery(args.jaeger)
-        except ValueError as err:
-            sock.close()
-            return _fail(f"--jaeger {args.jaeger}: {err}")
     try:
         store = open_store(args.store or args.data)
     except StoreError as err:
@@ -127,6 +125,25 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(err), 1)
     except OSError as err:  # e.g. the operator token file cannot be written
         return _fail(f"{err.filename or 'dashboard'}: {err.strerror or err}", 1)
+
+
+def check_arguments(args: argparse.Namespace) -> Mesh | None:
+    """What `run` refuses before it reaches the network or writes a file, and all that `--check` does: the mesh
+    file (parsed as for seeding the store), the trust domain, the --san names and the --store URL. Listen
+    address, URLs and durations were checked by argparse."""
+    mesh = Mesh.load(args.config) if args.config else None
+    if not _TRUST_DOMAIN.fullmatch(args.trust_domain):
+        raise IdentityError(f"trust domain {args.trust_domain!r}: expected lowercase letters, digits, '.', '-', '_'")
+    for name in args.san:
+        if not _is_ip(name) and not _DNS_NAME.fullmatch(name):
+            raise IdentityError(f"--san {name!r}: expected a DNS name or an IP address")
+    if args.store is not None:
+        if not args.store.startswith("etcd://"):
+            raise StoreError(f"--store: expected etcd://host:port[,host:port], got {args.store!r}")
+        from dashboard.etcd import EtcdStore
+
+        EtcdStore.from_url(args.store)  # parses the endpoints; connects only on first use
+    return mesh
 
 
 def _bind(address: Address) -> socket.socket:
@@ -295,11 +312,30 @@ class DashboardServer(uvicorn.Server):
             log.info("meshgate dashboard listening %s=%s url=%s://%s", self.scheme, address, self.scheme, address)
 
 
+def run_ca(args: argparse.Namespace) -> int:
+    """`meshgate dashboard ca`: the CA as the dashboard would load or create it at start, its hash on stdout."""
+    try:
+        ca = MeshCA.load_or_create(os.path.join(args.data, "ca"), args.trust_domain)
+    except IdentityError as err:
+        return _fail(str(err))
+    if args.out:
+        try:
+            write_private(args.out, ca.root_pem)
+            os.chmod(args.out, 0o644)  # a public certificate, read by gateways that may run as other users
+        except OSError as err:
+            return _fail(f"--out {args.out}: {err.strerror or err}", 1)
+    print(ca.ca_hash)
+    return 0
+
+
 def run_token_create(args: argparse.Namespace) -> int:
     try:
         token, record = new_token(args.role, args.group, args.name)
     except TokenError as err:
         return _fail(str(err))
+    if args.out and _holds_token(args.out):
+        print(f"meshgate: {args.out} already holds a token; none created", file=sys.stderr)
+        return 0  # a bootstrap that runs again changes nothing
     try:
         store = open_store(args.store or args.data)
     except StoreError as err:
@@ -323,5 +359,19 @@ def run_token_create(args: argparse.Namespace) -> int:
         asyncio.run(create())
     except StoreError as err:
         return _fail(str(err), 1)
-    print(token)
+    if not args.out:
+        print(token)
+        return 0
+    try:
+        write_private(args.out, (token + "\n").encode())
+    except OSError as err:
+        return _fail(f"--out {args.out}: {err.strerror or err}; the token was created but not saved", 1)
+    print(f"{args.out}: a new {args.role} token")
     return 0
+
+
+def _holds_token(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:
+        return False

@@ -1,7 +1,8 @@
 """The admin listener's endpoints (loopback only): /healthz, /ready, /config, /metrics, /requests/{id}.
 
 Admin requests go through the same HTTP engine as proxied ones (limits, request IDs), but a `Listener` with a
-local handler answers them instead of forwarding. The metrics listener serves /metrics only. Hop records hold
+local handler answers them instead of forwarding. The metrics listener serves /metrics and /ready (for kubelet
+and compose probes, which cannot reach the loopback admin listener). Hop records hold
 paths and hosts, so /requests/{id} answers loopback peers only. /metrics is Prometheus text, or OpenMetrics (with
 exemplars on the latency buckets) when the scraper's Accept header asks for `application/openmetrics-text`.
 """
@@ -41,8 +42,10 @@ class AdminState:
     stats: Callable[[], Snapshot]
     lookup: Callable[[bytes], Hops | Awaitable[Hops]]
     version: int = 0
-    ready: bool = False
+    ready: bool = False  # a config is loaded (and, joined, a certificate)
     last_reload: str = "ok"
+    # What else keeps /ready at 503, or None: discovery's first answers, as Envoy warms a cluster before serving.
+    waiting: Callable[[], str | None] = lambda: None
     registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=False))
 
     def __post_init__(self) -> None:
@@ -75,12 +78,16 @@ def admin_handler(state: AdminState, metrics_only: bool = False) -> LocalHandler
                 exposition: bytes = openmetrics.generate_latest(state.registry)  # type: ignore[no-untyped-call]
                 return 200, OPENMETRICS, exposition
             return 200, PROMETHEUS, generate_latest(state.registry)
+        if path == b"/ready":  # the metrics listener too: probes reach it, not the loopback admin listener
+            if not state.ready:
+                return 503, TEXT, b"no config loaded yet\n"
+            if (waiting := state.waiting()) is not None:
+                return 503, TEXT, f"waiting for {waiting}\n".encode()
+            return 200, TEXT, b"ready\n"
         if metrics_only:
-            return 404, TEXT, b"this listener serves /metrics only\n"
+            return 404, TEXT, b"this listener serves /metrics and /ready only\n"
         if path == b"/healthz":
             return 200, TEXT, b"ok\n"
-        if path == b"/ready":
-            return (200, TEXT, b"ready\n") if state.ready else (503, TEXT, b"no config loaded yet\n")
         if path == b"/config":
             body = {"version": state.version, "last_reload": state.last_reload, "config": state.config.to_dict()}
             return 200, JSON, json.dumps(body, indent=2).encode() + b"\n"

@@ -6,7 +6,9 @@ import argparse
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from gateway.config import Config, ConfigError, read_yaml
 from gateway.units import parse_duration
@@ -20,20 +22,29 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser = subparsers.add_parser(
         "gateway",
         help="run a gateway: standalone with --config, or joined to a mesh with --control",
-        description="Standalone: --config FILE. Joined: --control URL --group NAME --token T [--config FILE with "
-        "only a gateway: section].",
+        description="Standalone: --config FILE. Joined: --control URL --group NAME --token T (or --token-file FILE) "
+        "[--config FILE with only a gateway: section]. --check alone validates the whole command line and exits.",
     )
     parser.add_argument("--config", metavar="FILE", help="the YAML config (joined: only its gateway: section)")
-    parser.add_argument("--check", metavar="FILE", help="validate a config file and exit (status 2 if invalid)")
+    parser.add_argument(
+        "--check",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="FILE",
+        help="validate a config FILE and exit; without FILE, validate this whole command line (status 2 if invalid)",
+    )
     parser.add_argument("--control", metavar="URL", help="join the mesh of the dashboard at URL")
     parser.add_argument("--group", metavar="NAME", help="joined: the service group this gateway fronts")
-    parser.add_argument(
-        "--token",
-        metavar="T",
-        default=os.environ.get("MESHGATE_JOIN_TOKEN"),
-        help="joined: a join token for the group (default $MESHGATE_JOIN_TOKEN)",
-    )
+    parser.add_argument("--token", metavar="T", help="joined: the group's join token (default $MESHGATE_JOIN_TOKEN)")
+    parser.add_argument("--token-file", metavar="FILE", help="joined: read the join token from FILE at start")
     parser.add_argument("--ca-hash", metavar="sha256:HEX", help="joined: pin the mesh CA (needed beyond loopback)")
+    parser.add_argument("--ca", metavar="FILE", help="joined: pin the mesh CA by its root certificate (PEM) instead")
+    parser.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="how peers reach the inbound listener; overrides gateway.listen.advertise in the file",
+    )
     parser.add_argument(
         "--data", metavar="DIR", help="joined: key, certificate and last good config (default ./meshgate-gateway-GROUP)"
     )
@@ -54,27 +65,40 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(run=run, parser=parser)
 
 
+JOIN_ONLY = ("group", "token", "token_file", "ca_hash", "ca", "data")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.check:
+    if isinstance(args.check, str):
         if args.config or args.control:
-            args.parser.error("--check takes no other mode")
+            args.parser.error("--check FILE takes no other mode (--check without FILE checks the whole command line)")
         return _check(args.check)
-    # The modules that serve are imported only now: `--check` and `--help` stay quick.
+    # The modules that serve are imported only now: `--check FILE` and `--help` stay quick.
     from gateway.control import ControlError, ControlSource
     from gateway.server import FileSource
 
     source: Source
     try:
+        if args.advertise is not None:  # by the rule of the key it overrides, in an error that names the flag
+            Config.parse({"gateway": {"listen": {"advertise": args.advertise}}}, source="--advertise")
         if args.control:
             settings = _join_settings(args)
             settings.check()
             config = Config.parse({"gateway": {**(settings.gateway or {}), "group": settings.group}}, settings.source)
-            source = ControlSource(settings)
+            checked = f"joined gateway of group {settings.group} at {settings.url}"
         elif args.config:
-            config = Config.load(args.config)
-            source = FileSource(args.config, config)
+            given = [f"--{name.replace('_', '-')}" for name in JOIN_ONLY if getattr(args, name) is not None]
+            if given:
+                args.parser.error(f"{', '.join(given)}: only for a joined gateway (--control URL)")
+            config = _standalone_config(args.config, args.advertise)
+            checked = f"standalone gateway, {args.config} ({len(config.services)} services)"
         else:
             args.parser.error("one of --config FILE (standalone), --control URL (joined) or --check FILE is required")
+        if args.check:
+            print(f"ok: {checked}")
+            return 0
+        # Secrets are read only now: `--check` validates a command line whose files may come later.
+        source = ControlSource(settings.read_secrets()) if args.control else FileSource(args.config, config)
     except (ConfigError, ControlError) as exc:
         print(f"meshgate: {exc}", file=sys.stderr)
         return 2
@@ -107,11 +131,31 @@ def _check(path: str) -> int:
     return 0
 
 
+def _standalone_config(path: str, advertise: str | None) -> Config:
+    if advertise is None:
+        return Config.load(path)
+    data = read_yaml(path)
+    if isinstance(data, dict):
+        data = {**data, "gateway": _with_advertise(data.get("gateway") or {}, advertise)}
+    return Config.parse(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def _with_advertise(gateway: object, advertise: str | None) -> Any:
+    """The `gateway:` section with `--advertise` as `listen.advertise`. A section that is not a mapping stays as it
+    is, for `Config.parse` to refuse with its path."""
+    if advertise is None or not isinstance(gateway, dict):
+        return gateway
+    listen = gateway.get("listen") or {}
+    if not isinstance(listen, dict):
+        return gateway
+    return {**gateway, "listen": {**listen, "advertise": advertise}}
+
+
 def _join_settings(args: argparse.Namespace) -> JoinSettings:
     from gateway.control import JoinSettings
 
-    if not args.group or not args.token:
-        args.parser.error("--control needs --group NAME and --token T (or $MESHGATE_JOIN_TOKEN)")
+    if not args.group:
+        args.parser.error("--control needs --group NAME")
     gateway: dict[str, object] = {}
     base_dir = None
     if args.config:
@@ -126,27 +170,51 @@ def _join_settings(args: argparse.Namespace) -> JoinSettings:
         if group != args.group:
             raise ConfigError(f"{args.config}: gateway.group: expected {args.group} (from --group), got {group}")
         base_dir = os.path.dirname(os.path.abspath(args.config))
+    # The environment is the fallback only when neither flag names the token.
+    token = args.token if args.token or args.token_file else os.environ.get("MESHGATE_JOIN_TOKEN")
     return JoinSettings(
         url=args.control,
         group=args.group,
-        token=args.token,
+        token=token or "",
         data_dir=args.data or f"meshgate-gateway-{args.group}",
         ca_hash=args.ca_hash,
-        gateway=gateway,
+        gateway=_with_advertise(gateway, args.advertise),
         source=args.config or "--control",
         base_dir=base_dir,
+        token_file=args.token_file,
+        ca_file=args.ca,
     )
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` (up to `high`)."""
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            expected = f"at least {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
+        return value
+
+    return convert
+
+
+positive_int = whole_number(1)
+
+
+def http_url(text: str) -> str:
+    """An argparse type: an http:// or https:// URL with a host (Prometheus, Jaeger, a gateway, an OTLP endpoint)."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL with a host, got {text!r}")
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, got {text!r}") from None
+    return text
 
 
 def duration(text: str) -> float:

@@ -32,6 +32,7 @@ from gateway.units import (
     format_duration,
     format_percent,
     is_hostname,
+    is_ip,
     is_wildcard,
     parse_address,
     parse_duration,
@@ -218,6 +219,14 @@ def _address(min_port: int = 0, reachable: bool = False) -> Callable[[object, st
     return convert
 
 
+def _resolver(value: object, path: str) -> Address:
+    """A DNS server: an IP address and port (a name would need a resolver of its own)."""
+    address = _address(min_port=1)(value, path)
+    if not is_ip(address.host):
+        _fail(path, "expected an IP address and port, like 127.0.0.1:53 or [::1]:53", value)
+    return address
+
+
 def _endpoints(value: object, path: str) -> tuple[Address, ...]:
     endpoints = _each(_address(min_port=1))(value, path)
     for index, endpoint in enumerate(endpoints):
@@ -333,7 +342,7 @@ class Discovery:
     """Where subsets with `dns`, `srv` or `etcd` find their endpoints: DNS servers (default: the system's, from
     /etc/resolv.conf) and the etcd v3 endpoints whose leased keys list them."""
 
-    resolvers: tuple[Address, ...] = _key((), _each(_address(min_port=1)), _addresses)
+    resolvers: tuple[Address, ...] = _key((), _each(_resolver), _addresses)
     etcd: tuple[str, ...] = _key((), _each(_url), list)
 
 

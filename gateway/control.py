@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import random
+import re
 import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version as package_version
 from typing import Any
 from urllib.parse import urlsplit
@@ -44,6 +45,7 @@ log = logging.getLogger("meshgate.control")
 SYNC_WAIT = 30.0  # the server holds a sync request this long when nothing changed
 REQUEST_TIMEOUT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.25, 30.0
+_CA_HASH = re.compile(r"sha256:[0-9a-f]{64}")  # what `tls.spki_hash` makes
 HEARTBEAT_INTERVAL = 2.0
 RENEW_MARGIN = 60.0  # at start, a certificate with less life left than this is renewed before anything else
 # The caller's hop to another group only picks one of its gateways and retries connect failures (DESIGN.md,
@@ -62,27 +64,66 @@ class ControlError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class JoinSettings:
-    """How this gateway joins: the dashboard URL, its group and join token, and where it keeps its state."""
+    """How this gateway joins: the dashboard URL, its group and join token, and where it keeps its state.
+
+    The token and the CA pin may come from files (`--token-file`, `--ca`), read by `read_secrets()` at start
+    only: `check()` looks at the flags alone, so a command line can be checked before its secrets are provisioned.
+    """
 
     url: str
     group: str
-    token: str
+    token: str  # empty while `token_file` is still to be read
     data_dir: str
     ca_hash: str | None = None
     gateway: dict[str, Any] | None = None  # the local `gateway:` section (listeners, limits, telemetry)
     source: str = "<control>"  # for error messages: the local file, if any
     base_dir: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None  # the mesh root certificate, pinned by its hash like --ca-hash
 
     def check(self) -> None:
-        """Refuse what would send the join token or hop records in plaintext beyond loopback."""
+        """Refuse what would send the join token or hop records in plaintext beyond loopback, and flags that
+        contradict each other."""
         parts = urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ControlError(f"--control: expected an http(s) URL of the dashboard, got {self.url!r}")
+        if self.token and self.token_file:
+            raise ControlError("--token-file: give the join token once, not also with --token")
+        if not self.token and not self.token_file:
+            raise ControlError("--control needs a join token: --token T, --token-file FILE or $MESHGATE_JOIN_TOKEN")
+        if self.ca_hash is not None and self.ca_file is not None:
+            raise ControlError("--ca: pin the mesh CA once, with --ca FILE or with --ca-hash, not both")
+        if self.ca_hash is not None and not _CA_HASH.fullmatch(self.ca_hash):
+            raise ControlError(f"--ca-hash: expected sha256: and 64 lowercase hex digits, got {self.ca_hash!r}")
         if not is_loopback(parts.hostname):
             if parts.scheme != "https":
                 raise ControlError(f"--control {self.url}: beyond loopback the dashboard must be reached over https")
-            if self.ca_hash is None:
-                raise ControlError(f"--control {self.url}: beyond loopback, pin the mesh CA with --ca-hash sha256:...")
+            if self.ca_hash is None and self.ca_file is None:
+                raise ControlError(
+                    f"--control {self.url}: beyond loopback, pin the mesh CA with --ca FILE or --ca-hash sha256:..."
+                )
+
+    def read_secrets(self) -> JoinSettings:
+        """These settings with the token read from `token_file` and the CA file turned into its hash."""
+        token, ca_hash = self.token, self.ca_hash
+        if self.token_file is not None:
+            token = _read(self.token_file, "--token-file").decode("utf-8", "replace").strip()
+            if not token:
+                raise ControlError(f"--token-file {self.token_file}: the file is empty")
+        if self.ca_file is not None:
+            try:
+                ca_hash = tls.spki_hash(_read(self.ca_file, "--ca"))
+            except ValueError:
+                raise ControlError(f"--ca {self.ca_file}: not a PEM certificate") from None
+        return replace(self, token=token, ca_hash=ca_hash, token_file=None, ca_file=None)
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ControlError(f"{flag} {path}: {exc.strerror or exc}") from None
 
 
 def backoff(attempt: int) -> float:

@@ -25,6 +25,7 @@ from gateway.admin import AdminState, Hops, admin_handler, requests_handler
 from gateway.balancer import Endpoint
 from gateway.config import Config, ConfigError
 from gateway.deadlines import Deadlines
+from gateway.discovery import Discovery
 from gateway.health import HealthChecks
 from gateway.otlp import TIMEOUT as EXPORT_TIMEOUT
 from gateway.otlp import Exporter
@@ -422,7 +423,8 @@ async def serve(config: Config, drain_timeout: float, source: Source) -> None:
     sockets = {kind: bind_socket(address, reuse_port=False) for kind, address in listener_addresses(config).items()}
     runtime.peer_tls = source.client_tls
     addresses = {kind: Address(*sock.getsockname()[:2]) for kind, sock in sockets.items()}
-    source.start(state, runtime.apply, addresses, runtime.spawn)
+    discovery = Discovery(state, runtime.apply, runtime.spawn)
+    source.start(state, discovery.publish, addresses, runtime.spawn)
     servers = []
     for kind, sock in sockets.items():
         if kind in DATA_LISTENERS:
@@ -439,5 +441,6 @@ async def serve(config: Config, drain_timeout: float, source: Source) -> None:
     await stop.wait()
     log.info("draining %d connections (up to %gs)", len(runtime.connections), drain_timeout)
     await runtime.drain(servers, drain_timeout)
+    await discovery.close()
     await source.close()
     log.info("stopped")

@@ -2,10 +2,10 @@
 
 The supervisor reserves the data ports (bound, never listening, so port 0 resolves once for everyone), starts
 the workers, and owns what must exist once per gateway: the admin listener and the config source (reload on
-SIGHUP and file changes, or the control-server watch, identity and heartbeats). It hands each validated config
-to the workers over a pipe; each worker builds its own snapshot. Limits, retry budgets and breakers are
-therefore per worker. A joined gateway's workers load the certificate the supervisor keeps in the data
-directory, at start and whenever it is renewed.
+SIGHUP and file changes, or the control-server watch, identity and heartbeats) with endpoint discovery behind it.
+It hands each validated config, discovered endpoints filled in, to the workers over a pipe; each worker builds its
+own snapshot. Limits, retry budgets and breakers are therefore per worker. A joined gateway's workers load the
+certificate the supervisor keeps in the data directory, at start and whenever it is renewed.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import uvloop
 from gateway.admin import AdminState, admin_handler
 from gateway.config import Config
 from gateway.control import ControlSource, Identity
+from gateway.discovery import Discovery
 from gateway.proxy import Listener
 from gateway.server import (
     DATA_LISTENERS,
@@ -71,6 +72,7 @@ class Supervisor:
         self.published: int | None = None  # the version of the last config published, None before the first
         self.runtime = Runtime(config)  # only for the admin listener's connections; it holds no routes
         self.state = AdminState(config=config, stats=self.stats, lookup=self.lookup)
+        self.discovery = Discovery(self.state, self.broadcast, self.runtime.spawn)  # once, for every worker
         self.count = workers
         self.drain_timeout = drain_timeout
         self.context = multiprocessing.get_context("spawn")
@@ -111,7 +113,7 @@ class Supervisor:
             # from the current state, so none serves a moment without routes.
             if isinstance(self.source, ControlSource):
                 self.source.identity_changed = self.broadcast_identity
-            self.source.start(self.state, self.broadcast, {**self.addresses, **admin_addresses}, runtime.spawn)
+            self.source.start(self.state, self.discovery.publish, {**self.addresses, **admin_addresses}, runtime.spawn)
             for _ in range(self.count):
                 self.start_worker()
             await self.wait_ready()
@@ -128,6 +130,7 @@ class Supervisor:
             self.stopping = True
             await self.stop_workers()
             await runtime.drain(servers, 0.0)
+            await self.discovery.close()
             await self.source.close()
             for sock in reserved.values():
                 sock.close()

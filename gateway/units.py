@@ -69,6 +69,10 @@ def is_hostname(host: str) -> bool:
     return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
+def is_ip(host: str) -> bool:
+    return _ip(host) is not None
+
+
 def is_wildcard(host: str) -> bool:
     return (ip := _ip(host)) is not None and ip.is_unspecified
 

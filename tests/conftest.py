@@ -21,6 +21,7 @@ import psutil
 import pytest
 import yaml
 
+from tests.dns import dns_server  # noqa: F401  (a fixture for every test directory)
 from tests.e2e.servers import ScriptedUpstream
 from tests.e2e.upstream_app import UpstreamServer
 from tests.e2e.wire import Wire

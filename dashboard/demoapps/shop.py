@@ -3,6 +3,9 @@
     python -m dashboard.demoapps.shop catalog --port 19052 --version v2 --gateway http://127.0.0.1:19021 \\
         --otlp http://127.0.0.1:19000/v1/traces --latency 60ms --fail-every 33
 
+`--host` is 127.0.0.1 by default (`meshgate demo` runs everything on one machine); in a container of its own a
+service listens on 0.0.0.0. `--check` validates the command line and exits.
+
 - storefront: `GET /` (catalog's products and categories), `GET /products/{id}` (a product and related ones),
   `POST /checkout` (`{"product", "quantity"}`: the price from catalog, then a charge from payments).
 - catalog: `GET /products` and `GET /products/{id}` (stock from inventory), `GET /categories`,
@@ -35,7 +38,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dashboard.demoapps.otel import Tracing, record_status, tracer_provider
-from gateway.units import parse_duration
+from gateway.cli import duration, http_url, whole_number
+from gateway.units import is_hostname
 
 SERVICES = ("storefront", "catalog", "inventory", "payments")
 CALL_TIMEOUT = 5.0  # seconds for a call to another service, through the gateway
@@ -69,6 +73,7 @@ class Options:
     service: str
     port: int
     version: str = "v1"
+    host: str = "127.0.0.1"
     gateway: str = "http://127.0.0.1:15001"  # this group's gateway, outbound listener
     otlp: str | None = None
     latency: float = 0.003
@@ -242,26 +247,41 @@ async def _healthz(request: Request) -> Response:
     return PlainTextResponse("ok\n")
 
 
-def parse_args(argv: Sequence[str] | None) -> Options:
+def parse_args(argv: Sequence[str] | None) -> tuple[Options, bool]:
+    """The options, and whether `--check` asked only to validate them."""
     parser = argparse.ArgumentParser(prog="python -m dashboard.demoapps.shop", description="a meshgate demo service")
     parser.add_argument("service", choices=SERVICES)
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default=Options.host, help=f"the address to listen on (default {Options.host})")
+    parser.add_argument("--port", type=whole_number(1, 65535), required=True)
     parser.add_argument("--version", default="v1")
-    parser.add_argument("--gateway", default=Options.gateway, metavar="URL", help="this group's outbound listener")
-    parser.add_argument("--otlp", metavar="URL", help="OTLP/HTTP traces endpoint (default: spans are not exported)")
-    parser.add_argument("--latency", type=parse_duration, default=Options.latency, metavar="DURATION")
-    parser.add_argument("--fail-every", type=int, default=0, metavar="N", help="answer every Nth request with 503")
+    parser.add_argument(
+        "--gateway", type=http_url, default=Options.gateway, metavar="URL", help="this group's outbound listener"
+    )
+    parser.add_argument(
+        "--otlp", type=http_url, metavar="URL", help="OTLP/HTTP traces endpoint (default: spans are not exported)"
+    )
+    parser.add_argument("--latency", type=duration, default=Options.latency, metavar="DURATION")
+    parser.add_argument(
+        "--fail-every", type=whole_number(0), default=0, metavar="N", help="answer every Nth request with 503"
+    )
+    parser.add_argument("--check", action="store_true", help="validate the command line and exit")
     args = parser.parse_args(argv)
-    return Options(args.service, args.port, args.version, args.gateway, args.otlp, args.latency, args.fail_every)
+    if not is_hostname(args.host):
+        parser.error(f"--host: expected a host name or an IPv4 address, got {args.host!r}")
+    keys = ("service", "port", "version", "host", "gateway", "otlp", "latency", "fail_every")
+    return Options(**{key: getattr(args, key) for key in keys}), args.check
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = parse_args(argv)
+    options, check = parse_args(argv)
+    if check:
+        print(f"ok: {options.service} {options.version} on {options.host}:{options.port}, gateway {options.gateway}")
+        return 0
     provider = tracer_provider(options.service, options.version, options.otlp)
     service = Service(options, Tracing(provider.get_tracer("meshgate-demo")))
     config = uvicorn.Config(
         service.app(),
-        host="127.0.0.1",
+        host=options.host,
         port=options.port,
         log_level="warning",
         access_log=False,

@@ -2,6 +2,8 @@
 
     python -m dashboard.demoapps.traffic --url http://127.0.0.1:19080 --rate 5
 
+`--check` validates the command line and exits.
+
 Open loop, like real users: requests start on schedule whether or not earlier ones have finished (at most
 `MAX_IN_FLIGHT` at once; beyond that a tick is skipped and counted). Half the requests open the home page, three in
 ten a product page, two in ten check out. A summary line goes to stdout every 10 s and at exit (SIGTERM/SIGINT).
@@ -20,6 +22,8 @@ from collections import Counter
 from collections.abc import Sequence
 
 import httpx
+
+from gateway.cli import http_url
 
 MAX_IN_FLIGHT = 64
 REQUEST_TIMEOUT = 10.0
@@ -104,11 +108,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dashboard.demoapps.traffic", description="steady traffic for meshgate demo"
     )
-    parser.add_argument("--url", required=True, help="the shop gateway's edge listener, e.g. http://127.0.0.1:19080")
+    parser.add_argument(
+        "--url", type=http_url, required=True, help="the shop gateway's edge listener, e.g. http://127.0.0.1:19080"
+    )
     parser.add_argument("--rate", type=float, default=5.0, help="requests a second (default 5)")
+    parser.add_argument("--check", action="store_true", help="validate the command line and exit")
     args = parser.parse_args(argv)
     if not args.rate > 0:
         parser.error(f"--rate: expected a positive number, got {args.rate}")
+    if args.check:
+        print(f"ok: {args.rate:g} requests a second at {args.url}")
+        return 0
     asyncio.run(generate(args.url, args.rate))
     return 0
 

@@ -560,3 +560,15 @@ def test_responses_are_not_cached_or_sniffed(dash: Dashboard, viewer: httpx.Clie
     assert answer.headers["cache-control"] == "no-store"
     assert answer.headers["x-content-type-options"] == "nosniff"
     assert json.loads(answer.content)["version"] == 1
+
+
+def test_healthz_needs_no_token_and_fails_when_the_store_does(dash: Dashboard) -> None:
+    with dash.client() as anonymous:  # probes carry no token, no cookie
+        answer = anonymous.get("/healthz")
+        assert (answer.status_code, answer.text) == (200, "ok\n")
+        assert answer.headers["content-security-policy"]  # through the same middleware as every answer
+        assert "/healthz" in anonymous.get("/api/v1/openapi.json").json()["paths"]
+        dash.call(dash.store.close)
+        down = anonymous.get("/healthz")
+    assert down.status_code == 503
+    assert down.text.count("\n") == 1 and "store" in down.text, down.text

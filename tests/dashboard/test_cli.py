@@ -6,6 +6,7 @@ Bad input exits 2 with one line on stderr that names the file, the field and the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,6 +25,8 @@ import httpx
 import pytest
 import yaml
 
+from dashboard.identity import MeshCA
+from dashboard.store import open_store
 from tests.conftest import wait_for
 from tests.dashboard.dashboards import mesh
 
@@ -326,3 +329,109 @@ def test_dashboard_refuses_a_listen_address_in_use(tmp_path: Path) -> None:
         assert_bad_input(
             meshgate("dashboard", "--data", str(tmp_path / "data"), "--listen", address), address, "in use"
         )
+
+
+# `--check`, `dashboard ca`, `token create --out`, /healthz
+
+
+def test_check_validates_the_command_line_without_network_or_files(tmp_path: Path, mesh_file: Path) -> None:
+    data = tmp_path / "data"
+    args = ["--listen", "0.0.0.0:9000", "--san", "dashboard", "--san", "10.0.0.5", "--data", str(data)]
+    args += ["--store", "etcd://etcd.invalid:2379,127.0.0.1:9", "--config", str(mesh_file)]
+    args += ["--prometheus", "http://prometheus:9090", "--prometheus-scrape-interval", "15s"]
+    args += ["--jaeger", "http://jaeger:16686", "--cert-lifetime", "12h", "--check"]
+    result = meshgate("dashboard", *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "ok: dashboard on https://0.0.0.0:9000, store etcd://etcd.invalid:2379,127.0.0.1:9, seeds 2 groups and 2 "
+        "services\n"
+    )
+    assert not data.exists(), "no data directory, no CA"
+    plain = meshgate("dashboard", "--data", str(data), "--check")
+    assert plain.stdout == f"ok: dashboard on http://127.0.0.1:9000, store {data}\n" and not data.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--store", "etcd://etcd"], ["etcd://etcd", "host:port"]),
+        (["--store", "/var/lib/store"], ["--store", "/var/lib/store"]),
+        (["--san", "not a name"], ["--san", "not a name"]),
+        (["--trust-domain", "Mesh!"], ["trust domain", "Mesh!"]),
+    ],
+)
+def test_check_refuses_bad_input_in_one_line(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
+    assert_bad_input(meshgate("dashboard", "--data", str(tmp_path / "data"), *args, "--check"), *fragments)
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--prometheus", "prometheus:9090"],
+        ["--jaeger", "ftp://jaeger:16686"],
+        ["--listen", "0.0.0.0"],
+        ["--signals-step", "often"],
+    ],
+)
+def test_check_refuses_malformed_flags(tmp_path: Path, args: list[str]) -> None:
+    result = meshgate("dashboard", "--data", str(tmp_path / "data"), *args, "--check")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert args[0] in last and args[1] in last, last
+
+
+def test_check_refuses_a_bad_mesh_file_naming_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "mesh.yaml"
+    broken = mesh()
+    broken["services"]["catalog"]["subsets"]["v2"] = {"dns": "catalog-v2"}  # no port
+    bad.write_text(yaml.safe_dump(broken))
+    result = meshgate("dashboard", "--data", str(tmp_path / "data"), "--config", str(bad), "--check")
+    assert_bad_input(result, str(bad), "services.catalog.subsets.v2.dns", "catalog-v2")
+
+
+def test_ca_prints_the_hash_and_writes_the_root_once(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "out" / "ca.pem"
+    out.parent.mkdir()
+    first = meshgate("dashboard", "ca", "--data", str(data), "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    ca = MeshCA.load_or_create(str(data / "ca"), "meshgate.local")
+    assert first.stdout == ca.ca_hash + "\n"
+    assert out.read_bytes() == ca.root_pem == (data / "ca" / "root.pem").read_bytes()
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644 and sorted(out.parent.iterdir()) == [out]
+    again = meshgate("dashboard", "ca", "--data", str(data))
+    assert again.stdout == first.stdout, "loaded, not made anew"
+    other = meshgate("dashboard", "ca", "--data", str(tmp_path / "other"), "--trust-domain", "prod.example")
+    assert other.returncode == 0 and other.stdout != first.stdout
+    assert_bad_input(meshgate("dashboard", "ca", "--data", str(tmp_path / "x"), "--trust-domain", "Bad!"), "Bad!")
+    missing = meshgate("dashboard", "ca", "--data", str(data), "--out", str(tmp_path / "nowhere" / "ca.pem"))
+    assert_bad_input(missing, "--out", "nowhere", status=1)
+
+
+def test_token_create_out_writes_a_private_file_once(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "shop.token"
+    args = ["dashboard", "token", "create", "--data", str(data), "--role", "gateway", "--group", "shop"]
+    first = meshgate(*args, "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == f"{out}: a new gateway token\n" and "mgj_" not in first.stdout + first.stderr
+    token = out.read_text()
+    assert re.fullmatch(r"mgj_[A-Za-z0-9_-]{43}\n", token) and stat.S_IMODE(out.stat().st_mode) == 0o600
+    again = meshgate(*args, "--out", str(out))
+    assert again.returncode == 0 and again.stdout == ""
+    assert again.stderr == f"meshgate: {out} already holds a token; none created\n"
+    assert out.read_text() == token
+
+    async def tokens() -> list[Any]:
+        store = open_store(str(data))
+        try:
+            return [(record.role, record.group) for record in await store.tokens()]
+        finally:
+            await store.close()
+
+    assert asyncio.run(tokens()) == [("gateway", "shop")], "one token: the second run created none"
+
+
+def test_healthz_answers_without_a_token(start: Any, tmp_path: Path) -> None:
+    dashboard = start("--data", str(tmp_path / "data"))
+    answer = httpx.get(f"{dashboard.url}/healthz")
+    assert (answer.status_code, answer.text) == (200, "ok\n")

@@ -1,4 +1,5 @@
-"""Joining a mesh: the dashboard over HTTPS pinned by CA hash, refusals that say why, and readiness."""
+"""Joining a mesh: the dashboard over HTTPS pinned by CA hash or by the CA's root file (with the join token from a
+file, as Kubernetes Secrets and compose volumes hand them over), refusals that say why, and readiness."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from dashboard.identity import MeshCA
-from tests.conftest import ROOT, Gateway, wait_for
+from tests.conftest import ROOT, Gateway, listeners, wait_for
 from tests.e2e.mesh import Dashboard, joined_gateway, ready, wait_ready
 
 
@@ -44,6 +46,53 @@ def test_a_gateway_joins_an_https_dashboard_pinned_by_ca_hash(https_dashboard: D
                 return found.status_code == 200 and any("store" in span["found_in"] for span in found.json()["spans"])
 
             wait_for(stored, 10, what="the gateway's span in the dashboard's store")
+    finally:
+        gateway.stop()
+
+
+def meshgate(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "dashboard.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_gateway_joins_with_its_token_and_ca_from_files(https_dashboard: Dashboard, tmp_path: Path) -> None:
+    """What the compose bootstrap does: `dashboard ca --out` and `token create --out`, then `--token-file --ca`."""
+    data = str(https_dashboard.data)
+    ca_file, token_file = tmp_path / "ca.pem", tmp_path / "shop.token"
+    shown = meshgate("dashboard", "ca", "--data", data, "--out", str(ca_file)).strip()
+    assert shown == ca_hash(https_dashboard)
+    meshgate(
+        "dashboard", "token", "create", "--data", data, "--role", "gateway", "--group", "shop", "--out", str(token_file)
+    )
+    config = tmp_path / "gateway-shop.yaml"
+    config.write_text(yaml.safe_dump({"gateway": {"listen": listeners("metrics"), "telemetry": {"access_log": "off"}}}))
+    args = ["--control", https_dashboard.url, "--group", "shop", "--token-file", str(token_file), "--ca", str(ca_file)]
+    args += ["--data", str(tmp_path / "data"), "--advertise", "gw-shop.example:15006"]
+    gateway = Gateway(config, args)
+    try:
+        wait_ready(gateway)
+        probe = httpx.get(gateway.url("metrics") + "/ready", timeout=5)  # what kubelet and compose probe
+        assert (probe.status_code, probe.text) == (200, "ready\n")
+        with https_dashboard.api() as api:
+            listed = wait_for(lambda: api.get("/gateways").json(), 10, what="the gateway listed")
+        assert [(entry["group"], entry["advertise"]) for entry in listed] == [("shop", "gw-shop.example:15006")]
+    finally:
+        gateway.stop()
+
+
+def test_a_ca_file_of_another_mesh_is_refused_like_a_wrong_hash(https_dashboard: Dashboard, tmp_path: Path) -> None:
+    other = tmp_path / "other-ca.pem"
+    meshgate("dashboard", "ca", "--data", str(tmp_path / "other-mesh"), "--out", str(other))
+    gateway = joined_gateway(https_dashboard, tmp_path, "shop", "metrics", args=("--ca", str(other)))
+    try:
+        gateway.wait_log("but --ca-hash is sha256:")  # the same pinning path as --ca-hash
+        assert not ready(gateway)
+        assert httpx.get(gateway.url("metrics") + "/ready", timeout=5).status_code == 503
+        with https_dashboard.api() as api:
+            assert api.get("/gateways").json() == []
     finally:
         gateway.stop()
 
@@ -100,7 +149,7 @@ def test_a_gateway_that_never_got_a_config_is_not_ready_until_the_dashboard_come
     ("url", "extra", "reason"),
     [
         ("http://10.1.2.3:9000", [], "must be reached over https"),
-        ("https://10.1.2.3:9000", [], "pin the mesh CA with --ca-hash"),
+        ("https://10.1.2.3:9000", [], "pin the mesh CA with --ca FILE or --ca-hash"),
         ("ftp://127.0.0.1:9000", [], "expected an http(s) URL"),
     ],
 )

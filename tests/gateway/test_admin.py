@@ -76,3 +76,18 @@ def test_metrics_is_openmetrics_with_exemplars_when_prometheus_asks() -> None:
     for name, family in plain.items():
         values = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
         assert values == {(s.name, tuple(sorted(s.labels.items()))): s.value for s in families[name].samples}, name
+
+
+@pytest.mark.parametrize(("ready", "status"), [(False, 503), (True, 200)])
+def test_metrics_listener_answers_ready_like_the_admin_listener(ready: bool, status: int) -> None:
+    state = AdminState(config=Config.parse({}), stats=lambda: merge([]), lookup=lambda request_id: [], ready=ready)
+    admin: Any = admin_handler(state)(b"GET", b"/ready", b"10.0.0.9", {})
+    metrics: Any = admin_handler(state, metrics_only=True)(b"GET", b"/ready", b"10.0.0.9", {})
+    assert metrics == admin and metrics[0] == status
+
+
+def test_metrics_listener_refuses_the_other_admin_paths() -> None:
+    state = AdminState(config=Config.parse({}), stats=lambda: merge([]), lookup=lambda request_id: [], ready=True)
+    for path in (b"/healthz", b"/config", b"/requests/abc"):
+        answer: Any = admin_handler(state, metrics_only=True)(b"GET", path, b"127.0.0.1", {})
+        assert answer[0] == 404 and answer[2] == b"this listener serves /metrics and /ready only\n", path

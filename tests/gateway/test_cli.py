@@ -12,14 +12,15 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 
-from tests.conftest import gateway_config, wait_for
+from tests.conftest import StartGateway, gateway_config, listeners, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 10.0  # a command that should exit at once but serves instead is stopped after this
@@ -36,11 +37,15 @@ class Result:
         return self.stdout + self.stderr
 
 
-def meshgate(*args: str) -> Result:
-    """Run `meshgate gateway ARGS` from the repo root; kill its whole process group if it does not exit."""
+def meshgate(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> Result:
+    """Run `meshgate gateway ARGS` (from the repo root, with the host's MESHGATE_* variables only if `env` is None);
+    kill its whole process group if it does not exit."""
+    if env is not None:
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_")}, **env}
     proc = subprocess.Popen(
         [sys.executable, "-m", "dashboard.cli", "gateway", *args],
-        cwd=ROOT,
+        cwd=cwd,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -166,3 +171,131 @@ def test_workers_must_be_positive(tmp_path: Path, workers: str) -> None:
     assert "--workers" in result.stderr
     assert workers in result.stderr.splitlines()[-1], result.stderr
     assert "Traceback" not in result.output
+
+
+# `--check` without FILE: the whole command line, without serving, reading secrets or writing files
+
+CA_HASH = "sha256:" + "ab" * 32
+JOINED = ("--control", "https://dashboard.example:9000", "--group", "shop")
+
+
+def joined_file(directory: Path, **section: object) -> Path:
+    listen = {"inbound": "0.0.0.0:15006", "outbound": "0.0.0.0:15001", "metrics": "0.0.0.0:15090"}
+    return write(directory, {"gateway": {"listen": listen, **section}}, "joined.yaml")
+
+
+def test_check_accepts_a_standalone_command_line(tmp_path: Path) -> None:
+    path = write(tmp_path, gateway_config(service()))
+    result = meshgate("--config", str(path), "--advertise", "gw-1.example:15006", "--workers", "2", "--check")
+    assert result.returncode == 0, result.output
+    assert result.stdout == f"ok: standalone gateway, {path} (1 services)\n"
+
+
+@pytest.mark.parametrize(
+    "secrets",
+    [
+        ("--token-file", "/run/secrets/not-yet/token", "--ca", "/run/secrets/not-yet/ca.pem"),
+        ("--token", "mgj_x", "--ca-hash", CA_HASH),
+    ],
+    ids=["files", "values"],
+)
+def test_check_accepts_a_joined_command_line_without_its_secret_files(tmp_path: Path, secrets: tuple[str, ...]) -> None:
+    config = joined_file(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    args = (*JOINED, *secrets, "--config", str(config), "--advertise", "10.0.0.7:15006", "--check")
+    result = meshgate(*args, cwd=tmp_path, env={})
+    assert result.returncode == 0, result.output
+    assert result.stdout == "ok: joined gateway of group shop at https://dashboard.example:9000\n"
+    assert sorted(tmp_path.iterdir()) == before, "no data directory, no files"
+
+
+def test_check_takes_the_join_token_from_the_environment(tmp_path: Path) -> None:
+    result = meshgate(*JOINED, "--ca-hash", CA_HASH, "--check", cwd=tmp_path, env={"MESHGATE_JOIN_TOKEN": "mgj_x"})
+    assert result.returncode == 0, result.output
+    # The environment is only the fallback: a flag given alongside it is no conflict.
+    both = meshgate(*JOINED, "--ca-hash", CA_HASH, "--token-file", "t", "--check", env={"MESHGATE_JOIN_TOKEN": "x"})
+    assert both.returncode == 0, both.output
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        pytest.param(("--token", "t"), ("--control https://dashboard.example:9000", "--ca FILE"), id="unpinned"),
+        pytest.param(("--ca-hash", CA_HASH), ("join token", "--token-file"), id="no-token"),
+        pytest.param(("--token", "t", "--token-file", "f", "--ca", "c"), ("--token-file", "--token"), id="two-tokens"),
+        pytest.param(("--token", "t", "--ca", "c", "--ca-hash", CA_HASH), ("--ca", "--ca-hash"), id="two-pins"),
+        pytest.param(("--token", "t", "--ca-hash", "sha256:ab"), ("--ca-hash", "'sha256:ab'"), id="hash-form"),
+        pytest.param(
+            ("--token", "t", "--ca", "c", "--advertise", "0.0.0.0:15006"),
+            ("--advertise", "gateway.listen.advertise", "0.0.0.0:15006"),
+            id="wildcard-advertise",
+        ),
+        pytest.param(
+            ("--token", "t", "--ca", "c", "--advertise", "gw:99999"),
+            ("--advertise", "gw:99999"),
+            id="bad-port",
+        ),
+    ],
+)
+def test_check_refuses_a_joined_command_line_naming_the_flag(
+    tmp_path: Path, args: tuple[str, ...], fragments: tuple[str, ...]
+) -> None:
+    result = meshgate(*JOINED, *args, "--check", cwd=tmp_path, env={})
+    assert_config_error(result, *fragments)
+    assert not list(tmp_path.iterdir())
+
+
+def test_check_refuses_plaintext_control_beyond_loopback(tmp_path: Path) -> None:
+    result = meshgate("--control", "http://10.0.0.5:9000", "--group", "shop", "--token", "t", "--check", env={})
+    assert_config_error(result, "http://10.0.0.5:9000", "https")
+
+
+def test_check_loads_the_joined_gateway_file(tmp_path: Path) -> None:
+    config = write(tmp_path, gateway_config(service()), "joined.yaml")  # services: not for a joined gateway
+    result = meshgate(*JOINED, "--token", "t", "--ca", "c", "--config", str(config), "--check", env={})
+    assert_config_error(result, str(config), "only a gateway: section")
+    bad = joined_file(tmp_path, limits={"header_timeout": "soon"})
+    result = meshgate(*JOINED, "--token", "t", "--ca", "c", "--config", str(bad), "--check", env={})
+    assert_config_error(result, str(bad), "gateway.limits.header_timeout", "soon")
+
+
+def test_check_refuses_join_flags_on_a_standalone_gateway(tmp_path: Path) -> None:
+    path = write(tmp_path, gateway_config(service()))
+    result = meshgate("--config", str(path), "--token-file", "t", "--check", env={})
+    assert result.returncode == 2 and "Traceback" not in result.output
+    assert "--token-file: only for a joined gateway" in result.stderr.splitlines()[-1]
+    mixed = meshgate("--check", str(path), "--control", "https://x:9000")
+    assert mixed.returncode == 2 and "--check FILE takes no other mode" in mixed.stderr
+
+
+# Secrets from files, read at start
+
+
+@pytest.mark.parametrize(
+    ("make", "fragments"),
+    [
+        pytest.param(lambda d: d / "missing", ("--token-file", "missing", "No such file"), id="missing"),
+        pytest.param(lambda d: write(d, " \n\t\n", "empty"), ("--token-file", "empty", "is empty"), id="empty"),
+    ],
+)
+def test_an_unusable_token_file_stops_the_start(
+    tmp_path: Path, make: Callable[[Path], Path], fragments: tuple[str, ...]
+) -> None:
+    path = make(tmp_path)
+    result = meshgate("--control", "http://127.0.0.1:9", "--group", "shop", "--token-file", str(path), cwd=tmp_path)
+    assert_config_error(result, *fragments)
+    assert not (tmp_path / "meshgate-gateway-shop").exists(), "nothing is written before the secrets are read"
+
+
+def test_a_ca_file_that_is_not_a_certificate_stops_the_start(tmp_path: Path) -> None:
+    path = write(tmp_path, "not a certificate\n", "ca.pem")
+    result = meshgate(*JOINED, "--token", "t", "--ca", str(path), cwd=tmp_path, env={})
+    assert_config_error(result, "--ca", str(path), "not a PEM certificate")
+    assert not (tmp_path / "meshgate-gateway-shop").exists()
+
+
+def test_advertise_overrides_the_file(start_gateway: StartGateway, tmp_path: Path) -> None:
+    config = gateway_config(service(), listen={**listeners(), "advertise": "10.0.0.1:15006"})
+    gateway = start_gateway(config, "--advertise", "gw-7.example:15006")
+    live = httpx.get(gateway.url("admin") + "/config", timeout=5).json()["config"]
+    assert live["gateway"]["listen"]["advertise"] == "gw-7.example:15006"

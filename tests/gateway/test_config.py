@@ -459,6 +459,12 @@ LOG_RULE = "expected off, stdout or a file path"
         ({"telemetry": {"tracing": {"endpoint": "http://"}}}, f"telemetry.tracing.endpoint: {URL_RULE}, got 'http://'"),
         ({"telemetry": {"tracing": {"sampling": 2}}}, f"telemetry.tracing.sampling: {PERCENT_RULE}, got 2"),
         (
+            {"discovery": {"resolvers": ["dns.example:53"]}},
+            "discovery.resolvers[0]: expected an IP address and port, like 127.0.0.1:53 or [::1]:53, "
+            "got 'dns.example:53'",
+        ),
+        ({"discovery": {"etcd": ["etcd:2379"]}}, f"discovery.etcd[0]: {URL_RULE}, got 'etcd:2379'"),
+        (
             {"telemetry": {"tracing": {"rate": 1}}},
             "telemetry.tracing.rate: unknown key (expected one of: endpoint, sampling)",
         ),
