@@ -1,7 +1,8 @@
 """The dashboard in a real browser: Playwright driving Debian's Chromium (`/usr/bin/chromium`, headless; no browser
 is ever downloaded) against a real mesh on loopback: a `meshgate dashboard` process, three joined gateways with
 mTLS between them, real upstreams, and steady traffic from a generator thread. Screenshots of the topology,
-service and trace pages go to docs/ for the README.
+service and trace pages go to $MESHGATE_SCREENSHOTS (`MESHGATE_SCREENSHOTS=docs` refreshes the README's), else to
+pytest's temporary directory, so a test run leaves the working tree as it was.
 
 One mesh serves the whole module (starting it is most of the time); tests that change it run last.
 """
@@ -9,6 +10,7 @@ One mesh serves the whole module (starting it is most of the time); tests that c
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -40,8 +42,13 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-DOCS = ROOT / "docs"
 XSS = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    wanted = os.environ.get("MESHGATE_SCREENSHOTS")
+    return Path(wanted) if wanted else tmp_path_factory.mktemp("screenshots")
 
 
 class Traffic:
@@ -213,7 +220,9 @@ def assert_labels_clear(found: dict[str, Any], count: int) -> None:
             assert apart(plate, node), (edge, node)
 
 
-def test_topology_shows_live_edges_and_keeps_focus_and_scroll_across_updates(browser: Browser, mesh: Mesh) -> None:
+def test_topology_shows_live_edges_and_keeps_focus_and_scroll_across_updates(
+    browser: Browser, mesh: Mesh, screenshots: Path
+) -> None:
     with session(browser, mesh.dashboard, height=500) as page:
         for node in ("group:shop", "group:catalog", "group:payments", "service:catalog", "service:payments"):
             assert page.locator(f'[data-node="{node}"]').count() == 1, node
@@ -241,11 +250,11 @@ def test_topology_shows_live_edges_and_keeps_focus_and_scroll_across_updates(bro
         assert "selected" in (page.get_attribute(f"#{node_id}", "class") or "")
         page.evaluate("window.scrollTo(0, 0)")
         page.set_viewport_size({"width": 1400, "height": 900})
-        DOCS.mkdir(exist_ok=True)
-        page.screenshot(path=str(DOCS / "topology.png"), full_page=True)
+        screenshots.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshots / "topology.png"), full_page=True)
 
 
-def test_a_trace_is_found_by_the_request_id_a_client_got_back(browser: Browser, mesh: Mesh) -> None:
+def test_a_trace_is_found_by_the_request_id_a_client_got_back(browser: Browser, mesh: Mesh, screenshots: Path) -> None:
     answer = mesh.call("shop", "catalog", "/echo?from=browser-test")
     assert answer.status_code == 200
     request_id = answer.headers["x-request-id"]
@@ -271,7 +280,7 @@ def test_a_trace_is_found_by_the_request_id_a_client_got_back(browser: Browser, 
         assert value_box["height"] <= key_box["height"] * 1.2 and value_box["width"] >= width["width"] / 2
         path = page.locator('#trace-path .edge.on-path[data-source="group:shop"][data-destination="service:catalog"]')
         assert path.count() == 1  # the request's path on the topology
-        page.screenshot(path=str(DOCS / "trace.png"), full_page=True)
+        page.screenshot(path=str(screenshots / "trace.png"), full_page=True)
 
 
 def test_a_viewer_has_no_write_controls_and_is_refused_when_writing_anyway(browser: Browser, mesh: Mesh) -> None:
@@ -292,7 +301,9 @@ def test_a_viewer_has_no_write_controls_and_is_refused_when_writing_anyway(brows
         assert api.get("/services/catalog").json()["weights"] == {"v1": 100, "v2": 0}
 
 
-def test_canary_50_percent_moves_the_weights_and_then_the_traffic(browser: Browser, mesh: Mesh) -> None:
+def test_canary_50_percent_moves_the_weights_and_then_the_traffic(
+    browser: Browser, mesh: Mesh, screenshots: Path
+) -> None:
     with session(browser, mesh.dashboard) as page:
         page.goto(mesh.dashboard.url + "/services/catalog")
         page.wait_for_selector('#weight-value-v2[data-weight="0"]')
@@ -310,7 +321,7 @@ def test_canary_50_percent_moves_the_weights_and_then_the_traffic(browser: Brows
         assert page.locator("#revert-2").count() == 1 and page.locator('a.marker[href="#change-2"]').count() == 6
         page.fill("#reason", "")
         page.locator("#reason").blur()
-        page.screenshot(path=str(DOCS / "service.png"), full_page=True)
+        page.screenshot(path=str(screenshots / "service.png"), full_page=True)
     with mesh.dashboard.api() as api:
         (entry, *_) = api.get("/audit").json()
         assert entry["action"] == "weights.set" and entry["version"] == 2 and "(session " in entry["who"]
