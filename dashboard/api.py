@@ -30,6 +30,7 @@ from gateway.config import ConfigError
 
 COMMIT_ATTEMPTS = 5  # read-modify-write tries without If-Match (racing other replicas) before a 409
 MAX_LIMIT = 500
+SUBSET_SOURCES = ("endpoints", "dns", "srv", "etcd")  # a subset's endpoints: listed, or where to discover them
 _DIGITS = re.compile(r"[0-9]{1,18}")  # fits SQLite's and etcd's 64-bit integers
 _IF_MATCH = re.compile(r'\s*(?:W/)?"?([0-9]{1,18})"?\s*')
 
@@ -363,8 +364,10 @@ class OperatorApi:
         """
         principal = await self.auth.require(request, WRITE)
         name, subset = request.path_params["name"], request.path_params["subset"]
-        body = await read_object(request, ("endpoints", "reason"), required=("endpoints",))
-        spec = {"endpoints": body["endpoints"]}
+        body = await read_object(request, (*SUBSET_SOURCES, "reason"))
+        spec = {key: body[key] for key in SUBSET_SOURCES if key in body}
+        if not spec:  # the mesh model refuses more than one; an empty subset is made with `"endpoints": []`
+            raise ApiError(422, f"expected one of: {', '.join(SUBSET_SOURCES)}")
         return await self.commit(
             principal,
             request,

@@ -74,8 +74,15 @@ BASE: dict[str, Any] = {
                 {"group": {"type": "string"}, "spec": _ANY_OBJECT, "reason": _REASON}, ["group", "spec"]
             ),
             "RoutesBody": _body({"routes": {"type": "array", "items": _ANY_OBJECT}, "reason": _REASON}, ["routes"]),
-            "SubsetBody": _body(
-                {"endpoints": {"type": "array", "items": {"type": "string"}}, "reason": _REASON}, ["endpoints"]
+            "SubsetBody": _body(  # one of endpoints, dns, srv or etcd
+                {
+                    "endpoints": {"type": "array", "items": {"type": "string"}},
+                    "dns": {"type": "string", "description": "host:port; its A and AAAA records"},
+                    "srv": {"type": "string", "description": "a name whose SRV records give hosts and ports"},
+                    "etcd": {"type": "string", "description": "a key prefix; its keys are named host:port"},
+                    "reason": _REASON,
+                },
+                [],
             ),
             "EndpointBody": _body({"address": {"type": "string"}, "reason": _REASON}, ["address"]),
             "ConfigBody": _body({"mesh": _ANY_OBJECT, "reason": _REASON}, ["mesh"]),

@@ -189,7 +189,8 @@ class PageData:
             subsets.append(
                 {
                     "name": subset.name,
-                    "endpoints": [str(endpoint) for endpoint in subset.endpoints],
+                    # A discovered subset's endpoints are found by each gateway: the page names their source.
+                    "endpoints": [subset.source] if subset.source else [str(endpoint) for endpoint in subset.endpoints],
                     "weight": weights.get(subset.name, 0),
                     "share": rates[subset.name] / total if total > 0 else None,
                     "rps": _number(totals.get("rps")),

@@ -377,6 +377,15 @@ class Subset:
     def discovered(self) -> bool:
         return bool(self.dns or self.srv or self.etcd)
 
+    @property
+    def source(self) -> str | None:
+        """Where a discovered subset's endpoints come from, as logs and pages name it: `dns catalog-v2:8080`."""
+        if self.dns is not None:
+            return f"dns {self.dns}"
+        if self.srv is not None:
+            return f"srv {self.srv}"
+        return None if self.etcd is None else f"etcd {self.etcd}"
+
 
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
@@ -477,6 +486,9 @@ class Service:
 
     def to_dict(self) -> dict[str, object]:
         subsets = {subset.name: _dump(subset) for subset in self.subsets}
+        for subset in self.subsets:
+            if subset.discovered and not subset.endpoints:  # none found (yet): the source alone says it
+                del subsets[subset.name]["endpoints"]
         return {"subsets": subsets, "routes": [route.to_dict() for route in self.routes], **_dump(self)}
 
 

@@ -81,17 +81,19 @@ class Target:
     port: int = 0  # dns: the endpoints' port
     resolvers: tuple[Address, ...] = ()  # dns, srv: empty for the system's (/etc/resolv.conf)
     etcd: tuple[str, ...] = ()
+    label: str = ""  # Subset.source
 
     @classmethod
     def of(cls, subset: Subset, section: DiscoverySection) -> Target:
+        label = str(subset.source)
         if subset.dns is not None:
-            return cls("dns", subset.dns.host, subset.dns.port, resolvers=section.resolvers)
+            return cls("dns", subset.dns.host, subset.dns.port, resolvers=section.resolvers, label=label)
         if subset.srv is not None:
-            return cls("srv", subset.srv, resolvers=section.resolvers)
-        return cls("etcd", str(subset.etcd), etcd=section.etcd)
+            return cls("srv", subset.srv, resolvers=section.resolvers, label=label)
+        return cls("etcd", str(subset.etcd), etcd=section.etcd, label=label)
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.name}:{self.port}" if self.kind == "dns" else f"{self.kind} {self.name}"
+        return self.label
 
 
 class Discovery:

@@ -572,3 +572,17 @@ def test_healthz_needs_no_token_and_fails_when_the_store_does(dash: Dashboard) -
         down = anonymous.get("/healthz")
     assert down.status_code == 503
     assert down.text.count("\n") == 1 and "store" in down.text, down.text
+
+
+def test_a_subset_may_name_where_its_endpoints_are_discovered(dash: Dashboard, operator: httpx.Client) -> None:
+    path = "/api/v1/services/catalog/subsets/v3"
+    answer = operator.put(path, json={"dns": "catalog-v3.shop.svc:8080", "reason": "headless Service"})
+    assert answer.status_code == 200, answer.text
+    assert dash.current().mesh["services"]["catalog"]["subsets"]["v3"] == {"dns": "catalog-v3.shop.svc:8080"}
+    assert operator.put(path, json={"etcd": "/meshgate/endpoints/catalog/v3/"}).status_code == 200
+    before = state(dash)
+    assert_error(operator.put(path, json={"reason": "no source"}), 422, "expected one of: endpoints, dns, srv, etcd")
+    two = {"endpoints": ["127.0.0.1:9104"], "srv": "_http._tcp.catalog"}
+    assert_error(operator.put(path, json=two), 422, "services.catalog.subsets.v3.srv", "one source")
+    assert_error(operator.put(path, json={"dns": "catalog-v3"}), 422, "subsets.v3.dns", "catalog-v3")
+    assert state(dash) == before

@@ -617,3 +617,15 @@ def test_a_request_id_shows_its_waterfall_every_hop_and_its_path(traced: Dashboa
         assert missing.status_code == 404 and "no spans or hop records" in missing.text
         bad = client.get("/traces", params={"q": "<b>not an id</b>"})
         assert bad.status_code == 404 and "request_id: expected" in bad.text and "<b>not" not in bad.text
+
+
+def test_the_service_page_names_where_a_discovered_subset_finds_its_endpoints(
+    dash: Dashboard, operator: tuple[httpx.Client, str]
+) -> None:
+    client, _ = operator
+    with dash.client(dash.token("operator")) as api:
+        answer = api.put("/api/v1/services/catalog/subsets/v2", json={"srv": "_http._tcp.catalog-v2.shop.svc"})
+        assert answer.status_code == 200, answer.text
+    page = client.get("/services/catalog").text
+    cells = re.findall(r'<td class="endpoints">([^<]*)</td>', page)
+    assert cells == ["127.0.0.1:9101, 127.0.0.1:9102", "srv _http._tcp.catalog-v2.shop.svc"], cells
