@@ -35,8 +35,9 @@ def check_command(argv: Sequence[str], mounts: Mapping[str, Path], env: Mapping[
     `mounts` maps a container path (a file or a directory) to the host path mounted there. `env` is the
     container's environment (e.g. `MESHGATE_JOIN_TOKEN`); the host's MESHGATE_* variables never leak in.
     """
-    command = [*python_command(argv), "--check"]
-    command = [rewrite_paths(arg, mounts) for arg in command]
+    # Only the container's arguments are rewritten: this venv's interpreter may itself live under a mounted path
+    # (a checkout in /tmp, where a pod mounts an emptyDir).
+    command = [*python_command([argv[0], *(rewrite_paths(arg, mounts) for arg in argv[1:])]), "--check"]
     environment = {name: value for name, value in os.environ.items() if not name.startswith("MESHGATE_")}
     environment.update(env or {})
     with tempfile.TemporaryDirectory(prefix="meshgate-check-") as cwd:
