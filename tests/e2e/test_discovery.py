@@ -11,12 +11,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import ROOT, Gateway, StartGateway, StartUpstream, gateway_config, wait_for
 from tests.dns import StartDns
+from tests.e2e.mesh import Dashboard, joined_gateway, wait_ready
 from tests.e2e.upstream_app import UpstreamProtocol, UpstreamServer
 from tests.etcd import EtcdServer, free_ports
 
@@ -244,3 +247,37 @@ def test_register_refuses_with_one_line(args: list[str], status: int, message: s
     )
     assert done.returncode == status and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].count(message) == 1
+
+
+def test_a_joined_gateway_discovers_the_endpoints_its_dashboard_names(
+    tmp_path: Path, dns_server: StartDns, pair: tuple[LoopbackUpstream, LoopbackUpstream]
+) -> None:
+    """The layout of compose/ and deploy/kubernetes: the dashboard's mesh names a DNS name, the owning group's
+    gateway resolves it with the resolvers of its own `gateway:` section, and a call through another group's
+    gateway follows the records; `/ready` and admin `/config` show the discovered endpoints."""
+    a, b = pair
+    dns = dns_server({NAME: ["127.0.0.2"]})
+    mesh = {
+        "groups": {"shop": [], "hello": ["hello"]},
+        "services": {"hello": {"subsets": {"v1": {"dns": f"{NAME}:{a.port}"}}}},
+    }
+    (tmp_path / "mesh.yaml").write_text(yaml.safe_dump(mesh))
+    dashboard = Dashboard(tmp_path / "dashboard", "--config", str(tmp_path / "mesh.yaml"))
+    shop = joined_gateway(dashboard, tmp_path, "shop")
+    hello = joined_gateway(dashboard, tmp_path, "hello", discovery={"resolvers": [dns.address]})
+    try:
+        wait_ready(shop, hello)
+        outbound = shop.url("outbound") + "/echo"
+
+        def upstream() -> str | None:
+            return httpx.get(outbound, headers={"host": "hello"}, timeout=5).headers.get("x-upstream")
+
+        wait_for(lambda: upstream() == "a", 15, what="shop reaches hello's discovered endpoint through the mesh")
+        live = httpx.get(hello.url("admin") + "/config", timeout=5).json()["config"]["services"]["hello"]
+        assert live["subsets"]["v1"] == {"endpoints": [a.address], "dns": f"{NAME}:{a.port}"}
+        dns.set_hosts({NAME: ["127.0.0.3"]})
+        wait_for(lambda: upstream() == "b", 5, what="the call following the changed record (TTL 1 s)")
+    finally:
+        for gateway in (shop, hello):
+            gateway.stop()
+        dashboard.stop()
