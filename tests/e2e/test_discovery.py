@@ -270,7 +270,8 @@ def test_a_joined_gateway_discovers_the_endpoints_its_dashboard_names(
         outbound = shop.url("outbound") + "/echo"
 
         def upstream() -> str | None:
-            return httpx.get(outbound, headers={"host": "hello"}, timeout=5).headers.get("x-upstream")
+            answer: str | None = httpx.get(outbound, headers={"host": "hello"}, timeout=5).headers.get("x-upstream")
+            return answer
 
         wait_for(lambda: upstream() == "a", 15, what="shop reaches hello's discovered endpoint through the mesh")
         live = httpx.get(hello.url("admin") + "/config", timeout=5).json()["config"]["services"]["hello"]
