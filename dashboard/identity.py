@@ -54,6 +54,16 @@ class IdentityError(Exception):
     """A CA file, CSR or identity that cannot be used; the message is one line that says why."""
 
 
+def check_trust_domain(trust_domain: str) -> None:
+    if not _TRUST_DOMAIN.fullmatch(trust_domain):
+        raise IdentityError(f"trust domain {trust_domain!r}: expected lowercase letters, digits, '.', '-', '_'")
+
+
+def is_dns_name(name: str) -> bool:
+    """A name a certificate's DNS SAN may hold (a leading `*.` wildcard too)."""
+    return _DNS_NAME.fullmatch(name) is not None
+
+
 @dataclass(frozen=True)
 class Issued:
     """An X.509-SVID issued from a CSR: the leaf and the intermediate in PEM, and what the leaf says."""
@@ -91,8 +101,7 @@ class MeshCA:
     @classmethod
     def load_or_create(cls, directory: str, trust_domain: str) -> MeshCA:
         """The CA kept in `directory`, made there first if the directory holds none of its files."""
-        if not _TRUST_DOMAIN.fullmatch(trust_domain):
-            raise IdentityError(f"trust domain {trust_domain!r}: expected lowercase letters, digits, '.', '-', '_'")
+        check_trust_domain(trust_domain)
         path = Path(directory)
         try:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -179,7 +188,7 @@ class MeshCA:
             raise IdentityError(f"{spiffe_id!r} is not a SPIFFE ID in trust domain {self.trust_domain}")
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(spiffe_id)]
         for name in dns_names:
-            if not _DNS_NAME.fullmatch(name):
+            if not is_dns_name(name):
                 raise IdentityError(f"{name!r} is not a DNS name")
             names.append(x509.DNSName(name))
         try:

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 
 from dashboard.app import create_app
 from dashboard.auth import TokenError, new_token
-from dashboard.identity import _DNS_NAME, _TRUST_DOMAIN, IdentityError, MeshCA
+from dashboard.identity import IdentityError, MeshCA, check_trust_domain, is_dns_name
 from dashboard.mesh import Mesh
 from dashboard.settings import CERT_LIFETIME, PROMETHEUS_SCRAPE_INTERVAL, SIGNALS_STEP, Settings
 from dashboard.spans import DB_FILE as SPANS_FILE
@@ -132,10 +132,9 @@ def check_arguments(args: argparse.Namespace) -> Mesh | None:
     file (parsed as for seeding the store), the trust domain, the --san names and the --store URL. Listen
     address, URLs and durations were checked by argparse."""
     mesh = Mesh.load(args.config) if args.config else None
-    if not _TRUST_DOMAIN.fullmatch(args.trust_domain):
-        raise IdentityError(f"trust domain {args.trust_domain!r}: expected lowercase letters, digits, '.', '-', '_'")
+    check_trust_domain(args.trust_domain)
     for name in args.san:
-        if not _is_ip(name) and not _DNS_NAME.fullmatch(name):
+        if not _is_ip(name) and not is_dns_name(name):
             raise IdentityError(f"--san {name!r}: expected a DNS name or an IP address")
     if args.store is not None:
         if not args.store.startswith("etcd://"):
