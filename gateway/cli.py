@@ -7,10 +7,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from gateway.config import Config, ConfigError, read_yaml
+from gateway.config import Config, ConfigError, read_yaml, with_advertise
 from gateway.units import parse_duration
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             given = [f"--{name.replace('_', '-')}" for name in JOIN_ONLY if getattr(args, name) is not None]
             if given:
                 args.parser.error(f"{', '.join(given)}: only for a joined gateway (--control URL)")
-            config = _standalone_config(args.config, args.advertise)
+            config = Config.load(args.config, args.advertise)
             checked = f"standalone gateway, {args.config} ({len(config.services)} services)"
         else:
             args.parser.error("one of --config FILE (standalone), --control URL (joined) or --check FILE is required")
@@ -98,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"ok: {checked}")
             return 0
         # Secrets are read only now: `--check` validates a command line whose files may come later.
-        source = ControlSource(settings.read_secrets()) if args.control else FileSource(args.config, config)
+        source = (
+            ControlSource(settings.read_secrets()) if args.control else FileSource(args.config, config, args.advertise)
+        )
     except (ConfigError, ControlError) as exc:
         print(f"meshgate: {exc}", file=sys.stderr)
         return 2
@@ -131,26 +133,6 @@ def _check(path: str) -> int:
     return 0
 
 
-def _standalone_config(path: str, advertise: str | None) -> Config:
-    if advertise is None:
-        return Config.load(path)
-    data = read_yaml(path)
-    if isinstance(data, dict):
-        data = {**data, "gateway": _with_advertise(data.get("gateway") or {}, advertise)}
-    return Config.parse(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
-
-
-def _with_advertise(gateway: object, advertise: str | None) -> Any:
-    """The `gateway:` section with `--advertise` as `listen.advertise`. A section that is not a mapping stays as it
-    is, for `Config.parse` to refuse with its path."""
-    if advertise is None or not isinstance(gateway, dict):
-        return gateway
-    listen = gateway.get("listen") or {}
-    if not isinstance(listen, dict):
-        return gateway
-    return {**gateway, "listen": {**listen, "advertise": advertise}}
-
-
 def _join_settings(args: argparse.Namespace) -> JoinSettings:
     from gateway.control import JoinSettings
 
@@ -178,7 +160,7 @@ def _join_settings(args: argparse.Namespace) -> JoinSettings:
         token=token or "",
         data_dir=args.data or f"meshgate-gateway-{args.group}",
         ca_hash=args.ca_hash,
-        gateway=_with_advertise(gateway, args.advertise),
+        gateway=with_advertise(gateway, args.advertise),
         source=args.config or "--control",
         base_dir=base_dir,
         token_file=args.token_file,

@@ -516,9 +516,13 @@ class Config:
             raise ConfigError(f"{source}: {err}") from None
 
     @classmethod
-    def load(cls, path: str) -> Config:
-        """Read a YAML file. Relative paths inside it resolve against the file's directory."""
-        return cls.parse(read_yaml(path), source=path, base_dir=os.path.dirname(os.path.abspath(path)))
+    def load(cls, path: str, advertise: str | None = None) -> Config:
+        """Read a YAML file. Relative paths inside it resolve against the file's directory. `advertise` (the
+        `--advertise` flag) replaces `gateway.listen.advertise`, validated as that key."""
+        data = read_yaml(path)
+        if advertise is not None and isinstance(data, dict):
+            data = {**data, "gateway": with_advertise(data.get("gateway") or {}, advertise)}
+        return cls.parse(data, source=path, base_dir=os.path.dirname(os.path.abspath(path)))
 
     def to_dict(self) -> dict[str, object]:
         services = {service.name: service.to_dict() for service in self.services}
@@ -526,6 +530,17 @@ class Config:
 
     def service(self, name: str) -> Service | None:
         return next((service for service in self.services if service.name == name), None)
+
+
+def with_advertise(gateway: object, advertise: str | None) -> Any:
+    """A `gateway:` section (plain data) with `advertise` as `listen.advertise`. A section or `listen` that is not
+    a mapping stays as it is, for `Config.parse` to refuse with its path."""
+    if advertise is None or not isinstance(gateway, dict):
+        return gateway
+    listen = gateway.get("listen") or {}
+    if not isinstance(listen, dict):
+        return gateway
+    return {**gateway, "listen": {**listen, "advertise": advertise}}
 
 
 def read_yaml(path: str) -> object:

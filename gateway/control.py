@@ -329,7 +329,9 @@ class ControlClient:
         got = tls.spki_hash(ca_pem)
         wanted = self.settings.ca_hash
         if wanted is not None and got != wanted:
-            raise ControlError(f"the dashboard at {url} presents CA {got}, but --ca-hash is {wanted}")
+            raise ControlError(
+                f"the dashboard at {url} presents CA {got}, but the pinned CA (--ca-hash or --ca) is {wanted}"
+            )
         return ca_pem
 
     async def join(self) -> None:

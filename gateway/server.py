@@ -323,8 +323,9 @@ def format_sockname(sock: socket.socket) -> str:
 class ConfigFile:
     """The config file a standalone gateway runs from; reloaded on SIGHUP and when it changes on disk."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, advertise: str | None = None) -> None:
         self.path = path
+        self.advertise = advertise  # `--advertise`, which every reload keeps
         self.signature = self._stat()
 
     def _stat(self) -> tuple[int, int, int] | None:
@@ -343,7 +344,7 @@ class ConfigFile:
 
     def load(self) -> Config:
         self.signature = self._stat()
-        return Config.load(self.path)
+        return Config.load(self.path, self.advertise)
 
 
 class Reloader:
@@ -398,8 +399,8 @@ class Source(Protocol):
 class FileSource:
     """A standalone gateway's YAML file: reloaded on SIGHUP and when it changes on disk."""
 
-    def __init__(self, path: str, config: Config) -> None:
-        self.file = ConfigFile(path)
+    def __init__(self, path: str, config: Config, advertise: str | None = None) -> None:
+        self.file = ConfigFile(path, advertise)
         self.server_tls = server_tls(config)
         self.client_tls: ssl.SSLContext | None = None  # standalone gateways dial no peers
 

@@ -88,7 +88,7 @@ def test_a_ca_file_of_another_mesh_is_refused_like_a_wrong_hash(https_dashboard:
     meshgate("dashboard", "ca", "--data", str(tmp_path / "other-mesh"), "--out", str(other))
     gateway = joined_gateway(https_dashboard, tmp_path, "shop", "metrics", args=("--ca", str(other)))
     try:
-        gateway.wait_log("but --ca-hash is sha256:")  # the same pinning path as --ca-hash
+        gateway.wait_log("but the pinned CA (--ca-hash or --ca) is sha256:")  # the same pinning path as --ca-hash
         assert not ready(gateway)
         assert httpx.get(gateway.url("metrics") + "/ready", timeout=5).status_code == 503
         with https_dashboard.api() as api:
@@ -101,7 +101,7 @@ def test_a_wrong_ca_hash_is_refused_and_said(https_dashboard: Dashboard, tmp_pat
     wrong = "sha256:" + "0" * 64
     gateway = joined_gateway(https_dashboard, tmp_path, "shop", args=("--ca-hash", wrong))
     try:
-        gateway.wait_log(f"but --ca-hash is {wrong}")
+        gateway.wait_log(f"but the pinned CA (--ca-hash or --ca) is {wrong}")
         assert not ready(gateway)
         with https_dashboard.api() as api:
             assert api.get("/gateways").json() == []  # it never sent its token to an unpinned server

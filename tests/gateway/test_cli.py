@@ -299,3 +299,10 @@ def test_advertise_overrides_the_file(start_gateway: StartGateway, tmp_path: Pat
     gateway = start_gateway(config, "--advertise", "gw-7.example:15006")
     live = httpx.get(gateway.url("admin") + "/config", timeout=5).json()["config"]
     assert live["gateway"]["listen"]["advertise"] == "gw-7.example:15006"
+    # A reload keeps the flag's value, and so does not warn that listen would change only on restart.
+    gateway.config_path.write_text(gateway.config_path.read_text().replace("10.0.0.1:15006", "10.0.0.2:15006"))
+    gateway.signal(signal.SIGHUP)
+    gateway.wait_log("config version 2 applied (SIGHUP)")
+    live = httpx.get(gateway.url("admin") + "/config", timeout=5).json()["config"]
+    assert live["gateway"]["listen"]["advertise"] == "gw-7.example:15006"
+    assert "change only on restart" not in gateway.output()
