@@ -38,7 +38,7 @@ from gateway.admin import AdminState
 from gateway.config import Config, ConfigError
 from gateway.server import Peers, Publish, Spawn
 from gateway.telemetry import Snapshot
-from gateway.units import Address, is_loopback, is_wildcard, parse_address
+from gateway.units import Address, backoff, is_loopback, is_wildcard, parse_address
 
 log = logging.getLogger("meshgate.control")
 
@@ -124,11 +124,6 @@ def _read(path: str, flag: str) -> bytes:
             return file.read()
     except OSError as exc:
         raise ControlError(f"{flag} {path}: {exc.strerror or exc}") from None
-
-
-def backoff(attempt: int) -> float:
-    """Exponential backoff with full jitter: replicas that lost the dashboard together don't return together."""
-    return random.uniform(BACKOFF_MIN, min(BACKOFF_MAX, BACKOFF_MIN * 2**attempt))
 
 
 def mesh_config(
@@ -359,7 +354,7 @@ class ControlClient:
                 log.error("joining the mesh failed: %s", exc)
                 await asyncio.sleep(BACKOFF_MAX)
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-                delay = backoff(attempt)
+                delay = backoff(attempt, BACKOFF_MIN, BACKOFF_MAX)
                 log.warning("joining the mesh failed (%s); retrying in %.1fs", _describe(exc), delay)
                 await asyncio.sleep(delay)
                 attempt += 1
@@ -384,7 +379,7 @@ class ControlClient:
                     log.error(
                         "config from the control server rejected, keeping version %d: %s", self.applied.version, exc
                     )
-                    await asyncio.sleep(backoff(attempt))
+                    await asyncio.sleep(backoff(attempt, BACKOFF_MIN, BACKOFF_MAX))
                     attempt += 1
                     continue
                 log.info("config version %d applied (control server)", self.applied.version)
@@ -392,7 +387,7 @@ class ControlClient:
                 log.error("config sync failed: %s", exc)
                 await asyncio.sleep(BACKOFF_MAX)
             except (httpx.HTTPError, ValueError) as exc:
-                delay = backoff(attempt)
+                delay = backoff(attempt, BACKOFF_MIN, BACKOFF_MAX)
                 log.warning("control server unavailable (%s); retrying in %.1fs", _describe(exc), delay)
                 await asyncio.sleep(delay)
                 attempt += 1

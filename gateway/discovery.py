@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
@@ -46,7 +45,7 @@ from gateway.admin import AdminState
 from gateway.config import Config, Subset
 from gateway.config import Discovery as DiscoverySection
 from gateway.etcd import EtcdClient, EtcdError, key_of, prefix_end
-from gateway.units import Address, parse_address
+from gateway.units import Address, backoff, parse_address
 
 if TYPE_CHECKING:
     from gateway.server import Peers, Publish, Spawn
@@ -64,12 +63,6 @@ Lookup = Callable[[dns.asyncresolver.Resolver], Awaitable[tuple[Endpoints, float
 
 class DiscoveryError(Exception):
     """A lookup that got no answer to go by (timeout, SERVFAIL, refusal, etcd away): the last endpoints stay."""
-
-
-def retry_delay(attempt: int) -> float:
-    """Exponential backoff with jitter from 1 s to 30 s, so gateways that lost a source together do not return
-    together."""
-    return random.uniform(BACKOFF_MIN, min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(attempt, 10)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +218,7 @@ class Watch:
             log.warning("%s: %s failed (%s); keeping its %d endpoints and retrying", self, self.target, reason, kept)
         self.discovery.failed(self)
         self.failures += 1
-        return retry_delay(self.failures - 1)
+        return backoff(self.failures - 1, BACKOFF_MIN, BACKOFF_MAX)
 
     def stop(self) -> None:
         if self.task is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import random
 import re
 from decimal import Decimal
 from typing import NamedTuple
@@ -157,3 +158,9 @@ def parse_percent(text: str | int | float) -> float:
 def format_percent(ratio: float) -> str:
     """The inverse of `parse_percent`: 0.2 -> "20%", 0.125 -> "12.5%"."""
     return f"{(Decimal(repr(ratio)) * 100).normalize():f}%"  # exact decimals, so parsing gives `ratio` back
+
+
+def backoff(attempt: int, low: float, high: float) -> float:
+    """Seconds to wait before retry `attempt` (0 first): exponential from `low` up to `high`, with full jitter, so
+    gateways that lost a dashboard or a discovery source together don't return together."""
+    return random.uniform(low, min(high, low * 2 ** min(attempt, 16)))

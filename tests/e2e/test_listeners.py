@@ -192,7 +192,9 @@ def test_admin_endpoints(start_gateway: StartGateway, start_upstream: StartUpstr
             assert_uuid4(response.headers["x-request-id"], response.request.url)
 
 
-def test_metrics_listener_serves_only_metrics(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+def test_metrics_listener_serves_only_metrics_and_ready(
+    start_gateway: StartGateway, start_upstream: StartUpstream
+) -> None:
     upstream = start_upstream("v1")
     gw = start_gateway(gateway_config(hello(upstream.address), listen=listeners("metrics")))
     assert gw.addresses["metrics"] != gw.addresses["admin"]
@@ -200,6 +202,8 @@ def test_metrics_listener_serves_only_metrics(start_gateway: StartGateway, start
         metrics = http.get("/metrics")
         assert metrics.status_code == 200
         assert "meshgate_config_version" in metrics.text
+        ready = http.get("/ready")  # for probes that cannot reach the loopback admin listener
+        assert (ready.status_code, ready.text) == (200, "ready\n")
         for path in ("/config", "/healthz", "/requests/abc"):
             response = http.get(path)
             assert response.status_code == 404, path

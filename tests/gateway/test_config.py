@@ -20,6 +20,7 @@ from gateway.config import (
 )
 from gateway.units import (
     Address,
+    backoff,
     format_duration,
     format_percent,
     parse_address,
@@ -710,3 +711,12 @@ def test_parse_address(text: str, address: Address, shown: str) -> None:
 def test_parse_address_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text)
+
+
+def test_backoff_grows_from_low_to_high_with_jitter() -> None:
+    firsts = {backoff(0, 1.0, 30.0) for _ in range(200)}
+    assert all(value == 1.0 for value in firsts)  # the first retry waits `low`
+    thirds = [backoff(2, 1.0, 30.0) for _ in range(200)]
+    assert all(1.0 <= value <= 4.0 for value in thirds) and len(set(thirds)) > 100  # jittered up to 4 s
+    late = [backoff(10_000, 0.25, 30.0) for _ in range(200)]  # no overflow after a long outage
+    assert all(0.25 <= value <= 30.0 for value in late) and max(late) > 20
