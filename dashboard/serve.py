@@ -208,6 +208,7 @@ def https_certificate(ca: MeshCA, data: str, listen: Address, extra: list[str]) 
     names.update(("127.0.0.1", "::1"))
     with contextlib.suppress(OSError):
         names.update(socket.gethostbyname_ex(socket.gethostname())[2])
+    names.update(_routed_addresses())
     ips = sorted(name for name in names if _is_ip(name))
     dns = sorted(name for name in names if not _is_ip(name))
     key_pem, chain_pem, _ = ca.issue(ca.dashboard_id, dns, ips, lifetime=HTTPS_LIFETIME)
@@ -217,6 +218,18 @@ def https_certificate(ca: MeshCA, data: str, listen: Address, extra: list[str]) 
     for path, content in zip(paths, (chain_pem, key_pem), strict=True):
         write_private(path, content)
     return paths
+
+
+def _routed_addresses() -> set[str]:
+    """The addresses this host sends from by default, IPv4 and IPv6: what peers on other hosts usually dial, even
+    where the host name maps to loopback only (Debian's /etc/hosts gives it 127.0.1.1). A UDP connect sends
+    nothing; with no route it fails and adds nothing."""
+    found = set()
+    for family, target in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):  # documentation ranges
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((target, 9))
+            found.add(probe.getsockname()[0])
+    return found
 
 
 def _is_ip(text: str) -> bool:

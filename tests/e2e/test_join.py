@@ -3,6 +3,7 @@ file, as Kubernetes Secrets and compose volumes hand them over), refusals that s
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -165,3 +166,21 @@ def test_the_command_line_refuses_plaintext_or_unpinned_control_beyond_loopback(
     )
     assert done.returncode == 2
     assert reason in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_dashboard_on_every_interface_is_verified_at_the_address_peers_dial(tmp_path: Path) -> None:
+    """Listening on 0.0.0.0, the HTTPS certificate also names the address this host sends from, which other
+    hosts dial, even where the host name maps to loopback only (as here, and as Debian's 127.0.1.1 does)."""
+    from dashboard.serve import _routed_addresses
+
+    routed = sorted(address for address in _routed_addresses() if "." in address)
+    if not routed:
+        pytest.skip("this machine has no IPv4 route, so no address other hosts would dial")
+    dashboard = Dashboard(tmp_path / "dashboard", "--listen", "0.0.0.0:0")
+    try:
+        port = dashboard.url.rsplit(":", 1)[1]
+        mesh_ca = ssl.create_default_context(cafile=str(dashboard.data / "ca" / "root.pem"))
+        answer = httpx.get(f"https://{routed[0]}:{port}/healthz", verify=mesh_ca, timeout=5)
+        assert (answer.status_code, answer.text) == (200, "ok\n")
+    finally:
+        dashboard.stop()
