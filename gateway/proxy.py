@@ -32,6 +32,8 @@ log = logging.getLogger("meshgate.proxy")
 
 MAX_URL_BYTES = 8 * 1024
 MAX_QUEUED = 16  # pipelined requests held while an earlier one is answered
+# A refused client may go on sending this long after our answer and FIN (nginx: lingering_timeout 5 s).
+LINGER = 2.0
 
 # What on_header does with a request header.
 _DROP, _HOST, _CONNECTION, _TRANSFER_ENCODING, _UPGRADE, _CONTENT_LENGTH, _REQUEST_ID, _XFF, _XFP, _XFH, _TRACE = range(
@@ -245,12 +247,27 @@ class DownstreamProtocol(asyncio.Protocol):
             if not exchange.method:
                 exchange.decide_request_id()  # refused before its head was complete
             exchange.fail_local(status, reason, close=True)
-        self.close()
+        self.linger()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.transport.close()
+
+    def linger(self) -> None:
+        """Close while the client may still be sending, as nginx's lingering close does: FIN after the answer,
+        then read and drop its input until it closes or LINGER passes. Closing a socket with unread input makes
+        the kernel send a RST, which can destroy the answer before the client has read it. TLS closes plainly."""
+        if self.closed:
+            return
+        if not self.transport.can_write_eof():
+            self.close()
+            return
+        self.closed = True
+        self.transport.write_eof()  # after what is already written
+        self.transport.set_protocol(_Lingering(self))
+        if self.paused:
+            self.transport.resume_reading()
 
     # httptools callbacks
 
@@ -356,7 +373,10 @@ class DownstreamProtocol(asyncio.Protocol):
             return
         if self.closing or not exchange.keep_alive or not exchange.request_done:
             self.exchange = None
-            self.close()
+            if exchange.request_done:
+                self.close()
+            else:
+                self.linger()  # answered before the request's body was all read: the client may still send it
             return
         if self.queue:
             following = self.queue.popleft()
@@ -374,6 +394,25 @@ class DownstreamProtocol(asyncio.Protocol):
             self.resume(PAUSE_UPGRADE)
             if exchange.tunnel_data:
                 self.loop.call_soon(self.data_received, exchange.tunnel_data)
+
+
+class _Lingering(asyncio.Protocol):
+    """A connection after `DownstreamProtocol.linger()`: input is dropped until the client closes or LINGER
+    passes; then the connection's own bookkeeping runs as for any closed connection."""
+
+    def __init__(self, conn: DownstreamProtocol) -> None:
+        self.conn = conn
+        self.timer = conn.loop.call_later(LINGER, conn.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> None:
+        pass  # returning None: the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+        self.conn.connection_lost(exc)
 
 
 def parser_reason(exc: HttpParserError) -> str:

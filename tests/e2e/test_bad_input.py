@@ -438,3 +438,17 @@ def test_slowloris_gets_408_and_does_not_hold_the_worker(gateway: Gateway) -> No
         # Not before the 1 s header timeout, and well before anything like the default 10 s.
         assert HEADER_TIMEOUT * 0.9 <= waited <= HEADER_TIMEOUT + 2.5, f"answered after {waited:.2f}s"
     assert_still_serves(gateway)
+
+
+def test_a_refused_client_that_is_still_sending_reads_the_answer_and_an_orderly_close(gateway: Gateway) -> None:
+    """Lingering close, as nginx does it: the gateway answers 400, sends FIN and reads and drops the rest of the
+    upload, instead of closing with unread input, which makes the kernel send a RST that can destroy the answer."""
+    head = request(host(), "Content-Length: 5", "Transfer-Encoding: chunked", method=b"POST")
+    with socket.create_connection(gateway.inbound, timeout=DEADLINE) as sock:
+        sock.sendall(head + b"x" * 8_000_000)  # far beyond the socket buffers: completes only if the gateway reads
+        received = b""
+        while chunk := sock.recv(65536):  # a RST would raise ConnectionResetError here
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 400 "), received[:200]
+    assert b"connection: close" in received.lower()
+    assert_still_serves(gateway)
