@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import os
 import random
-import re
-import subprocess
-import sys
 import time
 import tracemalloc
 from typing import Any
 
+import callgrind  # bench/, beside this script
 import uvloop
 
 from gateway.config import Config
@@ -153,7 +150,6 @@ async def memory(records: int) -> tuple[float, float]:
 
 # --- instruction counts ------------------------------------------------------------------------------------------
 
-_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 RING_FOR_COUNTS = 4096  # small enough to fill quickly under valgrind; --ring 100000 for the default (~10 minutes)
 
 
@@ -161,19 +157,8 @@ def instructions(requests: int, ring: int | None) -> float:
     """Instructions per request under callgrind: the difference of two runs, over their difference in requests."""
 
     def count(n: int) -> int:
-        argv = [sys.executable, __file__, "--once", "--requests", str(n), "--warmup", str(warmup)]
-        if ring is not None:
-            argv += ["--ring", str(ring)]
-        done = subprocess.run(
-            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONHASHSEED": "0"},
-        )
-        found = _COLLECTED.search(done.stderr)
-        assert found is not None, done.stderr[-2000:]
-        return int(found[1])
+        args = ["--once", "--requests", str(n), "--warmup", str(warmup)]
+        return callgrind.instructions(__file__, *args, *(["--ring", str(ring)] if ring is not None else []))
 
     # The ring is warmed past its size first, so that both runs see it full and forgetting (steady state).
     warmup = 1000 + (ring if ring is not None else 0)

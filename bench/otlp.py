@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gzip
-import os
-import re
 import subprocess
 import sys
 import time
@@ -33,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # `tests.gateway.otlp_reference`; PYTHONPATH still chooses the gateway package
 
+import callgrind  # noqa: E402  # bench/, beside this script
 import uvloop  # noqa: E402
 
 from gateway.otlp import Exporter  # noqa: E402
@@ -191,30 +190,10 @@ def whole_path(spans: int, rate: int) -> None:
 
 # --- instruction counts ----------------------------------------------------------------------------------------
 
-_COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
-
 
 def instructions(spans: int) -> None:
     def count(n: int, encoder: str) -> int:
-        done = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--callgrind-out-file=/dev/null",
-                sys.executable,
-                __file__,
-                "--encode-once",
-                str(n),
-                encoder,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-            env={**os.environ, "PYTHONHASHSEED": "0"},
-        )
-        found = _COLLECTED.search(done.stderr)
-        assert found is not None, done.stderr[-2000:]
-        return int(found[1])
+        return callgrind.instructions(__file__, "--encode-once", str(n), encoder)
 
     for encoder in ("SpanEncoder", "official"):
         per = (count(spans, encoder) - count(0, encoder)) / spans

@@ -24,7 +24,10 @@ import httpx
 from dashboard.stats import (
     BOUNDS,
     FIRST_BUCKET,
+    GAUGES,
+    LOOP_LAG,
     MAX_POINTS,
+    RSS,
     SATURATION,
     WIDTH,
     GatewaySignals,
@@ -45,17 +48,7 @@ TIMEOUT = 5.0
 MAX_WINDOW = 31 * 86400.0
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
 _BY = "reporter, source, destination, subset"
-_GAUGE_NAMES = {
-    "meshgate_inflight_requests": 0,
-    "meshgate_pending_requests": 1,
-    "meshgate_upstream_connections_active": 2,
-    "meshgate_upstream_connections_idle": 3,
-    "meshgate_open_connections": 4,
-    "meshgate_endpoints_ejected": 5,
-    "meshgate_endpoints_unhealthy": 6,
-    "meshgate_event_loop_lag_seconds": len(SATURATION),
-    "meshgate_process_resident_memory_bytes": len(SATURATION) + 1,
-}
+_GAUGE_NAMES = {**GAUGES, "meshgate_event_loop_lag_seconds": LOOP_LAG, "meshgate_process_resident_memory_bytes": RSS}
 
 Sample = tuple[dict[str, str], float]  # a series' labels and one value
 

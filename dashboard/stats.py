@@ -55,7 +55,7 @@ MAX_POINTS = 120  # chart points per window
 MAX_LABEL = 253
 MAX_CACHED = 16  # windows answered since the last sample, kept until the next
 SATURATION = ("inflight", "pending", "pool_active", "pool_idle", "connections", "ejected", "unhealthy")
-_GAUGES = {
+GAUGES = {  # the summed saturation gauges, by their index in a saturation vector
     "meshgate_inflight_requests": 0,
     "meshgate_pending_requests": 1,
     "meshgate_upstream_connections_active": 2,
@@ -381,8 +381,8 @@ def parse_heartbeat(data: Mapping[str, Any]) -> _Heartbeat | None:
     series = dict(filter(None, map(_series, stats.get("series", [])[:MAX_SERIES])))
     gauges = [0.0] * (len(SATURATION) + 2)
     for entry in stats.get("gauges") or ():
-        if isinstance(entry, list) and len(entry) == 3 and entry[0] in _GAUGES:
-            gauges[_GAUGES[entry[0]]] += _number(entry[2]) or 0.0
+        if isinstance(entry, list) and len(entry) == 3 and entry[0] in GAUGES:
+            gauges[GAUGES[entry[0]]] += _number(entry[2]) or 0.0
     gauges[LOOP_LAG] = _number(stats.get("loop_lag")) or 0.0
     gauges[RSS] = _number(stats.get("rss")) or 0.0
     return _Heartbeat(series, tuple(gauges), _number(stats.get("cpu")) or 0.0)

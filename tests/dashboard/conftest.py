@@ -1,14 +1,16 @@
-"""Dashboard fixtures: the store under test, opened on SQLite or on a real etcd (tests/etcd.py). Async tests run
+"""Dashboard fixtures: the store under test, opened on SQLite or on a real etcd (tests/etcd.py), and `dash`, a
+seeded dashboard app serving on loopback (modules that need other settings define their own). Async tests run
 through anyio's pytest plugin on asyncio."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from dashboard.store import Store, open_store
+from tests.dashboard.dashboards import Dashboard, running
 from tests.etcd import EtcdServer
 
 
@@ -31,3 +33,10 @@ async def store(store_url: str) -> AsyncIterator[Store]:
     opened = open_store(store_url)
     yield opened
     await opened.close()
+
+
+@pytest.fixture
+def dash(tmp_path: Path) -> Iterator[Dashboard]:
+    with running(tmp_path / "data") as dashboard:
+        dashboard.seed()
+        yield dashboard

@@ -24,13 +24,6 @@ TWO_MIB = 2 << 20
 
 
 @pytest.fixture
-def dash(tmp_path: Path) -> Iterator[Dashboard]:
-    with running(tmp_path / "data") as dashboard:
-        dashboard.seed()
-        yield dashboard
-
-
-@pytest.fixture
 def operator(dash: Dashboard) -> Iterator[httpx.Client]:
     with dash.client(dash.token("operator", name="alice")) as client:
         yield client

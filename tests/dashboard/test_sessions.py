@@ -21,7 +21,7 @@ from dashboard.errors import ApiError
 from dashboard.headers import SecurityHeaders
 from dashboard.sessions import COOKIE, SECURE_COOKIE, LoginError, Sessions, form_field
 from dashboard.store import Store, open_store
-from tests.dashboard.dashboards import Dashboard, running
+from tests.dashboard.dashboards import Dashboard
 
 # Unit: Sessions over a real store
 
@@ -221,13 +221,6 @@ def test_form_field_reads_urlencoded_bodies_only_as_text() -> None:
 
 
 # Over HTTP: the login page and the API with a cookie
-
-
-@pytest.fixture
-def dash(tmp_path: Path) -> Iterator[Dashboard]:
-    with running(tmp_path / "data") as dashboard:
-        dashboard.seed()
-        yield dashboard
 
 
 @pytest.fixture

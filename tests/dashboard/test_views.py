@@ -34,13 +34,6 @@ PAGES = ("/topology", "/services", "/services/catalog", "/traces", "/gateways")
 
 
 @pytest.fixture
-def dash(tmp_path: Path) -> Iterator[Dashboard]:
-    with running(tmp_path / "data") as dashboard:
-        dashboard.seed()
-        yield dashboard
-
-
-@pytest.fixture
 def operator(dash: Dashboard) -> Iterator[tuple[httpx.Client, str]]:
     with dash.client() as client:
         yield client, login(client, dash.token("operator"))
