@@ -162,13 +162,26 @@ class Balancer:
                 return endpoint
         return self._usable[0] if self._usable else None
 
+    def pick_other(self, now: float, tried: list[Endpoint]) -> Endpoint | None:
+        """An available endpoint not in `tried` (in panic mode, any endpoint not in it), by the policy."""
+        if now >= self._recheck_at:
+            self._refresh(now)
+        left = tuple(endpoint for endpoint in self._usable if endpoint not in tried)
+        return self._pick(left, now) if left else None
+
     def record(self, endpoint: Endpoint, failed: bool, now: float) -> None:
         """Passive outlier detection: count consecutive failures, eject when they reach the threshold."""
         if not failed:
             endpoint.failures = 0
             return
         endpoint.failures += 1
-        if endpoint.failures < self.outlier.consecutive_5xx or endpoint.ejected_until > now:
+        if endpoint.failures >= self.outlier.consecutive_5xx:
+            self.eject(endpoint, now)
+
+    def eject(self, endpoint: Endpoint, now: float) -> None:
+        """Take `endpoint` out of rotation for `base_ejection` times its ejections so far, unless it is out
+        already or `max_ejected` of the subset are (at least one may always be)."""
+        if endpoint.ejected_until > now:
             return
         ejected = sum(1 for ep in self.endpoints if ep.ejected_until > now)
         if ejected >= max(1, math.floor(self.outlier.max_ejected * len(self.endpoints))):

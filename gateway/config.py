@@ -17,6 +17,7 @@ Every problem raises one `ConfigError` naming the file, the field path, what is 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +59,8 @@ _TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _LB_HASH = re.compile(rf"hash\(header:\s*({_TOKEN})\s*\)")
 _LB_POLICIES = ("ewma", "least_request", "round_robin")
 _LISTENERS = ("inbound", "edge", "outbound", "admin", "metrics")
+_CIDR = "expected an IP address or CIDR block, like 10.0.0.0/8 or fd00::/8"
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 RETRY_ON = ("connect-failure", "reset", "gateway-error", "5xx", "retriable-status")
 
 
@@ -219,6 +222,16 @@ def _address(min_port: int = 0, reachable: bool = False) -> Callable[[object, st
     return convert
 
 
+def _network(value: object, path: str) -> IPNetwork:
+    """A CIDR block such as 10.0.0.0/8 or fd00::/8; a bare address is a block of one."""
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            pass
+    _fail(path, _CIDR, value)
+
+
 def _resolver(value: object, path: str) -> Address:
     """A DNS server: an IP address and port (a name would need a resolver of its own)."""
     address = _address(min_port=1)(value, path)
@@ -314,10 +327,17 @@ class TLSFiles:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """What one HTTP/1.1 client connection may send and how long it may stall. `max_header_bytes` and
+    `max_headers` bound a request's head and trailers together, and an upstream response's head and trailers.
+    `body_timeout` is the longest pause while a request body arrives (408) or a response body is relayed from
+    the upstream; `send_timeout` the longest a client may leave a response unread."""
+
     max_header_bytes: int = _key(60 * 1024, _header_bytes)
     max_headers: int = _key(100, _int(1))
     header_timeout: float = _seconds(10.0)
     idle_timeout: float = _seconds(60.0)
+    body_timeout: float = _seconds(30.0)
+    send_timeout: float = _seconds(30.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +374,7 @@ class GatewaySection:
     listen: Listen = _key(Listen(), _listen, _dump)
     tls: TLSFiles | None = _key(None, _optional(_section(TLSFiles)), _dump)
     preserve_request_id: bool = _key(True, _bool)
+    trusted_proxies: tuple[IPNetwork, ...] = _key((), _each(_network), lambda networks: [str(n) for n in networks])
     limits: Limits = _nested(Limits)
     telemetry: Telemetry = _nested(Telemetry)
     discovery: Discovery = _nested(Discovery)

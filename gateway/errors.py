@@ -41,6 +41,14 @@ class TryTimeout(UpstreamError):
     error_type = "per_try_timeout"
 
 
+class UpstreamStalled(UpstreamError):
+    """An upstream stopped reading the request body, or sending the response body, for `limits.body_timeout`."""
+
+    status = 504
+    retry_on = ""
+    error_type = "upstream_stalled"
+
+
 class RequestTimeout(UpstreamError):
     status = 504
     retry_on = ""

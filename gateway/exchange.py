@@ -76,6 +76,7 @@ class Exchange:
         "keep_alive",
         "has_body",
         "chunked",
+        "trailers",
         "upgrade",
         "tunnel_data",
         "request_id",
@@ -95,7 +96,8 @@ class Exchange:
         "request_done",
         "tries",
         "trying",
-        "retrying",
+        "failovers",
+        "refused",
         "attempt_id",
         "timer",
         "timer_index",
@@ -128,7 +130,8 @@ class Exchange:
         self.headers: list[bytes] = []
         self.keep_alive = True
         self.has_body = False
-        self.chunked = b""  # the Transfer-Encoding value (ending in chunked) when the body is chunked
+        self.chunked = b""  # the Transfer-Encoding value: the body is chunked (proxy.py refuses any other coding)
+        self.trailers: list[bytes] | None = None  # request trailer fields to forward, rendered
         self.upgrade = b""
         self.tunnel_data = b""
         self.request_id = b""
@@ -147,7 +150,8 @@ class Exchange:
         self.replayable = True
         self.request_done = False
         self.tries = 0
-        self.retrying = False  # holds a place in the service's retry budget
+        self.failovers = 0  # tries after a connect failure, outside `retries.attempts` and the retry budget
+        self.refused: list[Endpoint] | None = None  # endpoints whose connect failed for this request
         self.trying = False  # a try holds the endpoint (counted in its `active`) until end_try
         self.attempt_id = 0
         self.timer: list[Deadline | None] | None = None  # the slot of the armed deadline (deadlines.py)
@@ -169,7 +173,7 @@ class Exchange:
 
     def decide_request_id(self) -> None:
         """Keep a well-formed ID from a trusted sender (DESIGN.md, "Request identity"); otherwise make one."""
-        if not self.downstream.trusted or not self.request_id or _VALID_REQUEST_ID(self.request_id) is None:
+        if not self.downstream.keep_request_id or not self.request_id or _VALID_REQUEST_ID(self.request_id) is None:
             self.request_id = new_request_id()
 
     # request side
@@ -185,7 +189,8 @@ class Exchange:
             return
         runtime = downstream.runtime
         trace = self.trace = extract(self.trace_headers) if self.trace_headers is not None else new_trace()
-        if trace.sampled is None:
+        if trace.sampled is None or (not downstream.trusted and listener.kind == "edge"):
+            # An external client's trace is joined, but its "sampled" flag could force every span to be exported.
             trace.sampled = random() < runtime.sampling
         table = runtime.table
         if table is None:
@@ -215,6 +220,7 @@ class Exchange:
                 503, f"circuit breaker open: {limits.max_requests} requests active", error="overflow"
             )
         service.load.active += 1
+        service.load.requests += 1
         # Like Envoy's, the timeouts count from the end of the request: an upload may take as long as it takes.
         self.deadline = self.start_time + service.config.timeouts.request if not self.has_body else math.inf
         if self.connection_tokens:
@@ -260,7 +266,7 @@ class Exchange:
             b"\r\n",
         )
         if self.chunked:
-            parts += (b"transfer-encoding: ", self.chunked, b"\r\n")  # inner codings stay; we re-frame the chunks
+            parts.append(b"transfer-encoding: chunked\r\n")  # we re-frame the chunks
         if self.upgrade:
             parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade, b"\r\n")
         assert self.trace is not None
@@ -284,6 +290,18 @@ class Exchange:
         if self.body_size > BUFFER_LIMIT:
             self.downstream.pause(PAUSE_BUFFER)
 
+    def end_chunked_body(self) -> None:
+        """The last chunk, with the trailers that may be forwarded (proxy.py's `on_trailer` chose them)."""
+        last = b"0\r\n\r\n" if self.trailers is None else b"".join((b"0\r\n", *self.trailers, b"\r\n"))
+        upstream = self.upstream
+        if upstream is not None:
+            upstream.transport.write(last)
+            if self.replayable:
+                self._keep_for_replay(last)
+        elif not self.done:
+            self.body.append(last)
+            self.body_size += len(last)
+
     def _keep_for_replay(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
         if self.body_size > REPLAY_LIMIT:
@@ -292,10 +310,15 @@ class Exchange:
         else:
             self.body.append(chunk)
 
+    def add_trailer(self, name: bytes, value: bytes) -> None:
+        if self.trailers is None:
+            self.trailers = []
+        self.trailers += (name, b": ", value, b"\r\n")
+
     def on_request_complete(self) -> None:
         self.request_done = True
         if self.chunked:
-            self.on_request_body(b"")  # the zero-length chunk ends the body
+            self.end_chunked_body()
         if self.done:
             if self.downstream.exchange is self:
                 self.downstream.exchange_done(self)
@@ -312,17 +335,16 @@ class Exchange:
 
     # tries
 
-    def attempt(self) -> None:
+    def attempt(self, endpoint: Endpoint | None = None) -> None:
         service, target = self.service, self.target
         assert service is not None and target is not None
         if self.done:
             return
         now = monotonic()
-        key = None
-        balancer = target.balancer
-        if balancer.hash_header is not None:
-            key = self.header_map().get(balancer.hash_header)
-        endpoint = balancer.pick(now, self.endpoint, key)
+        if endpoint is None:
+            balancer = target.balancer
+            key = self.header_map().get(balancer.hash_header) if balancer.hash_header is not None else None
+            endpoint = balancer.pick(now, self.endpoint, key)
         if endpoint is None:
             return self.fail_local(
                 503, f"no endpoints available in {service.name}/{target.name}", error="no_healthy_upstream"
@@ -410,23 +432,47 @@ class Exchange:
             self.upstream = None
             upstream.close()
         self.end_try(failed=True)
+        if isinstance(error, ConnectFailed) and self.fail_over():
+            return
         if self.may_retry(error.retry_on, isinstance(error, ConnectFailed)):
             return self.retry()
         self.fail_local(error.status, str(error), error=error.error_type)
+
+    def fail_over(self) -> bool:
+        """After a connect failure, which cost that endpoint nothing: eject it at once, and try an endpoint of the
+        subset not tried yet for this request, each at most once, outside `retries.attempts` and the retry
+        budget (as linkerd2-proxy's balancer does), while the client waits and the deadline allows."""
+        endpoint, target, service = self.endpoint, self.target, self.service
+        assert endpoint is not None and target is not None and service is not None
+        now = monotonic()
+        target.balancer.eject(endpoint, now)
+        if self.downstream.closed or now >= self.deadline:
+            return False
+        refused = self.refused
+        if refused is None:
+            refused = self.refused = []
+        refused.append(endpoint)
+        other = target.balancer.pick_other(now, refused)
+        if other is None:
+            return False
+        self.failovers += 1
+        self.downstream.runtime.metrics.count("meshgate_connect_failovers_total", service.name)
+        self.attempt(other)
+        return True
 
     def may_retry(self, condition: str, nothing_sent: bool) -> bool:
         service = self.service
         if service is None or not condition or self.downstream.closed:
             return False
         retries = service.config.retries
-        if self.tries > retries.attempts or condition not in retries.on:
+        if self.tries - self.failovers > retries.attempts or condition not in retries.on:
             return False
         if not nothing_sent and not (self.method in IDEMPOTENT and self.replayable):
             return False
         if monotonic() >= self.deadline:
             return False
-        if self.retrying or service.load.retrying < max(3, int(retries.budget * service.load.active)):
-            return True  # (a request already retrying holds its place in the budget)
+        if service.load.may_retry(retries.budget):
+            return True
         self.downstream.runtime.metrics.count("meshgate_retry_budget_exhausted_total", service.name)
         return False
 
@@ -434,11 +480,8 @@ class Exchange:
         service = self.service
         assert service is not None
         self.downstream.runtime.metrics.count("meshgate_retries_total", service.name)
-        if not self.retrying:
-            # Counted as a retry until the request ends, so the budget bounds retries in flight, not in backoff.
-            self.retrying = True
-            service.load.retrying += 1
-        backoff = random() * min(0.25, 0.025 * (1 << (self.tries - 1)))
+        service.load.retries += 1
+        backoff = random() * min(0.25, 0.025 * (1 << (self.tries - self.failovers - 1)))
         self.downstream.loop.call_later(backoff, self._retry_now)
 
     def _retry_now(self) -> None:
@@ -468,6 +511,15 @@ class Exchange:
             return
         service = self.service
         assert service is not None
+        if status == 101 and not self.upgrade:
+            # An unsolicited switch would turn the client connection into a raw tunnel that later requests
+            # ride past routing, request IDs and X-Forwarded-For (websocket smuggling).
+            self.upstream = None
+            upstream.close()
+            self.end_try(failed=True)
+            return self.fail_local(
+                502, "upstream switched protocols without an upgrade request", close=True, error="protocol_error"
+            )
         if status >= 400 and self.may_retry(self.status_condition(status), nothing_sent=False):
             self.upstream = None
             upstream.close()
@@ -541,7 +593,8 @@ class Exchange:
         if self.status == 0 or self.status == 101:
             return  # an interim (1xx) response, one discarded for a retry, or a tunnel (start_tunnel takes over)
         if self.resp_chunked:
-            self.out.append(b"0\r\n\r\n")
+            trailers = upstream.trailers
+            self.out.append(b"0\r\n\r\n" if trailers is None else b"".join((b"0\r\n", *trailers, b"\r\n")))
         self.resp_done = True
         self.flush()
         self.upstream = None
@@ -620,7 +673,8 @@ class Exchange:
             self.error = error
         if close or (self.has_body and not self.request_done):
             self.keep_alive = False
-        reply = local_reply(status, reason, self.request_id or new_request_id(), self.keep_alive)
+        request_id = self.request_id or new_request_id()
+        reply = local_reply(status, reason, request_id, self.keep_alive, head_only=self.method == b"HEAD")
         self.bytes_out += len(reply) - reply.index(b"\r\n\r\n") - 4
         self.out.append(reply)
         self.flush()
@@ -661,8 +715,6 @@ class Exchange:
         service = self.service
         if service is not None and self.head:
             service.load.active -= 1
-            if self.retrying:
-                service.load.retrying -= 1
         downstream = self.downstream
         if downstream.listener.reporter is not None:
             self.record()

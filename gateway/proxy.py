@@ -10,6 +10,7 @@ oversized or slow headers) are refused with a 4xx and the connection is closed.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -19,11 +20,12 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from gateway.errors import local_reply
+from gateway.config import IPNetwork, Limits
+from gateway.errors import UpstreamStalled, local_reply
 from gateway.exchange import PAUSE_PEER, PAUSE_QUEUE, PAUSE_UPGRADE, Exchange, new_request_id
 from gateway.tls import group_of, peer_spiffe_id
 from gateway.tracing import TRACE_HEADERS
-from gateway.upstream import connection_options
+from gateway.upstream import CHUNK_FRAMING, connection_options, forwardable_trailer
 
 if TYPE_CHECKING:
     from gateway.server import Runtime
@@ -46,6 +48,7 @@ _REQUEST_SPECIAL = {
     b"keep-alive": _DROP,
     b"te": _DROP,
     b"trailer": _DROP,
+    b"http2-settings": _DROP,  # only meaningful with `Upgrade: h2c`, which is never forwarded
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"upgrade": _UPGRADE,
     b"content-length": _CONTENT_LENGTH,
@@ -58,6 +61,10 @@ _REQUEST_SPECIAL = {
 LocalAnswer = tuple[int, str, bytes]
 # (method, target, peer, headers by lower-case name): headers for content negotiation (OpenMetrics on /metrics)
 LocalHandler = Callable[[bytes, bytes, bytes, dict[bytes, bytes]], LocalAnswer | Awaitable[LocalAnswer]]
+
+
+class Closed(Exception):
+    """Raised inside a parser callback to stop parsing a connection that was closed (or is lingering)."""
 
 
 class Reject(Exception):
@@ -77,7 +84,7 @@ class Listener:
     runtime: Runtime
     source: str  # the `source` of requests that carry no mesh identity
     scheme: bytes = b"http"
-    trust_request_id: bool = False
+    trusted: bool = False  # its clients' X-Forwarded-*, trace sampling and request IDs are believed
     local: LocalHandler | None = None  # admin and metrics listeners answer locally
     reporter: str | None = None  # the `reporter` label of what this listener records: "source" or "destination"
 
@@ -94,6 +101,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "peer_ip",
         "source",
         "trusted",
+        "keep_request_id",
         "exchange",
         "parsing",
         "queue",
@@ -101,10 +109,14 @@ class DownstreamProtocol(asyncio.Protocol):
         "head_start",
         "head_bytes",
         "partial_head",
+        "body_bytes",
+        "chunks",
         "header_count",
         "idle_since",
         "paused",
         "write_paused",
+        "progress",
+        "progress_at",
         "closing",
         "closed",
         "tunnel",
@@ -121,7 +133,8 @@ class DownstreamProtocol(asyncio.Protocol):
         self.parser = HttpRequestParser(self)
         self.peer_ip = b""
         self.source = listener.source
-        self.trusted = listener.trust_request_id
+        self.trusted = listener.trusted
+        self.keep_request_id = listener.trusted
         self.exchange: Exchange | None = None  # the request being answered
         self.parsing: Exchange | None = None  # the request being parsed (later than `exchange` when pipelined)
         self.queue: deque[Exchange] = deque()
@@ -129,10 +142,14 @@ class DownstreamProtocol(asyncio.Protocol):
         self.head_start = loop.time()
         self.head_bytes = 0
         self.partial_head = 0
+        self.body_bytes = 0  # bytes read since the head, while a chunked body arrives: data plus framing
+        self.chunks = 0
         self.header_count = 0
         self.idle_since = self.head_start
         self.paused = 0
         self.write_paused = False  # the client is not keeping up: upstream reads wait
+        self.progress: tuple[int, int, int] = (0, 0, 0)  # what the sweep last saw move (see check_progress)
+        self.progress_at = self.head_start
         self.closing = False
         self.closed = False
         self.tunnel: asyncio.Transport | None = None
@@ -153,12 +170,15 @@ class DownstreamProtocol(asyncio.Protocol):
             group = group_of(spiffe_id, self.runtime.peers.trust_domain)
             if group is not None:
                 self.source = group
-                self.trusted = True
+                self.trusted = self.keep_request_id = True
             elif spiffe_id is not None and spiffe_id == self.runtime.peers.dashboard_id:
                 # The dashboard asks for hop records over mTLS (DESIGN.md: never plaintext beyond loopback).
                 self.local = self.runtime.dashboard_handler
-        if self.listener.kind == "edge":
-            self.trusted = self.runtime.config.gateway.preserve_request_id
+        gateway = self.runtime.config.gateway
+        if not self.trusted and gateway.trusted_proxies:
+            self.trusted = self.keep_request_id = from_trusted_proxy(self.peer_ip, gateway.trusted_proxies)
+        if self.listener.kind == "edge" and not self.trusted:
+            self.keep_request_id = gateway.preserve_request_id
         self.runtime.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -175,33 +195,54 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
+        if self.closed:
+            return  # e.g. the bytes after a declined upgrade, replayed once the connection had gone
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
-            if self.parsing is not None:
+            if self.parsing is not None and not self.closed:
                 self.parsing.tunnel_data = data[upgrade.args[0] :]
                 self.pause(PAUSE_UPGRADE)
         except HttpParserCallbackError as exc:
             cause = exc.__context__
-            if isinstance(cause, Reject):
+            if self.closed:
+                pass  # refused or answered mid-read (Closed stops the parser): the rest of the read is void
+            elif isinstance(cause, Reject):
                 self.refuse(cause.status, cause.reason)
             else:
                 log.error("internal error handling a request", exc_info=cause or exc)
                 self.refuse(500, "internal error")
         except HttpParserError as exc:
             parsing = self.parsing
+            if self.closed:
+                return
             if parsing is not None and parsing.request_done and not parsing.keep_alive:
                 # Bytes after a request that said `Connection: close`: answer that one, ignore the rest.
                 self.transport.pause_reading()
                 return
             self.refuse(400, f"malformed request: {parser_reason(exc)}")
         else:
-            if self.in_head and self.parsing is not None and not self.parsing.method:
-                # Still inside a head: httptools accumulates a header across reads before calling on_header,
-                # so count raw bytes too, to bound one enormous header.
-                self.partial_head += len(data)
-                if self.partial_head > self.max_head + MAX_URL_BYTES:
-                    self.refuse(431, f"request header block exceeds {self.max_head} bytes")
+            parsing = self.parsing
+            if parsing is None or self.closed:
+                return
+            if self.in_head:
+                if not parsing.method:
+                    # Still inside a head: httptools accumulates a header across reads before calling on_header,
+                    # so count raw bytes too, to bound one enormous header.
+                    self.partial_head += len(data)
+                    if self.partial_head > self.max_head + MAX_URL_BYTES:
+                        self.refuse(431, f"request header block exceeds {self.max_head} bytes")
+            elif parsing.chunked:
+                self.on_body_bytes(parsing, len(data))
+
+    def on_body_bytes(self, exchange: Exchange, size: int) -> None:
+        """Bound what a chunked body carries besides its data. httptools gathers one trailer field (or chunk
+        extension) across reads by concatenation before any callback sees it, so only raw byte counts can stop
+        one that never ends: framing beyond CHUNK_FRAMING bytes a chunk may not exceed the header limit (twice
+        it, as this count also holds the end of the head that arrived in the same read as the body)."""
+        self.body_bytes += size
+        if self.body_bytes - exchange.bytes_in - CHUNK_FRAMING * self.chunks > 2 * self.max_head + MAX_URL_BYTES:
+            self.refuse(400, f"request trailers or chunk extensions exceed {self.max_head} bytes")
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -214,6 +255,37 @@ class DownstreamProtocol(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None and exchange.upstream is not None and not exchange.upstream.closed:
             exchange.upstream.transport.resume_reading()
+
+    def check_progress(self, now: float, limits: Limits) -> None:
+        """From the sweep: end an exchange whose bytes stopped moving. Timers per read would cost the hot path,
+        so the sweep compares byte counts between passes: request body in, response body out, and what the
+        client has yet to read."""
+        exchange = self.exchange
+        mark = (
+            id(exchange),
+            exchange.bytes_in + exchange.bytes_out if exchange is not None else 0,
+            self.transport.get_write_buffer_size(),
+        )
+        if mark != self.progress:
+            self.progress, self.progress_at = mark, now
+            return
+        still = now - self.progress_at
+        if self.write_paused:
+            if still > limits.send_timeout:  # the client stopped reading what it asked for
+                if exchange is None or exchange.done:
+                    self.transport.abort()
+                else:
+                    exchange.error = "send_timeout"
+                    exchange.abort()
+        elif exchange is None or exchange.done or still <= limits.body_timeout:
+            return
+        elif exchange.has_body and not exchange.request_done:
+            if self.paused & PAUSE_PEER:
+                exchange.upstream_failed(UpstreamStalled(f"upstream read none of the request body for {still:.0f}s"))
+            else:
+                self.refuse(408, f"request body stalled for over {limits.body_timeout:g}s")
+        elif exchange.status and not exchange.resp_done:
+            exchange.upstream_failed(UpstreamStalled(f"upstream sent none of the response body for {still:.0f}s"))
 
     def pause(self, reason: int) -> None:
         if not self.paused and not self.closed:
@@ -234,6 +306,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
     def refuse(self, status: int, reason: str) -> None:
         """Refuse a request the gateway will not forward, then close: the byte stream is no longer trusted."""
+        if self.closed:
+            return
         exchange = self.parsing
         if exchange is None or (exchange.done and self.exchange is None):
             self.transport.write(local_reply(status, reason, new_request_id(), keep_alive=False))
@@ -247,6 +321,11 @@ class DownstreamProtocol(asyncio.Protocol):
             if not exchange.method:
                 exchange.decide_request_id()  # refused before its head was complete
             exchange.fail_local(status, reason, close=True)
+        elif not exchange.done:
+            # The response has begun, so no refusal can be sent; the upstream request is void too.
+            exchange.error = "bad_request"
+            exchange.abort()
+            return
         self.linger()
 
     def close(self) -> None:
@@ -272,6 +351,9 @@ class DownstreamProtocol(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self.closed:
+            # Closed while httptools was still inside this read: what follows is never a request.
+            raise Closed
         self.head_start = self.loop.time()
         exchange = Exchange(self, monotonic())
         self.parsing = exchange
@@ -296,6 +378,8 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
         self.head_bytes += len(name) + len(value)
+        if not self.in_head:
+            return self.on_trailer(name, value)
         if self.header_count > self.max_headers:
             raise Reject(431, f"more than {self.max_headers} request headers")
         exchange = self.parsing
@@ -335,6 +419,20 @@ class DownstreamProtocol(asyncio.Protocol):
                 exchange.trace_headers = {}
             exchange.trace_headers[lname] = value
 
+    def on_trailer(self, name: bytes, value: bytes) -> None:
+        """A trailer field: counted against the same limits as the head, never a change to the request's
+        identity or routing. Fields RFC 9110 §6.5.1 forbids in trailers, and request IDs and trace context, are
+        dropped; the rest go upstream after the last chunk."""
+        if self.header_count > self.max_headers:
+            raise Reject(400, f"more than {self.max_headers} request header and trailer fields")
+        if self.head_bytes > self.max_head:
+            raise Reject(400, f"request header block and trailers exceed {self.max_head} bytes")
+        exchange = self.parsing
+        assert exchange is not None
+        lname = name.lower()
+        if forwardable_trailer(lname) and lname not in _REQUEST_SPECIAL:
+            exchange.add_trailer(name, value)
+
     def on_headers_complete(self) -> None:
         if self.head_bytes > self.max_head:
             raise Reject(431, f"request header block exceeds {self.max_head} bytes")
@@ -346,11 +444,34 @@ class DownstreamProtocol(asyncio.Protocol):
         exchange.method = parser.get_method()
         exchange.keep_alive = parser.should_keep_alive()
         exchange.version = parser.get_http_version()
-        if exchange.upgrade and not parser.should_upgrade():
-            exchange.upgrade = b""  # an Upgrade header without `Connection: upgrade` is not an upgrade request
+        if exchange.version not in ("1.1", "1.0"):
+            # httptools reads a request line without a version as HTTP/0.9, yet lets headers follow it.
+            raise Reject(505, f"HTTP/{exchange.version} is not supported (HTTP/1.0 and 1.1 are)")
+        if parser.should_upgrade() and exchange.has_body:
+            # httptools hands everything after an upgrade request's head over as tunnel bytes, body included.
+            raise Reject(400, "an upgrade request cannot carry a body")
+        if exchange.chunked:
+            self.check_transfer_encoding(exchange)
+        if exchange.upgrade and not (parser.should_upgrade() and upgrade_allowed(exchange.upgrade)):
+            # An Upgrade header without `Connection: upgrade` is not an upgrade request; h2c is never tunnelled
+            # (the HTTP/2 that follows would bypass routing), so such a request is forwarded as plain HTTP/1.1.
+            exchange.upgrade = b""
         exchange.decide_request_id()
         if exchange is self.exchange:
             exchange.start()
+
+    def check_transfer_encoding(self, exchange: Exchange) -> None:
+        """Only `Transfer-Encoding: chunked`, once, from HTTP/1.1 is forwarded, as nginx does: any other coding
+        could be read differently by the upstream (RFC 9112 §6.1)."""
+        if exchange.version == "1.0":
+            raise Reject(400, "an HTTP/1.0 request cannot carry Transfer-Encoding")
+        if exchange.chunked.lower() != b"chunked":
+            coding = exchange.chunked.decode("latin-1")[:100]
+            raise Reject(501, f"transfer coding {coding!r} is not supported (only a single 'chunked')")
+        self.body_bytes = self.chunks = 0
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
 
     def on_body(self, body: bytes) -> None:
         exchange = self.parsing
@@ -394,6 +515,21 @@ class DownstreamProtocol(asyncio.Protocol):
             self.resume(PAUSE_UPGRADE)
             if exchange.tunnel_data:
                 self.loop.call_soon(self.data_received, exchange.tunnel_data)
+
+
+def from_trusted_proxy(peer_ip: bytes, networks: tuple[IPNetwork, ...]) -> bool:
+    """Whether a client connects from one of `gateway.trusted_proxies` (front load balancers)."""
+    try:
+        address = ipaddress.ip_address(peer_ip.decode("ascii"))
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def upgrade_allowed(protocols: bytes) -> bool:
+    return b"h2c" not in (token.strip().lower() for token in protocols.split(b","))
 
 
 class _Lingering(asyncio.Protocol):

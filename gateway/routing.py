@@ -8,6 +8,7 @@ weighted split -> `SubsetTarget`, whose balancer picks an endpoint.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping
 
 from gateway.balancer import Balancer, Endpoint
@@ -45,17 +46,40 @@ class SmoothWeighted:
         return best
 
 
+RETRY_WINDOW = 10.0  # seconds of requests and retries the retry budget looks back on (Linkerd's ttl)
+MIN_RETRIES_PER_SECOND = 10  # retries the budget always allows, however few requests came (Linkerd's default)
+
+
 class ServiceLoad:
-    """Requests of one service in flight, waiting for a connection, and retrying. Shared by every snapshot that
-    names the service, so breakers, retry budgets and the in-flight gauge also count requests still finishing
-    on an older snapshot."""
+    """Requests of one service in flight and waiting for a connection, and the retry budget's counts. Shared by
+    every snapshot that names the service, so breakers, retry budgets and the in-flight gauge also count requests
+    still finishing on an older snapshot.
 
-    __slots__ = ("active", "pending", "retrying")
+    The retry budget is Finagle's and Linkerd's: over the last RETRY_WINDOW seconds, retries may number `ratio`
+    of the requests plus MIN_RETRIES_PER_SECOND a second. A burst of failures (an endpoint dying under load)
+    is retried whole, while an overload is amplified by at most that ratio.
 
-    def __init__(self) -> None:
+    >>> load.requests += 1                      # per request, on the hot path
+    >>> load.tick()                             # every `tick` seconds, from the sweep
+    >>> if load.may_retry(0.2): load.retries += 1
+    """
+
+    __slots__ = ("active", "pending", "requests", "retries", "window")
+
+    def __init__(self, tick: float = 0.5) -> None:
         self.active = 0
         self.pending = 0
-        self.retrying = 0
+        self.requests = 0
+        self.retries = 0
+        self.window: deque[tuple[int, int]] = deque([(0, 0)], maxlen=max(1, round(RETRY_WINDOW / tick)))
+
+    def tick(self) -> None:
+        self.window.append((self.requests, self.retries))
+
+    def may_retry(self, ratio: float) -> bool:
+        requests, retries = self.window[0]  # the counts as they were up to RETRY_WINDOW ago
+        allowance = ratio * (self.requests - requests) + MIN_RETRIES_PER_SECOND * RETRY_WINDOW
+        return self.retries - retries < allowance
 
 
 class SubsetTarget:

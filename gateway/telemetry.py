@@ -176,6 +176,7 @@ _ZERO_BASED = (
 _COUNTERS = {
     "meshgate_retries_total": "Retries sent",
     "meshgate_retry_budget_exhausted_total": "Retries not sent because the retry budget was spent",
+    "meshgate_connect_failovers_total": "Tries moved to another endpoint after a connect failure (not retries)",
     "meshgate_circuit_breaker_rejections_total": "Requests refused by max_requests or max_pending (503)",
     "meshgate_outlier_ejections_total": "Endpoints ejected by passive outlier detection",
     "meshgate_spans_exported_total": "Spans sent to the OTLP endpoint",

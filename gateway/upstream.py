@@ -16,13 +16,40 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from gateway.errors import ConnectFailed, UpstreamProtocolError
 from gateway.tls import peer_spiffe_id
+from gateway.tracing import TRACE_HEADERS
 from gateway.units import Address
 
 if TYPE_CHECKING:
     from gateway.exchange import Exchange
 
 MAX_IDLE_PER_ADDRESS = 256
+# Framing bytes a chunked body may carry per chunk besides its data: the size line (at most 16 hex digits) and
+# CRLFs. Extensions and trailers beyond that share the header limit.
+CHUNK_FRAMING = 24
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"))
+# Connection options, and fields a Connection header may not make hop-by-hop: dropping the framing of a message
+# that is forwarded with its body would let that body be read as another message.
+_NEVER_HOP_BY_HOP = frozenset((b"close", b"keep-alive", b"upgrade", b"content-length", b"transfer-encoding"))
+
+# Fields a trailer never carries onward, either way (RFC 9110 §6.5.1): framing, routing, request modifiers,
+# authentication, response control and payload processing; and hop-by-hop fields, the request's ID and its trace
+# context, which trailers must not change.
+FORBIDDEN_TRAILERS = frozenset(
+    (
+        *TRACE_HEADERS,
+        *(b"age", b"authorization", b"cache-control", b"connection", b"content-encoding", b"content-length"),
+        *(b"content-range", b"content-type", b"cookie", b"date", b"expect", b"expires", b"forwarded", b"host"),
+        *(b"if-match", b"if-modified-since", b"if-none-match", b"if-range", b"if-unmodified-since"),
+        *(b"keep-alive", b"location", b"max-forwards", b"pragma", b"range", b"retry-after", b"set-cookie"),
+        *(b"te", b"trailer", b"transfer-encoding", b"upgrade", b"vary", b"warning", b"www-authenticate"),
+        *(b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-request-id"),
+    )
+)
+
+
+def forwardable_trailer(lname: bytes) -> bool:
+    return lname not in FORBIDDEN_TRAILERS and not lname.startswith(b"proxy-")
+
 
 # Response headers the gateway drops or rewrites. Value: what on_header does with them.
 _DROP, _CONNECTION, _TRANSFER_ENCODING, _CONTENT_LENGTH = 1, 2, 3, 4
@@ -39,6 +66,13 @@ _RESPONSE_SPECIAL = {
     b"content-length": _CONTENT_LENGTH,
     b"x-request-id": _DROP,  # the gateway sets its own, the same one it sent upstream
 }
+
+
+MAX_STATUS_LINE = 8 * 1024  # besides the header limit: an upstream's status line
+
+
+class TooLarge(Exception):
+    """Raised in a parser callback: the response's head or trailers are over the gateway's limits."""
 
 
 class Pool:
@@ -125,6 +159,12 @@ class UpstreamProtocol(asyncio.Protocol):
         "content_length",
         "connection_tokens",
         "tunnel",
+        "in_head",
+        "raw",
+        "chunks",
+        "head_bytes",
+        "field_count",
+        "trailers",
     )
 
     def __init__(self, pool: Pool) -> None:
@@ -141,6 +181,12 @@ class UpstreamProtocol(asyncio.Protocol):
         self.content_length = -1
         self.connection_tokens: list[bytes] | None = None
         self.tunnel: asyncio.Transport | None = None
+        self.in_head = False
+        self.raw = 0  # bytes read of the current response (only while in its head or a chunked body)
+        self.chunks = 0
+        self.head_bytes = 0
+        self.field_count = 0
+        self.trailers: list[bytes] | None = None  # response trailer fields to relay, rendered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -183,15 +229,36 @@ class UpstreamProtocol(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
-            exchange.start_tunnel(self, data[upgrade.args[0] :])
+            if self.exchange is exchange:  # else the exchange refused the switch and this connection is closed
+                exchange.start_tunnel(self, data[upgrade.args[0] :])
         except HttpParserError as exc:
             if self.exchange is exchange:
-                self.exchange = None
-                self.transport.abort()
-                exchange.upstream_failed(UpstreamProtocolError(f"invalid response from upstream: {exc}"))
+                cause = exc.__context__
+                reason = str(cause) if isinstance(cause, TooLarge) else f"invalid response from upstream: {exc}"
+                self.fail(exchange, reason)
             return
         if self.exchange is exchange:
+            if self.in_head or self.chunked:
+                self.count_raw(exchange, len(data))
             exchange.after_upstream_data(self)
+
+    def count_raw(self, exchange: Exchange, size: int) -> None:
+        """Bound the parts of a response that httptools gathers across reads by concatenation before any callback
+        sees them: a head line, a trailer field, a chunk extension. Each may take the header limit (twice: this
+        count also holds body bytes of the same reads that it cannot tell apart)."""
+        self.raw += size
+        limit = 2 * exchange.downstream.max_head + MAX_STATUS_LINE
+        if self.in_head:
+            if self.raw > limit:
+                self.fail(exchange, f"upstream response head exceeds {exchange.downstream.max_head} bytes")
+        elif self.raw - exchange.bytes_out - CHUNK_FRAMING * self.chunks > limit:
+            self.fail(exchange, f"upstream response trailers exceed {exchange.downstream.max_head} bytes")
+
+    def fail(self, exchange: Exchange, reason: str) -> None:
+        """The response cannot be relayed: drop this connection; the exchange answers 502 or aborts."""
+        self.exchange = None
+        self.transport.abort()
+        exchange.upstream_failed(UpstreamProtocolError(reason))
 
     # httptools callbacks
 
@@ -200,11 +267,18 @@ class UpstreamProtocol(asyncio.Protocol):
         self.chunked = b""  # the Transfer-Encoding value when the response is chunked
         self.content_length = -1
         self.connection_tokens = None
+        self.in_head = True
+        self.raw = self.chunks = self.head_bytes = self.field_count = 0
+        self.trailers = None
 
     def on_status(self, reason: bytes) -> None:
         self.reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self.field_count += 1
+        self.head_bytes += len(name) + len(value)
+        if not self.in_head:
+            return self.on_trailer(name, value)
         kind = _RESPONSE_SPECIAL.get(name.lower())
         if kind is None:
             self.headers += (name, b": ", value, b"\r\n")
@@ -219,13 +293,36 @@ class UpstreamProtocol(asyncio.Protocol):
             if listed:
                 self.connection_tokens = (self.connection_tokens or []) + listed
 
+    def on_trailer(self, name: bytes, value: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            return
+        self.check_fields(exchange.downstream.max_head, exchange.downstream.max_headers, "head and trailers")
+        if forwardable_trailer(name.lower()):
+            if self.trailers is None:
+                self.trailers = []
+            self.trailers += (name, b": ", value, b"\r\n")
+
+    def check_fields(self, max_bytes: int, max_count: int, what: str) -> None:
+        if self.field_count > max_count:
+            raise TooLarge(f"upstream response {what} have more than {max_count} fields")
+        if self.head_bytes > max_bytes:
+            raise TooLarge(f"upstream response {what} exceed {max_bytes} bytes")
+
     def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.raw = 0
+        exchange = self.exchange
+        if exchange is not None:
+            self.check_fields(exchange.downstream.max_head, exchange.downstream.max_headers, "head")
         if self.connection_tokens:
             self.headers = drop_headers(self.headers, self.connection_tokens)
         self.keep_alive = self.parser.should_keep_alive()
-        exchange = self.exchange
         if exchange is not None:
             exchange.on_response_head(self, self.parser.get_status_code())
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
 
     def on_body(self, body: bytes) -> None:
         exchange = self.exchange
@@ -243,7 +340,7 @@ def connection_options(value: bytes) -> list[bytes]:
     if value in _PLAIN_CONNECTION:
         return []
     tokens = (token.strip().lower() for token in value.split(b","))
-    return [token for token in tokens if token not in (b"close", b"keep-alive", b"upgrade")]
+    return [token for token in tokens if token not in _NEVER_HOP_BY_HOP]
 
 
 def drop_headers(parts: list[bytes], names: list[bytes]) -> list[bytes]:

@@ -17,12 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
+import httpx
 import psutil
 import pytest
 import yaml
 
 from tests.dns import dns_server  # noqa: F401  (a fixture for every test directory)
-from tests.e2e.servers import ScriptedUpstream
+from tests.e2e.servers import ScriptedUpstream, UpstreamProcess
 from tests.e2e.upstream_app import UpstreamServer
 from tests.e2e.wire import Wire
 from tests.etcd import etcd, etcd_server  # noqa: F401  (fixtures for every test directory)
@@ -199,6 +200,12 @@ def scripted() -> Iterator[Scripted]:
 
 
 @pytest.fixture
+def upstream_processes() -> Iterator[Callable[..., UpstreamProcess]]:
+    """Start upstreams in processes of their own (`upstream_processes("name")`), which a test may SIGKILL."""
+    yield from stopped_after(UpstreamProcess, UpstreamProcess.stop)
+
+
+@pytest.fixture
 def connect() -> Iterator[Connect]:
     """Open raw client connections (`Wire.connect(address, timeout, rcvbuf)`); all are closed after the test."""
     yield from stopped_after(Wire.connect, Wire.close)
@@ -258,6 +265,19 @@ def raw_request(address: tuple[str, int], data: bytes, timeout: float = 5.0) -> 
                 break
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`, from the gateway's admin /metrics."""
+    text = httpx.get(gateway.url("admin") + "/metrics", timeout=5, trust_env=False).text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith((name + "{", name + " ")):
+            continue
+        head, _, value = line.rpartition(" ")
+        if all(f'{key}="{wanted}"' in head for key, wanted in labels.items()):
+            total += float(value)
+    return total
 
 
 def workers_of(gw: Gateway) -> list[psutil.Process]:

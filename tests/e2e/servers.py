@@ -20,10 +20,13 @@ import hashlib
 import json
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -235,6 +238,54 @@ class ScriptedUpstream:
             self.sent += len(piece)
             self.progress_at = time.monotonic()
         self.done_sending = True
+
+
+# --- an upstream in a process of its own ------------------------------------------------------------------
+
+
+class UpstreamProcess:
+    """`python tests/e2e/upstream_app.py NAME [PORT]` in its own process, so that it can be SIGKILLed, and
+    started again on the same port (`restart`), as a crashed server comes back."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.port = 0
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("upstream_app.py")), self.name, str(self.port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "PORT n" once listening; "" if it died
+        if not line.startswith("PORT "):
+            proc.kill()
+            proc.wait(timeout=10)
+            proc.stdout.close()
+            raise AssertionError(f"upstream {self.name} did not start: {line!r}")
+        self.port = int(line.split()[1])
+        return proc
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.proc = self._spawn()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 # --- addresses where no upstream answers ----------------------------------------------------------------

@@ -201,3 +201,62 @@ def test_refused_request_gets_decided_request_id(
     assert is_one_line_reason(refused.body), refused.body
     assert_request_id(refused.header("x-request-id"), incoming, kept)
     assert hello_upstream.requests == 0
+
+
+# --- what the edge trusts -----------------------------------------------------------------------------------
+
+CLAIMS = [
+    ("X-Forwarded-For", "203.0.113.7"),
+    ("X-Forwarded-Proto", "https"),
+    ("X-Forwarded-Host", "shop.example"),
+    ("X-Request-Id", "client-chosen-id"),
+]
+
+
+@pytest.mark.parametrize(
+    ("trusted_proxies", "believed"),
+    [
+        pytest.param([], False, id="no-trusted-proxies"),
+        pytest.param(["10.0.0.0/8", "fd00::/8"], False, id="other-networks"),
+        pytest.param(["127.0.0.0/8"], True, id="from-a-trusted-proxy"),
+        pytest.param(["127.0.0.1"], True, id="one-address"),
+    ],
+)
+def test_edge_believes_forwarding_headers_only_from_trusted_proxies(
+    start_gateway: StartGateway,
+    hello_upstream: UpstreamServer,
+    connect: Connect,
+    trusted_proxies: list[str],
+    believed: bool,
+) -> None:
+    """The edge is where the untrusted world comes in: it sets X-Forwarded-Proto and -Host itself unless the
+    client is a front load balancer named in `trusted_proxies`; X-Forwarded-For is only ever appended to."""
+    config = gateway_config(
+        hello(hello_upstream.address),
+        listen=listeners("edge"),
+        trusted_proxies=trusted_proxies,
+        preserve_request_id=False,
+    )
+    gw = start_gateway(config)
+    wire = connect(gw.addresses["edge"])
+    wire.send(request("GET", "/echo/edge", headers=CLAIMS))
+    response = wire.read_response()
+    seen = response.json()["headers"]
+    assert seen["x-forwarded-for"] == ["203.0.113.7, 127.0.0.1"]
+    assert seen["x-forwarded-proto"] == (["https"] if believed else ["http"])
+    assert seen["x-forwarded-host"] == (["shop.example"] if believed else ["hello"])
+    # preserve_request_id: false replaces an ordinary client's ID; a trusted proxy's is kept.
+    assert (response.header("x-request-id") == "client-chosen-id") is believed
+    assert seen["x-request-id"] == [response.header("x-request-id")]
+
+
+def test_preserve_request_id_governs_only_the_request_id(
+    start_gateway: StartGateway, hello_upstream: UpstreamServer, connect: Connect
+) -> None:
+    gw = start_gateway(gateway_config(hello(hello_upstream.address), listen=listeners("edge")))
+    wire = connect(gw.addresses["edge"])
+    wire.send(request("GET", "/echo/edge", headers=CLAIMS))
+    response = wire.read_response()
+    seen = response.json()["headers"]
+    assert response.header("x-request-id") == "client-chosen-id"  # kept: preserve_request_id defaults to true
+    assert seen["x-forwarded-proto"] == ["http"] and seen["x-forwarded-host"] == ["hello"]

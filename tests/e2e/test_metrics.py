@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 import signal
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ import yaml
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.routing import MIN_RETRIES_PER_SECOND, RETRY_WINDOW
 from tests.conftest import (
     Connect,
     Gateway,
@@ -41,7 +41,7 @@ from tests.conftest import (
     workers_of,
 )
 from tests.e2e.identities import issue_client_cert
-from tests.e2e.servers import SERVER_TIMEOUT, Exchange, always
+from tests.e2e.servers import always
 from tests.e2e.upstream_app import UpstreamServer
 
 BUCKETS = ["0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5"]
@@ -353,55 +353,28 @@ def test_circuit_breaker_rejections_are_counted(start_gateway: StartGateway, hel
     assert requests_by_series(scrape(gw)) == {hello_key | {("code", "503")}: 2, hello_key | {("code", "200")}: 1}
 
 
-def test_retry_budget_exhaustion_is_counted(start_gateway: StartGateway, scripted: Scripted) -> None:
-    """8 requests' first tries get a 503 each; their retries are held at the upstream, so they stay in flight.
-
-    The budget (20 % of active requests, but at least 3 retries in flight) lets exactly 3 retry, whatever the
-    timing; the other 5 get the 503 and count as exhausted budget. Then the held retries are answered.
-    """
-    clients, allowed = 8, 3
-    seen: set[str | None] = set()
-    lock = threading.Lock()
-    release = threading.Event()
-
-    def first_503_then_hold(exchange: Exchange) -> None:
-        request_id = exchange.request.header("x-request-id")
-        with lock:
-            first = request_id not in seen
-            seen.add(request_id)
-        if first:
-            exchange.reply(503, b"first try fails\n")
-        else:
-            release.wait(SERVER_TIMEOUT)
-            exchange.reply(200, b"retried\n")
-
-    upstream = scripted(first_503_then_hold, name="held")
-    policy = {
-        "retries": {"attempts": 2, "budget": "20%"},
-        "timeouts": {"per_try": "20s", "request": "30s"},  # nothing may time out while retries are held
-        "outlier": {"consecutive_5xx": 1000},
-    }
+def test_retry_budget_exhaustion_is_counted(start_gateway: StartGateway, start_upstream: StartUpstream) -> None:
+    """100 requests one after another, each try answered 503 and each wanting two retries. The budget (20 % of
+    the requests of the last 10 s, plus 10 a second) allows about 120 retries; every request refused a retry
+    counts once as exhausted budget, having forfeited one or two."""
+    requests, ratio = 100, 0.2
+    upstream = start_upstream("v1")
+    policy = {"retries": {"attempts": 2, "budget": f"{ratio:.0%}"}, "outlier": {"consecutive_5xx": 1_000_000}}
     gw = start_gateway(gateway_config(hello(upstream.address, **policy)))
-    results: list[int] = []
-
-    def call() -> None:
-        response = httpx.get(gw.url() + "/budget", headers={"host": "hello"}, trust_env=False, timeout=30)
-        results.append(response.status_code)
-
-    threads = [threading.Thread(target=call, daemon=True) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    try:
-        wait_for(lambda: results.count(503) == clients - allowed, timeout=10, what="the requests without a retry")
-        during = scrape(gw)
-    finally:
-        release.set()
-        for thread in threads:
-            thread.join(timeout=15)
-    assert during.value("meshgate_retries_total", destination="hello") == allowed
-    assert during.value("meshgate_retry_budget_exhausted_total", destination="hello") == clients - allowed
-    assert sorted(results) == [200] * allowed + [503] * (clients - allowed)
-    assert len(upstream.requests) == clients + allowed
+    started = time.monotonic()
+    with httpx.Client(base_url=gw.url(), headers={"host": "hello"}, trust_env=False, timeout=10) as client:
+        statuses = [client.get("/status/503").status_code for _ in range(requests)]
+    elapsed = time.monotonic() - started
+    assert statuses == [503] * requests
+    metrics = scrape(gw)
+    retries = metrics.value("meshgate_retries_total", destination="hello") or 0
+    exhausted = metrics.value("meshgate_retry_budget_exhausted_total", destination="hello") or 0
+    assert upstream.requests == requests + retries
+    if elapsed < RETRY_WINDOW:  # one window: the allowance is exact
+        allowance = ratio * requests + MIN_RETRIES_PER_SECOND * RETRY_WINDOW
+        assert allowance - 1 <= retries <= allowance, f"{retries} retries for {requests} requests"
+    forfeited = 2 * requests - retries
+    assert forfeited / 2 <= exhausted <= forfeited
 
 
 def test_open_connections_per_listener(hello_gateway: Gateway, connect: Connect) -> None:

@@ -11,8 +11,6 @@ Upstreams are the shared `UpstreamServer` (tests/e2e/upstream_app.py) where its 
 from __future__ import annotations
 
 import queue
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -23,19 +21,19 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.routing import MIN_RETRIES_PER_SECOND, RETRY_WINDOW
 from tests.conftest import (
-    ROOT,
     Gateway,
     Scripted,
     StartGateway,
     StartUpstream,
     gateway_config,
     hello,
+    metric,
     service,
-    stopped_after,
     wait_for,
 )
-from tests.e2e.servers import SERVER_TIMEOUT, Exchange, always, blackhole_address, refusing_address
+from tests.e2e.servers import SERVER_TIMEOUT, Exchange, UpstreamProcess, always, blackhole_address, refusing_address
 from tests.e2e.upstream_app import UpstreamServer
 
 SVC = "hello"
@@ -196,77 +194,104 @@ def test_retry_not_on_5xx_by_default(hello_upstream: UpstreamServer, hello_gatew
     assert hello_upstream.requests == 2  # 500 and 404 are not gateway errors: passed through, no retry
 
 
-def test_retry_budget_caps_concurrent_retries(start_gateway: StartGateway, scripted: Scripted) -> None:
-    """N requests are in flight at once; then, one at a time, each first try fails with a 503.
-
-    The upstream holds every retry it receives, so retries stay outstanding, and the next 503 is only sent once
-    the previous one has been decided (its retry arrived, or its client got the 503). The order is therefore
-    fixed whatever the timing. A 20 % budget over N active requests allows N/5 concurrent retries, so the
-    upstream can see at most N + N/5 tries in all. Without a budget it would see 2N.
-    """
-    clients = 20
-    budget = 0.2
-    arrivals: queue.Queue[tuple[str | None, Answer]] = queue.Queue()
-
-    def hold(exchange: Exchange) -> None:
-        answer: Answer = Future()
-        arrivals.put((exchange.request.header("x-client"), answer))
-        exchange.reply(*answer.result(timeout=SERVER_TIMEOUT))
-
-    upstream = scripted(hold, name="held")
-    policy = {
-        "retries": {"attempts": 2, "budget": f"{budget:.0%}"},
-        "timeouts": {"per_try": "20s", "request": "30s"},  # nothing may time out while requests are held
-        "outlier": {"consecutive_5xx": 1000},
-    }
+def test_retry_budget_bounds_amplification_of_an_overload(start_gateway: StartGateway, scripted: Scripted) -> None:
+    """Every try fails with 503 (an overloaded service), and every request would like two retries. The budget
+    (Linkerd's: retries up to 20 % of the requests of the last 10 s, plus 10 a second) must hold the load the
+    upstream sees near 1.2x, not the 3x that retrying everything would send; and it must still spend itself."""
+    requests, budget = 600, 0.2
+    upstream = scripted(always(503), name="overloaded")
+    policy = {"retries": {"attempts": 2, "budget": f"{budget:.0%}"}, "outlier": {"consecutive_5xx": 1_000_000}}
     gw = start_gateway(gateway_config(hello(upstream.address, **policy)))
-    results: dict[str, httpx.Response | BaseException] = {}
 
-    def call(name: str) -> None:
-        try:
-            with client(gw, timeout=30) as c:
-                results[name] = get(c, "/budget", x_client=name)
-        except BaseException as exc:  # reported by the assertions below
-            results[name] = exc
+    def call(_: int) -> int:
+        with client(gw) as c:
+            return get(c, "/overload").status_code
 
-    names = [str(i) for i in range(clients)]
-    threads = [threading.Thread(target=call, args=(name,), daemon=True) for name in names]
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(call, range(requests)))
+    elapsed = time.monotonic() - started
+    assert statuses == [503] * requests
+    tries = len(upstream.requests)
+    retries = tries - requests
+    reserve = MIN_RETRIES_PER_SECOND * (elapsed + RETRY_WINDOW)  # at most this many windows' worth of the minimum
+    assert retries <= budget * requests + reserve, f"{retries} retries for {requests} requests in {elapsed:.1f}s"
+    assert retries >= budget * requests * 0.9, f"only {retries} retries: the budget was not spent"
+    assert metric(gw, "meshgate_retry_budget_exhausted_total", destination=SVC) > 0
+
+
+def test_a_burst_of_resets_is_retried_whole(start_gateway: StartGateway, scripted: Scripted) -> None:
+    """16 GETs are in flight on one endpoint when it drops them all at once (as a SIGKILLed process does): each
+    is retried on the other endpoint. A budget of concurrent retries (Envoy's, at least 3) would fail 13."""
+    inflight = 16
+    arrived: queue.Queue[Exchange] = queue.Queue()
+    release = threading.Event()
+
+    def hold_then_drop(exchange: Exchange) -> None:
+        arrived.put(exchange)
+        release.wait(SERVER_TIMEOUT)
+        exchange.keep_alive = False  # closes without an answer
+
+    dying = scripted(hold_then_drop, name="dying")
+    live = scripted(always(200), name="live")
+    policy = {"lb": "round_robin", "outlier": {"consecutive_5xx": 1_000_000}}
+    gw = start_gateway(gateway_config(hello(dying.address, live.address, **policy)))
+    results: list[int] = []
+
+    def call() -> None:
+        with client(gw) as c:
+            for _ in range(20):  # round robin: about every other request reaches the dying endpoint and stays
+                response = get(c, "/burst")
+                results.append(response.status_code)
+                if response.status_code != 200:
+                    return
+
+    threads = [threading.Thread(target=call, daemon=True) for _ in range(inflight)]
     for thread in threads:
         thread.start()
-    held: list[Answer] = []
-    retried: list[str] = []
     try:
-        first: dict[str | None, Answer] = {}
-        deadline = time.monotonic() + 10
-        while len(first) < clients:
-            name, future = arrivals.get(timeout=max(0.01, deadline - time.monotonic()))
-            assert name not in first, f"client {name} retried before any try failed"
-            first[name] = future
-        for name in names:
-            first[name].set_result((503, b""))
-
-            def decided(name: str = name) -> bool:
-                try:
-                    again, future = arrivals.get_nowait()
-                except queue.Empty:
-                    return name in results
-                assert again == name, f"unexpected try from client {again} while deciding {name}"
-                held.append(future)
-                retried.append(name)
-                return True
-
-            wait_for(decided, timeout=10, what=f"the retry decision for client {name}")
-        tries = len(upstream.requests)
+        wait_for(lambda: arrived.qsize() == inflight, timeout=10, what=f"{inflight} requests held by the endpoint")
     finally:
-        for future in held:
-            future.set_result((200, b"retried\n"))
+        release.set()
         for thread in threads:
             thread.join(timeout=15)
-    assert tries == clients + len(retried)
-    statuses = {name: getattr(results.get(name), "status_code", results.get(name)) for name in names}
-    assert statuses == {name: 200 if name in retried else 503 for name in names}
-    assert len(retried) >= 1, "no request was retried at all"
-    assert tries <= clients + int(budget * clients), f"{len(retried)} of {clients} retried: budget not enforced"
+    assert results.count(200) == len(results) and len(results) >= inflight, Counter(results)
+    assert len(live.requests) == len(results)  # every held request was answered by the live endpoint
+
+
+def test_connect_failure_fails_over_outside_attempts_and_budget(
+    start_gateway: StartGateway, start_upstream: StartUpstream
+) -> None:
+    """With retries off entirely, a request whose endpoint refuses connections still reaches the live one: it
+    was never sent, so trying another endpoint costs nobody anything. The refusing endpoint is ejected at once."""
+    live = start_upstream("live")
+    with refusing_address() as dead:
+        policy = {"lb": "round_robin", "retries": {"attempts": 0}}
+        gw = start_gateway(gateway_config(hello(dead, live.address, **policy)))
+
+        def call(index: int) -> tuple[int, str]:
+            with client(gw) as c:
+                response = c.post(f"/echo/{index}", content=b"x" * index, headers={"host": SVC})
+                return response.status_code, response.text
+
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(call, range(1, 161)))
+    assert [status for status, _ in answers] == [200] * 160, [text for status, text in answers if status != 200]
+    assert live.requests == 160
+    assert metric(gw, "meshgate_outlier_ejections_total", destination=SVC) == 1
+    # Ejected at the first refusal: only requests already on their way to it failed over.
+    assert 1 <= metric(gw, "meshgate_connect_failovers_total", destination=SVC) <= 16
+    assert metric(gw, "meshgate_retries_total", destination=SVC) == 0
+
+
+def test_failover_tries_each_endpoint_once(start_gateway: StartGateway) -> None:
+    with refusing_address() as a, refusing_address() as b, refusing_address() as c:
+        gw = start_gateway(gateway_config(hello(a, b, c, retries={"attempts": 0})))
+        with client(gw) as http:
+            response = get(http)
+        assert_local_reply(response, 503, "failed")
+        hops = httpx.get(gw.url("admin") + "/requests/" + response.headers["x-request-id"], trust_env=False).json()
+    assert [hop["tries"] for hop in hops["hops"]] == [3]
 
 
 # Timeouts
@@ -498,45 +523,13 @@ def test_round_robin_spreads_evenly(start_gateway: StartGateway, start_upstream:
 # An upstream process SIGKILLed under load
 
 
-class UpstreamProcess:
-    """`python tests/e2e/upstream_app.py NAME` in its own process, so that it can be SIGKILLed."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "e2e" / "upstream_app.py"), name],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # "PORT n" once listening; "" if it died
-        if not line.startswith("PORT "):
-            self.stop()
-            raise AssertionError(f"upstream {name} did not start: {line!r}")
-        self.port = int(line.split()[1])
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-@pytest.fixture
-def upstream_processes() -> Iterator[Callable[[str], UpstreamProcess]]:
-    yield from stopped_after(UpstreamProcess, UpstreamProcess.stop)
-
-
 @pytest.mark.slow
 def test_sigkill_one_endpoint_under_load_no_client_errors(
-    start_gateway: StartGateway, upstream_processes: Callable[[str], UpstreamProcess]
+    start_gateway: StartGateway, upstream_processes: Callable[..., UpstreamProcess]
 ) -> None:
+    """SIGKILL one of three endpoints under 16 keep-alive connections of GETs and POSTs: no GET fails (resets
+    are retried, connect failures fail over), and no request fails that had not reached the dying process. A POST
+    it had already read may fail with the reset (it is not idempotent), and only so."""
     ups = [upstream_processes(f"p{i}") for i in range(3)]
     victim = ups[1]
     gw = start_gateway(gateway_config(hello(*(u.address for u in ups))))  # default ewma, default retries
@@ -544,27 +537,31 @@ def test_sigkill_one_endpoint_under_load_no_client_errors(
     lock = threading.Lock()
     served: list[tuple[float, str]] = []
     errors: list[str] = []
+    posts_reset: list[str] = []
 
-    def load() -> None:
+    def load(index: int) -> None:
+        method = "POST" if index % 2 else "GET"
         with client(gw, timeout=10) as c:
             while not stop.is_set():
                 try:
-                    response = get(c, "/echo/load")
+                    response = c.request(method, "/echo/load", content=b"p" * 100, headers={"host": SVC})
                 except httpx.HTTPError as exc:
                     with lock:
-                        errors.append(repr(exc))
+                        errors.append(f"{method}: {exc!r}")
                     continue
                 with lock:
                     if response.status_code == 200:
                         served.append((time.monotonic(), response.headers["x-upstream"]))
+                    elif method == "POST" and "closed the connection before responding" in response.text:
+                        posts_reset.append(response.text.strip())
                     else:
-                        errors.append(f"{response.status_code}: {response.text.strip()}")
+                        errors.append(f"{method} {response.status_code}: {response.text.strip()}")
 
     def count(name: str, since: float = 0.0) -> int:
         with lock:
             return sum(1 for at, who in served if who == name and at >= since)
 
-    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]  # 3 <= the retry budget's minimum
+    threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(16)]
     started = time.monotonic()
     for thread in threads:
         thread.start()
@@ -588,5 +585,6 @@ def test_sigkill_one_endpoint_under_load_no_client_errors(
         for thread in threads:
             thread.join(timeout=15)
     assert errors == [], f"{len(errors)} client-visible errors, first: {errors[:5]}"
+    assert len(posts_reset) <= 8, posts_reset  # at most one in flight per POSTing connection
     assert served_before >= 50
     assert count(victim.name, killed_at + 0.5) == 0  # nothing answered from a dead process

@@ -8,6 +8,7 @@ import random
 import time
 
 from tests.conftest import Connect, Gateway, Scripted, StartGateway, assert_uuid4, gateway_config, hello
+from tests.e2e.servers import Exchange
 from tests.e2e.upstream_app import UpstreamServer
 from tests.e2e.wire import Message, Wire, request
 
@@ -21,6 +22,8 @@ UPGRADE_HEAD = request(
         ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
     ],
 )
+
+H2C = [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAAQAoAAAAAIAAAAA")]
 
 
 def upgrade(wire: Wire, early: bytes = b"") -> Message:
@@ -81,14 +84,49 @@ def test_declined_upgrade_keeps_connection_usable(
     upstream = scripted()  # ignores Upgrade and answers 200, as a server without h2c does
     gw = start_gateway(gateway_config(hello(upstream.address)))
     wire = connect(gw.inbound, timeout=3)
-    h2c = [
-        ("Connection", "Upgrade, HTTP2-Settings"),
-        ("Upgrade", "h2c"),
-        ("HTTP2-Settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
-    ]
-    wire.send(request("GET", "/sha256", headers=h2c))
+    wire.send(request("GET", "/sha256", headers=H2C))
     declined = wire.read_response()
     assert declined.status == 200
     wire.send(request("GET", "/sha256"))
     following = wire.read_response()
     assert following.status == 200 and following.json()["target"] == "/sha256"
+
+
+SWITCH = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+def switch_anyway(exchange: Exchange) -> None:
+    """An upstream that answers 101 whatever was asked, then reads on as if HTTP continued."""
+    exchange.wire.send(SWITCH)
+
+
+def test_an_unsolicited_101_is_502_and_never_a_tunnel(
+    start_gateway: StartGateway, scripted: Scripted, connect: Connect
+) -> None:
+    """Were the client's connection tunnelled after a 101 it never asked for, its next request would reach the
+    upstream raw, past routing, request IDs and X-Forwarded-For (websocket smuggling)."""
+    upstream = scripted(switch_anyway, name="switcher")
+    gw = start_gateway(gateway_config(hello(upstream.address)))
+    wire = connect(gw.inbound, timeout=5)
+    smuggled = request("GET", "/admin-only", host="internal")
+    wire.send(request("GET", "/innocent") + smuggled)
+    response = wire.read_response()
+    assert response.status == 502, response
+    assert b"switched protocols" in response.body
+    assert response.header("connection") == "close"
+    wire.expect_eof(timeout=5)
+    assert [r.target for r in upstream.requests] == ["/innocent"]
+
+
+def test_h2c_is_never_tunnelled(start_gateway: StartGateway, scripted: Scripted, connect: Connect) -> None:
+    """`Upgrade: h2c` would hand the connection to HTTP/2 frames the gateway cannot route; like Envoy, the gateway
+    drops the upgrade (and HTTP2-Settings), so an upstream that switches anyway gets a 502."""
+    upstream = scripted(switch_anyway, name="switcher")
+    gw = start_gateway(gateway_config(hello(upstream.address)))
+    wire = connect(gw.inbound, timeout=5)
+    wire.send(request("GET", "/h2c", headers=H2C) + b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    response = wire.read_response()
+    assert response.status == 502, response
+    wire.expect_eof(timeout=5)
+    (seen,) = upstream.requests
+    assert not {"upgrade", "http2-settings", "connection"} & seen.names(), seen.headers

@@ -1,9 +1,10 @@
 """A real HTTP/1.1 upstream for end-to-end tests, on asyncio + httptools.
 
-Run in a thread (`UpstreamServer(name).start()`) or as a process (`python tests/e2e/upstream_app.py NAME`,
+Run in a thread (`UpstreamServer(name).start()`) or as a process (`python tests/e2e/upstream_app.py NAME [PORT]`,
 which prints `PORT <n>` when listening). Behaviour is chosen by path:
 
-- `/echo...` (default): JSON with name, method, path, headers (lists per lower-cased name), body length;
+- `/echo...` (default): JSON with name, method, path, headers (lists per lower-cased name), body length and
+  SHA-256;
 - `/status/NNN`: that status, empty body;  `/delay/MS`: wait, then echo;
 - `/chunked/N`: N chunks of "chunk-i\\n" with chunked encoding;  `/bytes/N`: N bytes with content-length;
 - `/close`: a body delimited by closing the connection;  `/count`: streams the request body, counts it;
@@ -15,6 +16,7 @@ Every response carries `x-upstream: NAME`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import sys
 import threading
@@ -58,6 +60,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.url = b""
         self.headers: dict[str, list[str]] = defaultdict(list)
         self.body_size = 0
+        self.body_hash = hashlib.sha256()
         self.continued = False
 
     def on_url(self, url: bytes) -> None:
@@ -76,6 +79,7 @@ class UpstreamProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
+        self.body_hash.update(body)
 
     def on_message_complete(self) -> None:
         if self.tunnel or self.parser.should_upgrade():
@@ -126,6 +130,7 @@ class UpstreamProtocol(asyncio.Protocol):
                 "path": path,
                 "headers": self.headers,
                 "body": self.body_size,
+                "sha256": self.body_hash.hexdigest(),
             }
             self.reply(200, json.dumps(echo).encode(), extra=b"content-type: application/json\r\n")
         if not keep:
@@ -182,8 +187,8 @@ class UpstreamServer:
         self.loop.close()
 
 
-async def _main(name: str) -> None:
-    server = UpstreamServer(name)
+async def _main(name: str, port: int) -> None:
+    server = UpstreamServer(name, port)
     server.loop = asyncio.get_running_loop()
     await server._listen()
     print(f"PORT {server.port}", flush=True)
@@ -191,4 +196,4 @@ async def _main(name: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(_main(sys.argv[1] if len(sys.argv) > 1 else "upstream"))
+    asyncio.run(_main(sys.argv[1] if len(sys.argv) > 1 else "upstream", int(sys.argv[2]) if len(sys.argv) > 2 else 0))

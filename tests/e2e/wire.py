@@ -11,7 +11,7 @@ import json
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 READ_TIMEOUT = 10.0  # deadline for each read a test makes
@@ -29,6 +29,7 @@ class Message:
     headers: Headers
     body: bytes = b""
     size: int = 0
+    trailers: Headers = field(default_factory=list)  # after a chunked body
 
     @property
     def status(self) -> int:
@@ -172,21 +173,22 @@ class Wire:
         if bodiless:
             return 0
         if any("chunked" in value.lower() for value in message.values("transfer-encoding")):
-            return self._read_chunked(sink)
+            return self._read_chunked(sink, message.trailers)
         length = message.header("content-length")
         if length is not None:
             self.stream(int(length), sink)
             return int(length)
         return self.stream_to_eof(sink) if response else 0
 
-    def _read_chunked(self, sink: Sink) -> int:
+    def _read_chunked(self, sink: Sink, trailers: Headers) -> int:
         size = 0
         while True:
             line = self.read_until(b"\r\n")
             chunk = int(line.split(b";", 1)[0].strip(), 16)
             if chunk == 0:
-                while self.read_until(b"\r\n") != b"\r\n":  # trailer fields, if any
-                    pass
+                while (field_line := self.read_until(b"\r\n")) != b"\r\n":
+                    name, _, value = field_line.decode("latin-1").partition(":")
+                    trailers.append((name, value.strip()))
                 return size
             self.stream(chunk, sink)
             assert self.read_exact(2) == b"\r\n", "chunk not followed by CRLF"

@@ -224,7 +224,10 @@ def test_to_dict_round_trips_through_json_and_yaml(design_file: Path) -> None:
         "max_headers": 100,
         "header_timeout": "10s",
         "idle_timeout": "1m",
+        "body_timeout": "30s",
+        "send_timeout": "30s",
     }
+    assert gateway["trusted_proxies"] == []
     catalog: Any = data["services"]
     assert catalog["catalog"]["retries"]["budget"] == "20%"
     assert catalog["catalog"]["outlier"] == {"consecutive_5xx": 5, "base_ejection": "30s", "max_ejected": "10%"}
@@ -432,6 +435,7 @@ def test_split_sum_error_matches_the_design_example() -> None:
 
 SIZE_RULE = "expected a size of at least 1KiB, like 60KiB or 65536"
 URL_RULE = "expected an http:// or https:// URL"
+CIDR_RULE = "expected an IP address or CIDR block, like 10.0.0.0/8 or fd00::/8"
 LOG_RULE = "expected off, stdout or a file path"
 
 
@@ -456,6 +460,12 @@ LOG_RULE = "expected off, stdout or a file path"
         ({"limits": {"max_headers": True}}, "limits.max_headers: expected an integer >= 1, got True"),
         ({"limits": {"header_timeout": "0ms"}}, f"limits.header_timeout: {DURATION_RULE}, got '0ms'"),
         ({"limits": {"idle_timeout": None}}, f"limits.idle_timeout: {DURATION_RULE}, got None"),
+        ({"limits": {"body_timeout": "0s"}}, f"limits.body_timeout: {DURATION_RULE}, got '0s'"),
+        ({"limits": {"send_timeout": "soon"}}, f"limits.send_timeout: {DURATION_RULE}, got 'soon'"),
+        ({"trusted_proxies": "10.0.0.0/8"}, "trusted_proxies: expected a list, got '10.0.0.0/8'"),
+        ({"trusted_proxies": ["10.0.0.0/33"]}, f"trusted_proxies[0]: {CIDR_RULE}, got '10.0.0.0/33'"),
+        ({"trusted_proxies": ["lb.example"]}, f"trusted_proxies[0]: {CIDR_RULE}, got 'lb.example'"),
+        ({"trusted_proxies": [10]}, f"trusted_proxies[0]: {CIDR_RULE}, got 10"),
         ({"telemetry": {"tracing": {"endpoint": "ftp://x"}}}, f"telemetry.tracing.endpoint: {URL_RULE}, got 'ftp://x'"),
         ({"telemetry": {"tracing": {"endpoint": "http://"}}}, f"telemetry.tracing.endpoint: {URL_RULE}, got 'http://'"),
         ({"telemetry": {"tracing": {"sampling": 2}}}, f"telemetry.tracing.sampling: {PERCENT_RULE}, got 2"),
@@ -474,8 +484,8 @@ LOG_RULE = "expected off, stdout or a file path"
         ({"telemetry": {"recent_requests": False}}, "telemetry.recent_requests: expected an integer >= 0, got False"),
         (
             {"identity": {}},
-            "identity: unknown key (expected one of: group, listen, tls, preserve_request_id, limits, telemetry, "
-            "discovery)",
+            "identity: unknown key (expected one of: group, listen, tls, preserve_request_id, trusted_proxies, "
+            "limits, telemetry, discovery)",
         ),
     ],
 )
