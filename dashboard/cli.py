@@ -18,10 +18,12 @@ from typing import TypeAlias
 
 from gateway import cli as gateway_cli
 from gateway import register as register_cli
-from gateway.units import Address, parse_address
+from gateway.units import Address, parse_address, parse_size
 
 DEFAULT_DATA = "./meshgate-data"
 DEFAULT_SERVER = "http://127.0.0.1:9000"
+MIN_CERT_LIFETIME = 10.0  # seconds: gateways renew at half-life and at most every 5 s (gateway.tls.renew_at)
+MIN_SPAN_STORE_SIZE = 1 << 20  # an empty span store's file takes about 40 KiB
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
@@ -60,9 +62,16 @@ def add_dashboard_parser(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--cert-lifetime",
-        type=gateway_cli.duration,
+        type=_cert_lifetime,
         metavar="DURATION",
-        help="how long gateway certificates live; gateways renew at about half-life (default 24h)",
+        help="how long gateway certificates live, at least 10s; gateways renew at about half-life (default 24h)",
+    )
+    parser.add_argument(
+        "--sync-hold",
+        type=_positive_duration,
+        metavar="DURATION",
+        help="answer a quiet /sync long-poll with 304 after at most DURATION (default: the gateway's 30s); "
+        "shorter behind a proxy that closes idle connections sooner",
     )
     parser.add_argument(
         "--jaeger", type=gateway_cli.http_url, metavar="URL", help="look sampled traces up in Jaeger's query API at URL"
@@ -75,13 +84,13 @@ def add_dashboard_parser(subparsers: Subparsers) -> None:
     )
     parser.add_argument(
         "--prometheus-scrape-interval",
-        type=gateway_cli.duration,
+        type=_positive_duration,
         metavar="DURATION",
         help="the scrape interval Prometheus uses for the gateways (default 15s)",
     )
     parser.add_argument(
         "--signals-step",
-        type=gateway_cli.duration,
+        type=_positive_duration,
         metavar="DURATION",
         help="how often the embedded history samples the gateways' heartbeats (default 5s)",
     )
@@ -92,8 +101,15 @@ def add_dashboard_parser(subparsers: Subparsers) -> None:
         help="spans kept in the embedded store, oldest traces dropped first (default 200000)",
     )
     parser.add_argument(
+        "--span-store-size",
+        type=_size,
+        metavar="SIZE",
+        help="the embedded span store's size on disk (its file's pages in use, e.g. 512MiB or 2GB), oldest traces "
+        "dropped first; freed space goes back to the file system (default 512MiB)",
+    )
+    parser.add_argument(
         "--span-max-age",
-        type=gateway_cli.duration,
+        type=_positive_duration,
         metavar="DURATION",
         help="how long the embedded store keeps spans (default 24h)",
     )
@@ -195,6 +211,7 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     help_text = f"dashboard URL (env MESHGATE_SERVER, default {DEFAULT_SERVER})"
     parser.add_argument("--server", metavar="URL", help=help_text)
     parser.add_argument("--token", help="operator or viewer token (env MESHGATE_TOKEN; the env keeps it out of ps)")
+    parser.add_argument("--token-file", metavar="FILE", help="read the operator or viewer token from FILE")
 
 
 def _address(text: str) -> Address:
@@ -214,10 +231,29 @@ def _rate(text: str) -> float:
     return value
 
 
+def _size(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if value < MIN_SPAN_STORE_SIZE:
+        raise argparse.ArgumentTypeError(f"expected at least 1MiB, got {text!r}")
+    return value
+
+
 def _positive_duration(text: str) -> float:
     value = gateway_cli.duration(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a duration above zero, got {text!r}")
+    return value
+
+
+def _cert_lifetime(text: str) -> float:
+    value = gateway_cli.duration(text)
+    if value < MIN_CERT_LIFETIME:
+        raise argparse.ArgumentTypeError(
+            f"expected at least {MIN_CERT_LIFETIME:g}s (gateways renew at half-life, at most every 5s), got {text!r}"
+        )
     return value
 
 

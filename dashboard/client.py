@@ -1,9 +1,10 @@
 """`meshgate apply FILE` and `meshgate get services|gateways|history`: the operator API from a terminal
 (arguments in `dashboard.cli`).
 
-The server and token come from `--server`/`--token` or `MESHGATE_SERVER`/`MESHGATE_TOKEN`. A mesh file is
-validated locally first, so its errors name the file, the field and the value. Exit status: 0 done, 1 the
-dashboard could not be reached or refused the token, 2 bad input (the file, the arguments, or a 4xx about them).
+The server and token come from `--server` and `--token-file` (or `--token`, which `ps` shows to every local user),
+or `MESHGATE_SERVER` and `MESHGATE_TOKEN`. A mesh file is validated locally first, so its errors name the file, the
+field and the value. Exit status: 0 done, 1 the dashboard could not be reached or refused the token, 2 bad input
+(the file, the arguments, or a 4xx about them).
 """
 
 from __future__ import annotations
@@ -36,12 +37,25 @@ class CommandError(Exception):
 
 def _client(args: argparse.Namespace) -> httpx.Client:
     server = args.server or os.environ.get("MESHGATE_SERVER") or DEFAULT_SERVER
-    token = args.token or os.environ.get("MESHGATE_TOKEN")
+    if args.token and args.token_file:
+        raise CommandError("--token-file: give the token once, not also with --token", 2)
+    token = args.token or (_read_token(args.token_file) if args.token_file else os.environ.get("MESHGATE_TOKEN"))
     if not token:
-        raise CommandError("no token: pass --token or set MESHGATE_TOKEN", 2)
+        raise CommandError("no token: pass --token-file FILE or --token, or set MESHGATE_TOKEN", 2)
     if not server.startswith(("http://", "https://")):
         raise CommandError(f"--server: expected an http:// or https:// URL, got {server!r}", 2)
     return httpx.Client(base_url=server.rstrip("/"), headers={"authorization": f"Bearer {token}"}, timeout=TIMEOUT)
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            token = file.read().strip()
+    except OSError as err:
+        raise CommandError(f"--token-file {path}: {err.strerror or err}", 2) from None
+    if not token:
+        raise CommandError(f"--token-file {path}: the file is empty", 2)
+    return token
 
 
 def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:

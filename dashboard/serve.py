@@ -2,9 +2,10 @@
 create` (arguments in `dashboard.cli`).
 
 Start-up, in order: check the command line and the `--config` mesh file (exit 2 on bad input, before anything is
-written; `--check` stops there); bind the listen socket; open the CA in DIR/ca (with an etcd store too: replicas
-share those files) and the store; seed an empty store from the mesh file; make the bootstrap operator token if the
-store has none (printed once, saved to DIR/operator-token, 0600); serve, and log `listening http=HOST:PORT
+written; `--check` stops there); bind the listen socket; make DIR (0700) or tighten it and the files in it
+(`dashboard.datadir`); open the CA in DIR/ca (with an etcd store too: replicas share those files) and the store;
+seed an empty store from the mesh file; make the bootstrap operator token if the store has none (saved to
+DIR/operator-token, 0600, and printed once when standard output is a terminal); serve, and log `listening http=HOST:PORT
 url=http://HOST:PORT`. SIGTERM or SIGINT stops accepting, answers waiting long-polls at once, lets requests in
 flight finish up to `--drain-timeout`, and exits 0.
 """
@@ -29,13 +30,16 @@ from prometheus_client import CollectorRegistry
 
 from dashboard.app import create_app
 from dashboard.auth import TokenError, new_token
+from dashboard.datadir import private_directory, sqlite_files
 from dashboard.identity import IdentityError, MeshCA, check_trust_domain, is_dns_name
 from dashboard.mesh import Mesh
-from dashboard.settings import CERT_LIFETIME, PROMETHEUS_SCRAPE_INTERVAL, SIGNALS_STEP, Settings
+from dashboard.protocol import GuardedHttpProtocol
+from dashboard.settings import CERT_LIFETIME, PROMETHEUS_SCRAPE_INTERVAL, SIGNALS_STEP, SYNC_HOLD, Settings
 from dashboard.spans import DB_FILE as SPANS_FILE
 from dashboard.spans import MAX_AGE as MAX_SPAN_AGE
+from dashboard.spans import MAX_BYTES as MAX_SPAN_STORE_BYTES
 from dashboard.spans import MAX_SPANS, SpanStore
-from dashboard.store import Store, StoreError, open_store
+from dashboard.store import DB_FILE, Store, StoreError, open_store
 from gateway.config import ConfigError
 from gateway.control import write_private
 from gateway.units import Address, is_loopback, is_wildcard
@@ -43,6 +47,7 @@ from gateway.units import Address, is_loopback, is_wildcard
 log = logging.getLogger("meshgate.dashboard")
 
 TOKEN_FILE = "operator-token"
+DATA_FILES = ("ca", "tls", TOKEN_FILE, *sqlite_files(DB_FILE, SPANS_FILE))  # what start-up keeps private in --data
 HTTPS_LIFETIME = 90 * 86400.0  # the dashboard's own HTTPS certificate, made anew at every start
 
 
@@ -80,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
     except OSError as err:
         return _fail(f"--listen {args.listen}: {err.strerror or err}")
     try:
+        private_directory(args.data, DATA_FILES)  # before anything in it: `ca/` would make it with the umask's mode
+    except OSError as err:
+        sock.close()
+        return _fail(f"--data {args.data}: {err.strerror or err}", 1)
+    try:
         ca = MeshCA.load_or_create(os.path.join(args.data, "ca"), args.trust_domain)
         tls = (
             https_certificate(ca, args.data, args.listen, args.san)
@@ -101,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         else SpanStore(
             os.path.join(args.data, SPANS_FILE),
             max_spans=args.max_spans or MAX_SPANS,
+            max_bytes=args.span_store_size or MAX_SPAN_STORE_BYTES,
             max_age=args.span_max_age or MAX_SPAN_AGE,
         )
     )
@@ -110,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         registry=CollectorRegistry(),
         trust_domain=args.trust_domain,
         cert_lifetime=args.cert_lifetime or CERT_LIFETIME,
+        sync_hold=args.sync_hold or SYNC_HOLD,
         spans=spans,
         jaeger=args.jaeger,
         prometheus=args.prometheus,
@@ -167,8 +179,7 @@ async def serve(startup: Startup) -> int:
             await seed(store, startup.mesh, startup.config_path or "")
         token = await bootstrap_operator(store, startup.data)
         if token is not None:
-            path = os.path.join(startup.data, TOKEN_FILE)
-            print(f"operator token (shown once, saved to {path}): {token}", flush=True)
+            show_token(token, os.path.join(startup.data, TOKEN_FILE))
         log.info("mesh CA %s, trust domain %s", settings.ca.ca_hash, settings.ca.trust_domain)
         app = create_app(settings)
         signals = app.state.signals.source  # golden-signal history (or Prometheus), sampled in the background
@@ -178,6 +189,7 @@ async def serve(startup: Startup) -> int:
             log_config=None,
             access_log=False,
             lifespan="off",
+            http=GuardedHttpProtocol,  # header, body and head-size limits uvicorn lacks
             timeout_graceful_shutdown=max(1, round(startup.drain_timeout)),
             ssl_certfile=startup.tls[0] if startup.tls else None,
             ssl_keyfile=startup.tls[1] if startup.tls else None,
@@ -281,6 +293,15 @@ async def bootstrap_operator(store: Store, data: str) -> str | None:
     return token
 
 
+def show_token(token: str, path: str) -> None:
+    """The bootstrap token goes to a person, never to a log: printed once when standard output is a terminal, else
+    only its file is named (under systemd, docker or a pipe, standard output is the log)."""
+    if sys.stdout.isatty():
+        print(f"operator token (shown once, saved to {path}): {token}", flush=True)
+    else:
+        log.info("made the first operator token: read it from %s (0600); it is printed only to a terminal", path)
+
+
 def _token_audit(token_id: str, name: str, role: str, group: str | None) -> dict[str, object]:
     return {"id": token_id, "name": name, "role": role, "group": group}
 
@@ -326,6 +347,10 @@ class DashboardServer(uvicorn.Server):
 
 def run_ca(args: argparse.Namespace) -> int:
     """`meshgate dashboard ca`: the CA as the dashboard would load or create it at start, its hash on stdout."""
+    try:
+        private_directory(args.data)
+    except OSError as err:
+        return _fail(f"--data {args.data}: {err.strerror or err}", 1)
     try:
         ca = MeshCA.load_or_create(os.path.join(args.data, "ca"), args.trust_domain)
     except IdentityError as err:

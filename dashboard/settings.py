@@ -19,7 +19,9 @@ MAX_BODY = 1 << 20  # bytes; larger request bodies get 413
 MAX_SPAN_BATCH = 16 << 20  # bytes; an OTLP batch from a gateway (2048 spans with long paths) fits
 HEARTBEAT_INTERVAL = 2.0  # seconds between a gateway's heartbeats; stale after STALE_AFTER of them missed
 STALE_AFTER = 3
+FORGET_AFTER = 3600.0  # seconds of silence (counted from the dashboard's start if later) before a gateway is dropped
 MAX_WAIT = 60.0  # the longest /sync long-poll a gateway may ask for
+SYNC_HOLD = MAX_WAIT  # the longest the dashboard holds one before answering 304: as long as asked (30 s, gateways)
 CERT_LIFETIME = 24 * 3600.0  # seconds a gateway certificate lives; gateways renew at about half-life
 SIGNALS_STEP = 5.0  # seconds between golden-signal samples of the gateways' heartbeats (dashboard/stats.py)
 PROMETHEUS_SCRAPE_INTERVAL = 15.0  # Prometheus's own default; rates need at least two scrapes in a window
@@ -42,9 +44,11 @@ class Settings:
     registry: CollectorRegistry
     trust_domain: str = "meshgate.local"
     heartbeat_interval: float = HEARTBEAT_INTERVAL
+    forget_after: float = FORGET_AFTER  # a stale gateway is listed (as stale) until then, then removed from the store
     cert_lifetime: float = CERT_LIFETIME
     max_body: int = MAX_BODY
     max_wait: float = MAX_WAIT
+    sync_hold: float = SYNC_HOLD  # `--sync-hold`: shorter behind a proxy that cuts idle connections sooner
     spans: SpanStore | None = None  # the span store (owned by the caller, like `store`); None: POST /v1/traces 404s
     jaeger: str | None = None  # Jaeger's query URL: sampled traces are looked up there instead of in `spans`
     stopping: asyncio.Event = field(default_factory=asyncio.Event, compare=False)

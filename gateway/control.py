@@ -5,11 +5,15 @@ A joined gateway (`meshgate gateway --control URL --group G --token T`) keeps th
   `gateway:` section plus the services this group owns, plus one synthetic service per service owned elsewhere,
   whose endpoints are that group's gateways) and swapped in like a reload. The answer is cached on disk, so a
   restart while the dashboard is down serves the last good config.
-- `keep_identity`: a fresh key and CSR at about half the certificate's life; the key never leaves the gateway.
-  The new certificate is loaded into the same SSL contexts, so open connections are untouched.
+- `keep_identity`: a fresh key and CSR at about half the life the certificate had when it came (never more often
+  than every 5 s); the key never leaves the gateway. The new certificate is loaded into the same SSL contexts, so
+  open connections are untouched.
 - `heartbeat`: who this gateway is, what it applied, and its golden signals, so the dashboard can draw the
   topology and tell in-sync from behind.
-Failures back off with full jitter; nothing here is on the request path.
+A 304 from the long-poll is the normal answer to a quiet spell, not a failure. While the dashboard is unreachable
+the loops probe every 0.5 s (jittered) for the outage's first 2 minutes, so a restarted dashboard is back in use
+within about a second, then back off with full jitter up to 30 s (`outage_backoff`); nothing here is on the
+request path.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -38,15 +43,23 @@ from gateway.admin import AdminState
 from gateway.config import Config, ConfigError
 from gateway.server import Peers, Publish, Spawn
 from gateway.telemetry import Snapshot
-from gateway.units import Address, backoff, is_loopback, is_wildcard, parse_address
+from gateway.units import Address, Backoff, format_duration, is_loopback, is_wildcard, parse_address
 
 log = logging.getLogger("meshgate.control")
 
-SYNC_WAIT = 30.0  # the server holds a sync request this long when nothing changed
+SYNC_WAIT = 30.0  # the server holds a sync request this long when nothing changed, then answers 304
 REQUEST_TIMEOUT = 10.0
-BACKOFF_MIN, BACKOFF_MAX = 0.25, 30.0
+# A connect to the dashboard takes a round trip or two; where packets are silently dropped, fail it soon, so
+# outage probes stay about PROBE_INTERVAL apart rather than REQUEST_TIMEOUT.
+CONNECT_TIMEOUT = 2.0
+# The dashboard unreachable: try again every PROBE_INTERVAL (±50 %) for the outage's first YOUNG_OUTAGE, so a
+# restarted dashboard is seen within about a second; after that back off exponentially up to BACKOFF_MAX.
+PROBE_INTERVAL = 0.5
+YOUNG_OUTAGE = 120.0
+BACKOFF_MAX = 30.0  # also the wait after a refusal (token, CA pin), which retrying sooner would not change
 _CA_HASH = re.compile(r"sha256:[0-9a-f]{64}")  # what `tls.spki_hash` makes
 HEARTBEAT_INTERVAL = 2.0
+HEARTBEAT_BOUNDS = (0.5, 60.0)  # an interval the dashboard asks for is clamped to this: never a busy loop
 RENEW_MARGIN = 60.0  # at start, a certificate with less life left than this is renewed before anything else
 # The caller's hop to another group only picks one of its gateways and retries connect failures (DESIGN.md,
 # "Division of work"): the owner's gateway splits, balances, retries and ejects, so retries never multiply.
@@ -150,7 +163,22 @@ def mesh_config(
     gateway["telemetry"] = {**telemetry, "tracing": tracing}
     source = f"{settings.url} config version {payload.get('version')}"
     config = Config.parse({"gateway": gateway, "services": services}, source=source, base_dir=settings.base_dir)
-    return config, Peers(frozenset(remote), peers, trust_domain, ca_pem)
+    headers = export_headers(settings, config.gateway.telemetry.tracing.endpoint)
+    return config, Peers(frozenset(remote), peers, trust_domain, ca_pem, headers)
+
+
+def export_headers(settings: JoinSettings, endpoint: str | None) -> dict[str, str]:
+    """The join token, for span export to the dashboard itself (the scheme, host and port of `--control`), which
+    then takes the spans as this group's hops. Nothing for any other collector: it must never see the token."""
+    if endpoint is None or _origin(endpoint) != _origin(settings.url):
+        return {}
+    return {"authorization": f"Bearer {settings.token}"}
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(scheme)
 
 
 class Identity:
@@ -167,7 +195,7 @@ class Identity:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         self.server = tls.mesh_context(server=True)
         self.client = tls.mesh_context(server=False)
-        self.not_before = 0.0
+        self.received = 0.0  # when this certificate came from the dashboard (its file's time, when loaded)
         self.not_after = 0.0
         self.trust_domain = ""  # from our own SPIFFE ID; peers must be of the same trust domain
         self.ca_pem = b""  # the mesh CA, which also signs the dashboard's HTTPS certificate
@@ -177,12 +205,14 @@ class Identity:
         try:
             with open(self.key_path, "rb") as key, open(self.cert_path, "rb") as cert, open(self.ca_path, "rb") as ca:
                 key_pem, chain_pem, ca_pem = key.read(), cert.read(), ca.read()
+                written = os.fstat(cert.fileno()).st_mtime  # when this gateway (or its supervisor) received it
         except OSError:
             return False
         try:
             if tls.not_after(chain_pem) <= time.time():
                 return False
             self._install(key_pem, chain_pem, ca_pem)
+            self.received = min(written, time.time())  # not in the future, should the clock have been set back
         except (ValueError, ssl.SSLError) as exc:
             log.warning("ignoring the identity in %s: %s", os.path.dirname(self.key_path), exc)
             return False
@@ -190,6 +220,7 @@ class Identity:
 
     def save(self, key_pem: bytes, chain_pem: bytes, ca_pem: bytes) -> None:
         self._install(key_pem, chain_pem, ca_pem)  # first: a chain that does not load is never written
+        self.received = time.time()
         write_private(self.key_path, key_pem)
         write_private(self.cert_path, chain_pem)
         write_private(self.ca_path, ca_pem)
@@ -197,7 +228,7 @@ class Identity:
     def _install(self, key_pem: bytes, chain_pem: bytes, ca_pem: bytes) -> None:
         for context in (self.server, self.client):
             tls.install(context, chain_pem, key_pem, ca_pem)
-        self.not_before, self.not_after = tls.not_before(chain_pem), tls.not_after(chain_pem)
+        self.not_after = tls.not_after(chain_pem)
         self.trust_domain = tls.trust_domain_of(chain_pem)
         self.ca_pem = ca_pem
 
@@ -312,7 +343,8 @@ class ControlClient:
         verify: ssl.SSLContext | bool = True
         if url.startswith("https:"):
             verify = ssl.create_default_context(cadata=(await self._trusted_ca(url)).decode())
-        self.client = httpx.AsyncClient(base_url=url, headers=headers, verify=verify, timeout=REQUEST_TIMEOUT)
+        timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT)
+        self.client = httpx.AsyncClient(base_url=url, headers=headers, verify=verify, timeout=timeout)
         return self.client
 
     async def _trusted_ca(self, url: str) -> bytes:
@@ -345,7 +377,7 @@ class ControlClient:
         log.info("mesh identity %s, valid until %s", body.get("spiffe_id"), _when(self.identity.not_after))
 
     async def join_until_done(self) -> None:
-        attempt = 0
+        retry = outage_backoff()
         while True:
             try:
                 await self.join()
@@ -354,51 +386,72 @@ class ControlClient:
                 log.error("joining the mesh failed: %s", exc)
                 await asyncio.sleep(BACKOFF_MAX)
             except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-                delay = backoff(attempt, BACKOFF_MIN, BACKOFF_MAX)
-                log.warning("joining the mesh failed (%s); retrying in %.1fs", _describe(exc), delay)
-                await asyncio.sleep(delay)
-                attempt += 1
+                await asyncio.sleep(_retry_after(retry, "joining the mesh failed", exc))
 
     async def watch(self) -> None:
-        attempt = 0
+        """Long-poll /sync and apply each new view. A 304 (nothing changed while the dashboard held the request) is
+        the normal answer and asks again at once. After a failure the next request asks with wait=0, so reaching
+        the dashboard again is noticed, logged and ends the outage at once, not after a quiet hold."""
+        retry = outage_backoff()
+        rejected = ""  # the etag of a view this gateway refused: wait for the next change instead of refetching it
         while True:
             try:
-                client = await self.connect()
-                params = {"after": self.applied.etag, "wait": str(SYNC_WAIT)}
-                answer = await client.get("/api/v1/sync", params=params, timeout=SYNC_WAIT + REQUEST_TIMEOUT)
-                if answer.status_code in (401, 403):
-                    raise ControlError(f"the dashboard refused the join token: {_reason(answer)}")
-                answer.raise_for_status()
-                attempt = 0
-                if answer.status_code == 304:
-                    continue
-                try:
-                    self._apply(answer.json(), cache=True)
-                except (ConfigError, ValueError, KeyError, TypeError) as exc:
-                    # The dashboard validates what it stores; a config this gateway cannot take keeps the last good.
-                    log.error(
-                        "config from the control server rejected, keeping version %d: %s", self.applied.version, exc
-                    )
-                    await asyncio.sleep(backoff(attempt, BACKOFF_MIN, BACKOFF_MAX))
-                    attempt += 1
-                    continue
-                log.info("config version %d applied (control server)", self.applied.version)
+                payload = await self.sync(rejected or self.applied.etag, 0.0 if retry.failures else SYNC_WAIT)
             except ControlError as exc:
                 log.error("config sync failed: %s", exc)
                 await asyncio.sleep(BACKOFF_MAX)
+                continue
             except (httpx.HTTPError, ValueError) as exc:
-                delay = backoff(attempt, BACKOFF_MIN, BACKOFF_MAX)
-                log.warning("control server unavailable (%s); retrying in %.1fs", _describe(exc), delay)
-                await asyncio.sleep(delay)
-                attempt += 1
+                what = f"control server unavailable, serving config version {self.applied.version}"
+                await asyncio.sleep(_retry_after(retry, what, exc))
+                continue
+            if retry.failures:
+                log.info("control server reachable again after %.1fs", retry.elapsed())
+                retry.succeeded()
+            if payload is None:
+                continue
+            try:
+                self._apply(payload, cache=True)
+            except (ConfigError, ValueError, KeyError, TypeError) as exc:
+                # The dashboard validates what it stores; a config this gateway cannot take keeps the last good.
+                log.error("config from the control server rejected, keeping version %d: %s", self.applied.version, exc)
+                rejected = str(payload.get("etag") or "") if isinstance(payload, dict) else ""
+                if not rejected:  # nothing to long-poll on: ask again later rather than in a loop
+                    await asyncio.sleep(BACKOFF_MAX)
+                continue
+            rejected = ""
+            log.info("config version %d applied (control server)", self.applied.version)
+
+    async def sync(self, after: str, wait: float) -> Any:
+        """One /sync request: the view (JSON) when it differs from `after`, None when the dashboard answered 304."""
+        client = await self.connect()
+        params = {"after": after, "wait": f"{wait:g}"}
+        timeout = httpx.Timeout(wait + REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT)
+        answer = await client.get("/api/v1/sync", params=params, timeout=timeout)
+        if answer.status_code in (401, 403):
+            raise ControlError(f"the dashboard refused the join token: {_reason(answer)}")
+        if answer.status_code == 304:
+            return None
+        if answer.status_code != 200:
+            raise httpx.HTTPStatusError(
+                f"HTTP {answer.status_code}: {_reason(answer)}", request=answer.request, response=answer
+            )
+        return answer.json()
 
     async def heartbeat(self) -> None:
+        refused = ""  # the reason the dashboard last refused a heartbeat with
         while True:
             try:
                 client = await self.connect()
                 answer = await client.post("/api/v1/heartbeat", json=self.heartbeat_body())
                 if answer.status_code == 200:
-                    self.interval = float(answer.json().get("interval", HEARTBEAT_INTERVAL))
+                    self.interval = heartbeat_interval(answer.json().get("interval"))
+                    refused = ""
+                elif _reason(answer) != refused:  # said once, not every interval: the dashboard lists us as stale
+                    refused = _reason(answer)
+                    log.warning(
+                        "the dashboard refused this gateway's heartbeat: HTTP %d: %s", answer.status_code, refused
+                    )
             except (httpx.HTTPError, ValueError) as exc:
                 log.debug("heartbeat failed: %s", _describe(exc))
             await asyncio.sleep(self.interval)
@@ -421,6 +474,14 @@ class ControlClient:
             await self.client.aclose()
 
 
+def heartbeat_interval(value: object) -> float:
+    """The interval the dashboard asked for, within HEARTBEAT_BOUNDS; the default for anything but a number."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return HEARTBEAT_INTERVAL
+    low, high = HEARTBEAT_BOUNDS
+    return min(max(float(value), low), high)
+
+
 def _reason(answer: httpx.Response) -> str:
     try:
         return str(answer.json()["error"])
@@ -430,6 +491,32 @@ def _reason(answer: httpx.Response) -> str:
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def outage_backoff(clock: Callable[[], float] = time.monotonic) -> Backoff:
+    """The retry schedule while the dashboard is unreachable: probes every PROBE_INTERVAL while the outage is young
+    (a restarted dashboard is back in use within about a second), then backoff up to BACKOFF_MAX."""
+    return Backoff(PROBE_INTERVAL, BACKOFF_MAX, YOUNG_OUTAGE, clock)
+
+
+def _retry_after(retry: Backoff, what: str, exc: BaseException) -> float:
+    """Count a failed try and return the delay before the next. Logged when the outage starts and when it starts
+    backing off, not on every probe."""
+    delay = retry.failed()
+    if retry.failures == 1:
+        log.warning(
+            "%s (%s); retrying about every %gs for %s, then backing off up to %gs",
+            what,
+            _describe(exc),
+            retry.low,
+            format_duration(retry.young),
+            retry.high,
+        )
+    elif retry.backing_off and retry.failures == retry.probes + 1:
+        log.warning("%s for %.0fs (%s); now backing off up to %gs", what, retry.elapsed(), _describe(exc), retry.high)
+    else:
+        log.debug("%s (%s); retrying in %.1fs", what, _describe(exc), delay)
+    return delay
 
 
 def _when(epoch: float) -> str:
@@ -483,14 +570,15 @@ class ControlSource:
         spawn(client.heartbeat())
 
     async def _identity(self, client: ControlClient, state: AdminState) -> None:
-        """Join if the identity on disk is missing or nearly spent; then renew at about half-life, with jitter so
-        a fleet started together does not renew together."""
+        """Join if the identity on disk is missing or nearly spent; then renew at about half the life a certificate
+        had when it came (`tls.renew_at`: at most every 5 s), with jitter so a fleet started together does not renew
+        together."""
         if client.identity.not_after - time.time() < RENEW_MARGIN:
             await client.join_until_done()
             self.identity_changed()
             state.ready = client.ready
         while True:
-            renew = tls.renew_at(client.identity.not_before, client.identity.not_after, random.random())
+            renew = tls.renew_at(client.identity.received, client.identity.not_after, random.random())
             await asyncio.sleep(max(0.0, renew - time.time()))
             await client.join_until_done()
             self.identity_changed()

@@ -45,7 +45,7 @@ from gateway.admin import AdminState
 from gateway.config import Config, Subset
 from gateway.config import Discovery as DiscoverySection
 from gateway.etcd import EtcdClient, EtcdError, key_of, prefix_end
-from gateway.units import Address, backoff, parse_address
+from gateway.units import Address, Backoff, parse_address
 
 if TYPE_CHECKING:
     from gateway.server import Peers, Publish, Spawn
@@ -196,7 +196,7 @@ class Watch:
         self.target = target
         self.task: asyncio.Task[None] | None = None
         self.endpoints: Endpoints = frozenset()
-        self.failures = 0  # in a row
+        self.retry = Backoff(BACKOFF_MIN, BACKOFF_MAX)  # counts the failed lookups in a row
         self.answered = False  # found or failed at least once
         self.ignored: set[str] = set()  # etcd keys that name no endpoint, warned about once each
 
@@ -205,20 +205,19 @@ class Watch:
 
     def found(self, endpoints: Endpoints) -> None:
         self.answered = True
-        if self.failures:
+        if self.retry.failures:
             log.info("%s: %s answers again", self, self.target)
-            self.failures = 0
+            self.retry.succeeded()
         self.discovery.found(self, endpoints)
 
     def failed(self, reason: str) -> float:
         """Count a failed lookup, log it if it is the first in a row, and say how long to wait before the next."""
         self.answered = True
-        if not self.failures:
+        if not self.retry.failures:
             kept = len(self.endpoints)
             log.warning("%s: %s failed (%s); keeping its %d endpoints and retrying", self, self.target, reason, kept)
         self.discovery.failed(self)
-        self.failures += 1
-        return backoff(self.failures - 1, BACKOFF_MIN, BACKOFF_MAX)
+        return self.retry.failed()
 
     def stop(self) -> None:
         if self.task is not None:

@@ -54,6 +54,8 @@ class Peers:
     addresses: Mapping[Address, str] = field(default_factory=dict)
     trust_domain: str | None = None  # peers' SPIFFE IDs must be in it; None (standalone): the CA file decides
     ca_pem: bytes = b""  # the mesh CA: span export to the dashboard over HTTPS trusts it besides the system's
+    # Span export to the dashboard itself carries the join token (control.export_headers); to others, nothing.
+    export_headers: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def export_verify(self) -> ssl.SSLContext | bool:
         """How span export checks its collector: the system's CAs, plus the mesh CA when joined."""
@@ -88,7 +90,7 @@ class Runtime:
         self.sampling = config.gateway.telemetry.tracing.sampling
         self.access_log: AccessLog | None = None
         self.exporter: Exporter | None = None
-        self.exporter_key: tuple[str | None, bytes] = (None, b"")  # what the exporter was made for
+        self.exporter_key: tuple[object, ...] = (None, b"", {})  # what the exporter was made for
         self.wall_offset = time.time() - time.monotonic()  # hop records carry wall-clock times
         self.telemetry_tasks: dict[int, asyncio.Task[Any]] = {}
         self.loads: dict[str, ServiceLoad] = {}
@@ -123,12 +125,12 @@ class Runtime:
             self.access_log, old_log = (AccessLog(target, self.metrics) if target else None), self.access_log
             self._restart(old_log, self.access_log)
         endpoint = telemetry.tracing.endpoint
-        wanted = (endpoint, self.peers.ca_pem)
+        wanted = (endpoint, self.peers.ca_pem, self.peers.export_headers)
         if self.exporter_key != wanted:
             self.exporter_key = wanted
-            verify = self.peers.export_verify()
+            verify, headers = self.peers.export_verify(), self.peers.export_headers
             self.exporter, old_exporter = (
-                (Exporter(endpoint, config.gateway.group, self.metrics, verify) if endpoint else None),
+                (Exporter(endpoint, config.gateway.group, self.metrics, verify, headers) if endpoint else None),
                 self.exporter,
             )
             self._restart(old_exporter, self.exporter)
@@ -170,7 +172,7 @@ class Runtime:
     def load(self, service: str) -> ServiceLoad:
         load = self.loads.get(service)
         if load is None:
-            load = self.loads[service] = ServiceLoad()
+            load = self.loads[service] = ServiceLoad(SWEEP_INTERVAL)
         return load
 
     def endpoint(self, service: str, address: Address) -> Endpoint:
@@ -201,7 +203,8 @@ class Runtime:
                     subset.balancer.invalidate()
 
     async def sweep(self) -> None:
-        """Enforce header and idle timeouts and expire idle upstream connections, twice a second.
+        """Enforce header, body, send and idle timeouts, expire idle upstream connections and move the retry
+        budgets' window, twice a second.
 
         One periodic pass instead of a timer per connection keeps timers off the hot path.
         """
@@ -213,6 +216,10 @@ class Runtime:
             for conn in list(self.connections):
                 if conn.tunnel is not None:
                     continue  # an upgraded connection lives until either side closes it
+                if conn.exchange is not None or conn.write_paused:
+                    conn.check_progress(now, limits)
+                if conn.closed:
+                    continue
                 parsing = conn.parsing
                 if conn.in_head and parsing is not None and not parsing.method and not parsing.done:
                     if now - conn.head_start > limits.header_timeout:
@@ -223,6 +230,8 @@ class Runtime:
                         conn.close()
             for pool in self.pools.values():
                 pool.expire(now - UPSTREAM_IDLE_TIMEOUT)
+            for load in self.loads.values():
+                load.tick()
 
     async def drain(self, servers: list[asyncio.AbstractServer], timeout: float) -> None:
         """Stop accepting, let requests in flight finish (up to `timeout`), then close everything."""
@@ -295,10 +304,10 @@ def server_tls(config: Config) -> ssl.SSLContext | None:
 
 def data_listener(kind: str, runtime: Runtime, tls: ssl.SSLContext | None) -> Listener:
     group = runtime.config.gateway.group
-    if kind == "edge":  # trust follows `preserve_request_id`, read per connection
+    if kind == "edge":  # trust follows `trusted_proxies` and `preserve_request_id`, decided per connection
         return Listener(kind, runtime, "external", reporter="destination")
     if kind == "outbound":
-        return Listener(kind, runtime, group, trust_request_id=True, reporter="source")
+        return Listener(kind, runtime, group, trusted=True, reporter="source")
     return Listener(kind, runtime, "unknown", scheme=b"https" if tls else b"http", reporter="destination")
 
 

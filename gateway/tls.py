@@ -26,6 +26,7 @@ _SEGMENT = r"(?!\.\.?(?:/|$))[A-Za-z0-9._-]+"
 _SPIFFE_ID = re.compile(rf"spiffe://([a-z0-9._-]+)((?:/{_SEGMENT})+)")
 _GROUP_PATH = re.compile(rf"/group/({_SEGMENT})")
 RENEW_JITTER = 0.1  # renewal lands within ±10 % of the half-life, so gateways joined together don't renew together
+RENEW_MIN_INTERVAL = 5.0  # seconds: however short a certificate's life, it is renewed at most this often
 
 
 def new_key_and_csr() -> tuple[bytes, bytes]:
@@ -58,12 +59,17 @@ def not_after(chain_pem: bytes) -> float:
     return x509.load_pem_x509_certificate(chain_pem).not_valid_after_utc.timestamp()
 
 
-def renew_at(not_before: float, not_after: float, rand: float) -> float:
-    """When to renew: at half the lifetime, moved by up to ±10 % of that half; `rand` is uniform in [0, 1]."""
+def renew_at(received: float, not_after: float, rand: float) -> float:
+    """When to renew a certificate that came at `received`: at half the life it had then, moved by up to ±10 % of
+    that half, and never sooner than RENEW_MIN_INTERVAL after it came. `rand` is uniform in [0, 1].
+
+    Counted from receipt, not from notBefore: the CA backdates notBefore by minutes for peers with slow clocks, so a
+    short certificate would look half spent on arrival and be renewed again at once, in a loop.
+    """
     if not 0.0 <= rand <= 1.0:
         raise ValueError(f"rand must be in [0, 1], got {rand}")
-    half = (not_after - not_before) / 2
-    return not_before + half * (1 + RENEW_JITTER * (2 * rand - 1))
+    half = (not_after - received) / 2
+    return received + max(RENEW_MIN_INTERVAL, half * (1 + RENEW_JITTER * (2 * rand - 1)))
 
 
 def mesh_server_context(chain_pem: bytes, key_pem: bytes, ca_pem: bytes) -> ssl.SSLContext:

@@ -1,7 +1,8 @@
 """Values written as text in config files: `host:port` addresses, durations, sizes and percentages.
 
 Each `parse_*` raises ValueError with the reason; each `format_*` is its exact inverse, so a config written
-back out (`Config.to_dict()`) reads the same.
+back out (`Config.to_dict()`) reads the same. Also the one retry schedule (`backoff`, and `Backoff` for an outage
+in two phases) that the control client and discovery share.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import ipaddress
 import math
 import random
 import re
+import time
+from collections.abc import Callable
 from decimal import Decimal
 from typing import NamedTuple
 
@@ -164,3 +167,51 @@ def backoff(attempt: int, low: float, high: float) -> float:
     """Seconds to wait before retry `attempt` (0 first): exponential from `low` up to `high`, with full jitter, so
     gateways that lost a dashboard or a discovery source together don't return together."""
     return random.uniform(low, min(high, low * 2 ** min(attempt, 16)))
+
+
+class Backoff:
+    """The delays between retries while something keeps failing, in two phases.
+
+    While the failures in a row are young (the first `young` seconds since the first of them), the next try comes
+    after `low` seconds ±50 %: a service back after a restart is seen again within about `low`. After that the
+    delays grow as `backoff()` does, from `low` up to `high`, so a fleet facing a long outage neither hammers the
+    service nor comes back to it in step. With `young=0` there is only the second phase. `clock` is injectable so
+    tests can walk through an outage without waiting for it.
+
+    >>> retry = Backoff(0.5, 30.0, young=120.0)
+    >>> 0.25 <= retry.failed() <= 0.75  # a new outage: try again soon
+    True
+    >>> retry.succeeded()  # over: the next failure starts a new outage
+    """
+
+    def __init__(
+        self, low: float, high: float, young: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.low, self.high, self.young = low, high, young
+        self.clock = clock
+        self.failures = 0  # in a row
+        self.probes = 0  # of them, those while the outage was young
+        self.since = 0.0  # the clock at the first of them
+
+    def failed(self) -> float:
+        """Count a failure and return the seconds to wait before the next try."""
+        now = self.clock()
+        if not self.failures:
+            self.since = now
+        self.failures += 1
+        if now - self.since < self.young:
+            self.probes += 1
+            return random.uniform(self.low / 2, self.low * 1.5)
+        return backoff(self.failures - self.probes - 1, self.low, self.high)
+
+    def succeeded(self) -> None:
+        self.failures = self.probes = 0
+
+    @property
+    def backing_off(self) -> bool:
+        """The last failure was past the young phase, so the delays grow."""
+        return self.failures > self.probes
+
+    def elapsed(self) -> float:
+        """Seconds since the first failure in a row (0 when not failing)."""
+        return self.clock() - self.since if self.failures else 0.0

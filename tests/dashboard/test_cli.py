@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import json
 import os
+import pty
 import re
+import select
 import signal
 import stat
 import subprocess
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MESHGATE = str(ROOT / ".venv" / "bin" / "meshgate")
 TIMEOUT = 20.0
 LISTENING = re.compile(r"meshgate dashboard listening http=(\S+) url=(\S+)")
-TOKEN_LINE = re.compile(r"operator token \(shown once, saved to (.+)\): (mgo_\S+)")
+TOKEN_LINE = re.compile(r"made the first operator token: read it from (\S+) \(0600\)")
 
 
 @dataclass
@@ -141,18 +143,20 @@ def running(start: Any, tmp_path: Path, mesh_file: Path) -> tuple[DashboardProce
     return dashboard, token
 
 
-def test_first_start_seeds_the_store_and_prints_the_operator_token_once(
+def test_first_start_seeds_the_store_and_saves_the_operator_token_but_never_logs_it(
     start: Any, tmp_path: Path, mesh_file: Path
 ) -> None:
+    """Standard output is a pipe here, as under systemd or docker: it is the log, so the token is not printed."""
     data = tmp_path / "data"
     dashboard = start("--data", str(data), "--config", str(mesh_file))
     match = wait_for(lambda: TOKEN_LINE.search(dashboard.output()), 5, what="the operator token line")
-    path, token = Path(match[1]), match[2]
-    assert path == data / "operator-token" and path.read_text() == token + "\n"
+    path = Path(match[1])
+    token = path.read_text().strip()
+    assert path == data / "operator-token" and re.fullmatch(r"mgo_[A-Za-z0-9_-]{43}", token)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     config = httpx.get(f"{dashboard.url}/api/v1/config", headers={"authorization": f"Bearer {token}"}).json()
     assert config["version"] == 1 and config["mesh"]["groups"] == mesh()["groups"]
-    assert dashboard.output().count("mgo_") == 1, "the token is shown once, and never logged"
+    assert "mgo_" not in dashboard.output(), "never in the log"
 
     assert dashboard.stop() == 0
     changed = tmp_path / "other.yaml"
@@ -162,6 +166,87 @@ def test_first_start_seeds_the_store_and_prints_the_operator_token_once(
     assert "mgo_" not in again.output(), "no new operator token while one exists"
     config = httpx.get(f"{again.url}/api/v1/config", headers={"authorization": f"Bearer {token}"}).json()
     assert config["version"] == 1, "the stored config wins over --config"
+
+
+def read_until(fd: int, pattern: re.Pattern[str], timeout: float) -> re.Match[str]:
+    """Read a pseudo-terminal until `pattern` matches what came out of it, or fail at the deadline."""
+    deadline, received = time.monotonic() + timeout, b""
+    while not (match := pattern.search(received.decode(errors="replace"))):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0 and select.select([fd], [], [], remaining)[0], f"no match in {received!r}"
+        received += os.read(fd, 4096)
+    return match
+
+
+def test_the_operator_token_is_printed_once_to_a_terminal_and_never_logged(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    terminal, child_end = pty.openpty()
+    proc = subprocess.Popen(
+        [MESHGATE, "dashboard", "--listen", "127.0.0.1:0", "--data", str(data)],
+        cwd=ROOT,
+        stdout=child_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+    os.close(child_end)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(proc.stderr or ()), daemon=True)
+    reader.start()
+    try:
+        match = read_until(terminal, re.compile(r"operator token \(shown once, saved to (\S+)\): (mgo_\S+)"), TIMEOUT)
+        assert Path(match[1]) == data / "operator-token" and (data / "operator-token").read_text() == match[2] + "\n"
+        wait_for(lambda: LISTENING.search("".join(log)), TIMEOUT, what="the dashboard to listen")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(TIMEOUT)
+        reader.join(5)
+        os.close(terminal)
+        if proc.stderr is not None:
+            proc.stderr.close()
+    assert proc.returncode == 0
+    assert "mgo_" not in "".join(log), "the log (standard error) never holds the token"
+
+
+def private_files(data: Path) -> dict[str, int]:
+    return {path.name: stat.S_IMODE(path.stat().st_mode) for path in data.iterdir() if path.is_file()}
+
+
+def test_the_data_directory_and_its_files_are_private_and_checked_at_start(start: Any, tmp_path: Path) -> None:
+    """Under the usual umask (022) the directory was 0755 (made as the CA's parent) and the databases 0644."""
+    data = tmp_path / "data"
+    umask = os.umask(0o022)  # the child inherits it
+    try:
+        dashboard = start("--data", str(data))
+    finally:
+        os.umask(umask)
+    wait_for(lambda: TOKEN_LINE.search(dashboard.output()), 5, what="the operator token line")
+    modes = private_files(data)
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700 and stat.S_IMODE((data / "ca").stat().st_mode) == 0o700
+    assert {"mesh.db", "spans.db", "operator-token"} <= set(modes) and set(modes.values()) == {0o600}, modes
+    assert dashboard.stop() == 0
+
+    data.chmod(0o755)  # as an older meshgate left them
+    for name in ("mesh.db", "spans.db", "operator-token"):
+        (data / name).chmod(0o644)
+    again = start("--data", str(data))
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700 and set(private_files(data).values()) == {0o600}
+    assert f"{data}: mode 0755 let other users in; changed to 0700" in again.output()
+    assert f"{data / 'mesh.db'}: mode 0644 let other users in; changed to 0600" in again.output()
+
+
+def test_ca_and_token_create_make_a_private_data_directory(tmp_path: Path) -> None:
+    umask = os.umask(0o022)
+    try:
+        made_by_ca = meshgate("dashboard", "ca", "--data", str(tmp_path / "ca-data"))
+        made_by_token = meshgate("dashboard", "token", "create", "--data", str(tmp_path / "t"), "--role", "viewer")
+    finally:
+        os.umask(umask)
+    assert made_by_ca.returncode == 0 and made_by_token.returncode == 0
+    for data in (tmp_path / "ca-data", tmp_path / "t"):
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700, data
+    assert set(private_files(tmp_path / "t").values()) == {0o600}
 
 
 def test_sigterm_answers_long_polls_and_exits_0(start: Any, tmp_path: Path) -> None:
@@ -257,6 +342,26 @@ def test_client_errors_say_what_is_wrong(running: tuple[DashboardProcess, str], 
     assert meshgate("get", "everything").returncode == 2
 
 
+def test_get_and_apply_read_the_token_from_a_file(
+    running: tuple[DashboardProcess, str], tmp_path: Path, mesh_file: Path
+) -> None:
+    """A command line shows its arguments to every local user (`ps`): a file does not."""
+    dashboard, token = running
+    path = tmp_path / "operator.token"
+    path.write_text(token + "\n")
+    services = meshgate("get", "services", "--server", dashboard.url, "--token-file", str(path))
+    assert services.returncode == 0 and services.stdout.split()[:4] == ["NAME", "GROUP", "WEIGHTS", "ENDPOINTS"]
+    applied = meshgate("apply", str(mesh_file), "--server", dashboard.url, "--token-file", str(path))
+    assert applied.returncode == 0, applied.stderr
+    missing = meshgate("get", "services", "--server", dashboard.url, "--token-file", str(tmp_path / "nowhere"))
+    assert_bad_input(missing, "--token-file", "nowhere", "No such file")
+    (tmp_path / "empty").write_text("\n")
+    empty = meshgate("get", "services", "--server", dashboard.url, "--token-file", str(tmp_path / "empty"))
+    assert_bad_input(empty, "--token-file", "empty")
+    both = meshgate("get", "services", "--server", dashboard.url, "--token-file", str(path), "--token", token)
+    assert_bad_input(both, "--token-file", "once")
+
+
 @contextlib.contextmanager
 def socket_closed() -> Iterator[str]:
     """The URL of a loopback port nothing listens on."""
@@ -339,7 +444,7 @@ def test_check_validates_the_command_line_without_network_or_files(tmp_path: Pat
     args = ["--listen", "0.0.0.0:9000", "--san", "dashboard", "--san", "10.0.0.5", "--data", str(data)]
     args += ["--store", "etcd://etcd.invalid:2379,127.0.0.1:9", "--config", str(mesh_file)]
     args += ["--prometheus", "http://prometheus:9090", "--prometheus-scrape-interval", "15s"]
-    args += ["--jaeger", "http://jaeger:16686", "--cert-lifetime", "12h", "--check"]
+    args += ["--jaeger", "http://jaeger:16686", "--cert-lifetime", "12h", "--span-store-size", "2GiB", "--check"]
     result = meshgate("dashboard", *args)
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
@@ -372,6 +477,13 @@ def test_check_refuses_bad_input_in_one_line(tmp_path: Path, args: list[str], fr
         ["--jaeger", "ftp://jaeger:16686"],
         ["--listen", "0.0.0.0"],
         ["--signals-step", "often"],
+        # A zero duration used to mean the default, silently.
+        ["--signals-step", "0s"],
+        ["--span-max-age", "0s"],
+        ["--prometheus-scrape-interval", "0"],
+        ["--sync-hold", "0s"],
+        ["--span-store-size", "lots"],
+        ["--span-store-size", "100KiB"],  # under 1 MiB: an empty store's file is about 40 KiB
     ],
 )
 def test_check_refuses_malformed_flags(tmp_path: Path, args: list[str]) -> None:
@@ -379,6 +491,18 @@ def test_check_refuses_malformed_flags(tmp_path: Path, args: list[str]) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
     last = result.stderr.splitlines()[-1]
     assert args[0] in last and args[1] in last, last
+
+
+@pytest.mark.parametrize("lifetime", ["5s", "0s", "9.9s", "500ms"])
+def test_a_certificate_lifetime_under_ten_seconds_is_refused(tmp_path: Path, lifetime: str) -> None:
+    """Gateways renew at half-life and at most every 5 s, so a shorter life would expire before its renewal; `0s`
+    used to mean the 24 h default."""
+    result = meshgate("dashboard", "--data", str(tmp_path / "data"), "--cert-lifetime", lifetime, "--check")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert "--cert-lifetime: expected at least 10s" in last and repr(lifetime) in last, last
+    shortest = meshgate("dashboard", "--data", str(tmp_path / "data"), "--cert-lifetime", "10s", "--check")
+    assert shortest.returncode == 0, shortest.stderr
 
 
 def test_check_refuses_a_bad_mesh_file_naming_the_field(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,7 +141,11 @@ def test_a_gateway_that_never_got_a_config_is_not_ready_until_the_dashboard_come
             answer = httpx.get(restarted.url("outbound") + "/", headers={"host": "shop"}, timeout=5)
             assert answer.status_code == 503 and "no configuration" in answer.text
         dashboard.restart()
+        back = time.monotonic()
         wait_ready(restarted)
+        # A young outage is probed every 0.5 s: joined and synced within about a second of the dashboard listening.
+        assert time.monotonic() - back < 1.5, restarted.output()
+        assert "joining the mesh failed" in restarted.output() and restarted.output().count("retrying about") == 2
     finally:
         restarted.stop()
         dashboard.stop()

@@ -1,17 +1,41 @@
-"""The gateway's side of joining a mesh, without sockets: a sync answer becomes a config and peers, and pools to
-peer gateways follow what each peer must prove."""
+"""The gateway's side of joining a mesh: a sync answer becomes a config and peers, pools to peer gateways follow
+what each peer must prove, the retry schedule while the dashboard is away (on a fake clock), and the watch loop
+against a real dashboard on loopback."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
+from dashboard.identity import MeshCA
+from dashboard.store import Revision, Store
+from gateway import tls
 from gateway.config import Config, ConfigError
-from gateway.control import JoinSettings, mesh_config, stats_json
+from gateway.control import (
+    BACKOFF_MAX,
+    PROBE_INTERVAL,
+    YOUNG_OUTAGE,
+    ControlClient,
+    Identity,
+    JoinSettings,
+    heartbeat_interval,
+    mesh_config,
+    outage_backoff,
+    stats_json,
+)
 from gateway.server import Peers, Runtime
 from gateway.telemetry import merge
-from gateway.units import Address
+from gateway.units import Address, Backoff
+from tests.dashboard.dashboards import Dashboard, mesh, running
 
 SETTINGS = JoinSettings(url="http://127.0.0.1:9000", group="shop", token="t", data_dir="unused")
 PAYLOAD = {
@@ -87,3 +111,202 @@ def test_stats_travel_as_json() -> None:
         }
     ]
     assert as_json["counters"] == [["meshgate_retries_total", "catalog", 2.0]]
+
+
+def test_a_certificate_is_timed_from_when_it_came_not_from_its_backdated_not_before(tmp_path: Path) -> None:
+    ca = MeshCA.load_or_create(str(tmp_path / "ca"), "meshgate.local")
+    key_pem, csr_pem = tls.new_key_and_csr()
+    issued = ca.sign_csr(csr_pem, "shop", lifetime=20)
+    identity = Identity(str(tmp_path / "gateway"))
+    before = time.time()
+    identity.save(key_pem, issued.chain_pem, ca.root_pem)
+    assert before <= identity.received <= time.time()
+    renew = tls.renew_at(identity.received, identity.not_after, 0.5)
+    assert identity.received + 9 <= renew <= identity.received + 11  # not long past, as from notBefore
+    # Loaded at a restart: it came when its file was written (this gateway, or its supervisor, wrote it).
+    hour_ago = time.time() - 3600
+    issued = ca.sign_csr(csr_pem, "shop", lifetime=86400, now=hour_ago)
+    identity.save(key_pem, issued.chain_pem, ca.root_pem)
+    os.utime(identity.cert_path, (hour_ago, hour_ago))
+    restarted = Identity(str(tmp_path / "gateway"))
+    assert restarted.load() and restarted.received == pytest.approx(hour_ago)
+    later = time.time() + 3600  # a file from the future (the clock was set back) counts as received now
+    os.utime(identity.cert_path, (later, later))
+    assert restarted.load() and restarted.received <= time.time()
+
+
+# Retrying while the dashboard is away
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_outage_is_probed_every_half_second_for_two_minutes_then_backs_off_to_the_cap() -> None:
+    clock = FakeClock()
+    retry = outage_backoff(clock)
+    young: list[float] = []
+    while clock.now < 1000.0 + YOUNG_OUTAGE:  # the first two minutes of an outage
+        young.append(retry.failed())
+        clock.now += young[-1]
+    assert (PROBE_INTERVAL, YOUNG_OUTAGE, BACKOFF_MAX) == (0.5, 120.0, 30.0)
+    assert all(0.25 <= delay <= 0.75 for delay in young) and len(set(young)) > 100  # jittered, never growing
+    assert 150 < len(young) < 500
+    assert not retry.backing_off
+    old = [retry.failed() for _ in range(30)]
+    assert retry.backing_off and retry.elapsed() >= YOUNG_OUTAGE
+    assert old[0] == PROBE_INTERVAL  # backing off starts where probing was, then doubles up to the cap
+    assert all(PROBE_INTERVAL <= delay <= PROBE_INTERVAL * 2**n for n, delay in enumerate(old))
+    assert all(delay <= BACKOFF_MAX for delay in old) and max(old[7:]) > 0.5 * BACKOFF_MAX
+    retry.succeeded()  # reachable again: the next failure starts a new, young outage
+    assert retry.elapsed() == 0.0 and 0.25 <= retry.failed() <= 0.75 and not retry.backing_off
+
+
+def test_a_fleet_that_lost_the_dashboard_together_does_not_probe_in_step() -> None:
+    clock = FakeClock()
+    fleet = [outage_backoff(clock) for _ in range(1000)]
+    firsts = sorted(retry.failed() for retry in fleet)
+    # Spread over 0.25..0.75 s: no 50 ms slot holds more than a fifth of the fleet.
+    slots = [sum(1 for delay in firsts if low <= delay < low + 0.05) for low in (0.25 + 0.05 * n for n in range(10))]
+    assert firsts[0] >= 0.25 and firsts[-1] <= 0.75 and max(slots) < 200, slots
+
+
+def test_without_a_young_phase_backoff_grows_from_the_first_failure() -> None:
+    """Discovery's schedule: exponential from the first failure, reset by a success."""
+    retry = Backoff(1.0, 30.0, clock=FakeClock())
+    delays = [retry.failed() for _ in range(8)]
+    assert delays[0] == 1.0 and all(1.0 <= delay <= min(30.0, 2.0**n) for n, delay in enumerate(delays))
+    assert retry.failures == 8 and retry.backing_off
+    retry.succeeded()
+    assert retry.failed() == 1.0
+
+
+# Against a real dashboard (in this process, over HTTP on loopback)
+
+
+class NewerKeys:
+    """The real store, except that version 2's catalog carries a key this gateway does not know: what a newer
+    dashboard (which cannot run here) would serve. The dashboard itself refuses such a commit."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def current(self) -> Revision:
+        revision = await self.store.current()
+        if revision.version != 2:
+            return revision
+        mesh = copy.deepcopy(revision.mesh)
+        mesh["services"]["catalog"]["newer_key"] = True
+        return dataclasses.replace(revision, mesh=mesh)
+
+
+def commit(dash: Dashboard, data: dict[str, Any]) -> None:
+    dash.call(lambda: dash.store.commit(data, author="test", reason="test", action="config.apply", target="mesh"))
+
+
+def sync_answers(dash: Dashboard, code: str) -> float:
+    labels = {"route": "/api/v1/sync", "method": "GET", "code": code}
+    return dash.settings.registry.get_sample_value("meshgate_dashboard_request_duration_seconds_count", labels) or 0.0
+
+
+async def until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_quiet_long_polls_are_not_an_outage_and_a_refused_view_is_not_fetched_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dashboard holds each long-poll 0.1 s (`--sync-hold`), so a second holds ten quiet spells: each 304 is
+    asked again at once, with nothing logged and nothing backed off. A view this gateway refuses is fetched once:
+    it long-polls on that view's etag, so the next change lands at once."""
+    with (
+        caplog.at_level(logging.DEBUG, "meshgate.control"),
+        running(tmp_path / "dashboard", wrap=lambda store: cast(Store, NewerKeys(store)), sync_hold=0.1) as dash,
+    ):
+        dash.seed()
+        settings = JoinSettings(dash.url, "shop", dash.token("gateway", group="shop"), str(tmp_path / "gateway"))
+        applied: list[int] = []
+
+        async def run() -> float:
+            client = ControlClient(
+                settings,
+                Identity(settings.data_dir),
+                lambda c, version, p: applied.append(version),
+                dict,
+                lambda: merge([]),
+            )
+            watch = asyncio.ensure_future(client.watch())
+            try:
+                await until(lambda: applied == [1], what="version 1 applied")
+                quiet = sync_answers(dash, "304")
+                await until(lambda: sync_answers(dash, "304") >= quiet + 30, 10, "30 quiet long-polls")
+                commit(dash, mesh())  # version 2, which this gateway refuses
+                await until(lambda: "rejected, keeping version 1" in caplog.text, what="version 2 refused")
+                fetched = sync_answers(dash, "200")
+                await asyncio.sleep(1.0)  # a quiet second (the scenario, not a synchronisation)
+                assert sync_answers(dash, "200") == fetched, "the refused view was fetched again"
+                changed = mesh()
+                changed["services"]["catalog"]["routes"][-1]["split"] = {"v1": 50, "v2": 50}
+                commit(dash, changed)
+                started = time.monotonic()
+                await until(lambda: applied[-1] == 3, what="version 3 applied")
+                return time.monotonic() - started
+            finally:
+                watch.cancel()
+                await client.close()
+
+        took = asyncio.run(run())
+    assert applied == [1, 3] and took < 1.0, (applied, took)
+    assert caplog.text.count("rejected, keeping version 1") == 1
+    assert [r.getMessage() for r in caplog.records if "unavailable" in r.getMessage()] == [], (
+        "a 304 taken for an outage"
+    )
+
+
+def test_a_refused_heartbeat_is_said_once_with_the_dashboards_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A heartbeat the dashboard refuses (here: a token for another group) used to be dropped without a word, and
+    the gateway just stayed stale in the dashboard's list."""
+    with caplog.at_level(logging.INFO, "meshgate.control"), running(tmp_path / "dashboard") as dash:
+        dash.seed()
+        settings = JoinSettings(dash.url, "web", dash.token("gateway", group="shop"), str(tmp_path / "gateway"))
+        labels = {"route": "/api/v1/heartbeat", "method": "POST", "code": "403"}
+
+        def refused() -> float:
+            value = dash.settings.registry.get_sample_value("meshgate_dashboard_request_duration_seconds_count", labels)
+            return value or 0.0
+
+        async def run() -> None:
+            client = ControlClient(settings, Identity(settings.data_dir), lambda *_: None, dict, lambda: merge([]))
+            client.interval = 0.05
+            beating = asyncio.ensure_future(client.heartbeat())
+            try:
+                await until(lambda: refused() >= 5, what="five refused heartbeats")
+            finally:
+                beating.cancel()
+                await client.close()
+
+        asyncio.run(run())
+    said = [r.getMessage() for r in caplog.records if "refused this gateway's heartbeat" in r.getMessage()]
+    assert len(said) == 1 and "HTTP 403" in said[0] and "shop" in said[0], said
+
+
+@pytest.mark.parametrize(
+    ("asked", "used"),
+    [(2, 2.0), (0, 0.5), (-5, 0.5), (1e9, 60.0), (float("nan"), 2.0), ("soon", 2.0), (True, 2.0), (None, 2.0)],
+)
+def test_the_heartbeat_interval_a_dashboard_asks_for_is_bounded(asked: object, used: float) -> None:
+    """A dashboard (or anything answering in its place) must not be able to put a gateway in a busy loop."""
+    assert heartbeat_interval(asked) == used

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from dashboard.identity import MeshCA
 from gateway.tls import (
+    RENEW_MIN_INTERVAL,
     group_of,
     install,
     mesh_client_context,
@@ -310,6 +311,26 @@ def test_renew_at_is_half_life_within_ten_percent() -> None:
     assert max(times) - min(times) > 43200 * 0.15  # it really spreads
     with pytest.raises(ValueError, match="rand"):
         renew_at(start, end, 1.5)
+
+
+def test_a_short_certificate_renews_at_half_the_life_it_had_when_it_came(ca: MeshCA) -> None:
+    """The CA backdates notBefore by minutes; counted from there, a 20 s certificate is spent on arrival and was
+    renewed in a loop. Counted from receipt, it renews 10 s (±10 %) later."""
+    _, csr_pem = new_key_and_csr()
+    received = float(int(time.time()))
+    issued = ca.sign_csr(csr_pem, "catalog", lifetime=20, now=received)
+    assert renew_at(not_before(issued.chain_pem), issued.not_after, 1.0) < received  # the loop's mechanism
+    assert renew_at(received, issued.not_after, 0.5) == received + 10
+    times = [renew_at(received, issued.not_after, rand) for rand in (0.0, 0.25, 0.75, 1.0)]
+    assert all(received + 9 <= t <= received + 11 for t in times), times
+
+
+def test_renewal_comes_at_most_every_five_seconds_however_short_or_skewed_the_certificate() -> None:
+    received = 1_000_000.0
+    assert RENEW_MIN_INTERVAL == 5.0
+    assert renew_at(received, received + 6, 0.5) == received + 5  # half-life 3 s: no sooner than 5 s
+    assert renew_at(received, received - 60, 0.5) == received + 5  # expired on arrival (a clock ahead): 5 s, not now
+    assert renew_at(received, received + 10, 1.0) == pytest.approx(received + 5.5)
 
 
 def test_new_key_and_csr_make_a_p256_key_and_a_csr_signed_by_it() -> None:
