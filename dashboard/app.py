@@ -16,10 +16,12 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from dashboard.api import OperatorApi
+from dashboard.attempts import FailedAttempts
 from dashboard.auth import Auth, BearerTokens
 from dashboard.bodies import BodyLimit
 from dashboard.errors import ApiError, ErrorBoundary, error_response, log, on_api_error, on_http_exception
 from dashboard.headers import SecurityHeaders
+from dashboard.heartbeats import MAX_HEARTBEAT
 from dashboard.metrics import DashboardMetrics, MetricsEndpoint, RequestMetrics, TimedStore
 from dashboard.openapi import OpenAPI
 from dashboard.pagedata import PageData
@@ -63,8 +65,9 @@ def create_app(settings: Settings) -> Starlette:
         raise ValueError(f"the CA is for trust domain {settings.ca.trust_domain}, not {settings.trust_domain}")
     metrics = DashboardMetrics(settings.registry)
     store = TimedStore(settings.store, metrics)
-    sessions = Sessions(store)  # UI: cookie sessions, the second authenticator (the API accepts them too)
-    auth = Auth([BearerTokens(store), sessions])
+    attempts = FailedAttempts(metrics.auth_failures)  # bad tokens and logins per client address: logged, limited
+    sessions = Sessions(store, attempts=attempts)  # UI: cookie sessions, the second authenticator (the API too)
+    auth = Auth([BearerTokens(store, attempts), sessions])
     scrape = MetricsEndpoint(metrics, store, settings.stale_after)
     signals = SignalsApi.create(settings, store, auth)  # golden signals; serve.py runs `signals.source.run()`
     operator = OperatorApi(
@@ -91,7 +94,11 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(SecurityHeaders),  # UI: CSP, X-Frame-Options, nosniff, Referrer-Policy on every answer
             Middleware(RequestMetrics, metrics=metrics),
             Middleware(ErrorBoundary),
-            Middleware(BodyLimit, limit=settings.max_body, paths={"/v1/traces": MAX_SPAN_BATCH}),
+            Middleware(
+                BodyLimit,
+                limit=settings.max_body,
+                paths={"/v1/traces": MAX_SPAN_BATCH, "/api/v1/heartbeat": MAX_HEARTBEAT},
+            ),
         ],
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_exception, StoreError: on_store_error},
     )

@@ -21,8 +21,10 @@ from typing import Protocol
 
 from starlette.requests import Request
 
+from dashboard.attempts import FailedAttempts, client_address
 from dashboard.errors import ApiError
 from dashboard.mesh import Mesh
+from dashboard.metrics import template
 from dashboard.store import Store, TokenRecord
 from gateway.config import ConfigError
 
@@ -91,10 +93,12 @@ def new_token(role: str, group: str | None = None, name: str | None = None) -> t
 
 
 class BearerTokens:
-    """`Authorization: Bearer <token>`, looked up by digest in the store."""
+    """`Authorization: Bearer <token>`, looked up by digest in the store. A failed attempt is logged, counted and
+    limited per client address by `attempts` (`dashboard.attempts`): 401, or 429 past the address's budget."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, attempts: FailedAttempts | None = None) -> None:
         self.store = store
+        self.attempts = attempts
 
     async def authenticate(self, request: Request) -> Principal | None:
         header = request.headers.get("authorization")
@@ -102,15 +106,24 @@ class BearerTokens:
             return None
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "expected an Authorization: Bearer <token> header", _CHALLENGE)
+            raise self._failed(request, "expected an Authorization: Bearer <token> header")
         token = token.strip()
         record = await self.store.find_token(digest(token)) if _TOKEN.fullmatch(token) else None
         if record is None:
-            raise ApiError(401, "unknown token", _CHALLENGE)
+            raise self._failed(request, "unknown token")
         return Principal(id=record.id, name=record.name, role=record.role, group=record.group)
 
+    def _failed(self, request: Request, reason: str) -> ApiError:
+        address = client_address(request)
+        where = f"{reason} ({request.method} {template(request.scope.get('route'))})"  # a route, never a raw path
+        wait = self.attempts.failed(address, "token", where) if self.attempts is not None else 0
+        if wait:
+            reason = f"{reason}, and too many failed attempts from {address}: try again in {wait}s"
+            return ApiError(429, reason, {"retry-after": str(wait)})
+        return ApiError(401, reason, CHALLENGE)
 
-_CHALLENGE = {"www-authenticate": 'Bearer realm="meshgate"'}
+
+CHALLENGE = {"www-authenticate": 'Bearer realm="meshgate"'}
 _NEEDED = {WRITE: "an operator token", READ: "a viewer or operator token", GATEWAY: "a gateway join token"}
 
 
@@ -128,7 +141,7 @@ class Auth:
             principal = await authenticator.authenticate(request)
             if principal is not None:
                 return principal
-        raise ApiError(401, "authentication required: send Authorization: Bearer <token>", _CHALLENGE)
+        raise ApiError(401, "authentication required: send Authorization: Bearer <token>", CHALLENGE)
 
     async def require(self, request: Request, roles: Collection[str]) -> Principal:
         principal = await self.principal(request)

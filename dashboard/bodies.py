@@ -2,10 +2,19 @@
 
 The limit holds whatever the client claims: a `Content-Length` over it is refused before the app runs, and a
 chunked or under-declared body is counted as it arrives, so no handler ever holds more than `limit` bytes.
+
+A refused body is then read and dropped (`drain`: up to `DRAIN_TIME` and `DRAIN_BYTES`) before the connection
+closes, as the gateway's lingering close does (`gateway.proxy.DownstreamProtocol.linger`): a client that sends its
+whole body before it reads would otherwise get a RST for the unread bytes, which destroys the 413 before it reads
+it. uvicorn gives an app no way to close after the answer and go on reading, so the reading comes first; it also
+works over TLS, where a half-close is not possible. A declared body too large to drain, or one behind
+`Expect: 100-continue` (not sent until asked for), is answered at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 from collections.abc import Collection, Mapping
@@ -16,6 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dashboard.errors import ApiError, error_response
 
 MAX_REASON = 500  # characters in an operator's reason for a change
+DRAIN_TIME = 2.0  # seconds a refused body is read and dropped before the connection closes (the gateway's LINGER)
+DRAIN_BYTES = 64 << 20  # bytes of it, at most; a larger declared body is answered at once
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -41,20 +52,50 @@ class BodyLimit:
         limit = self.paths.get(scope["path"], self.limit)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
+            if declared <= DRAIN_BYTES and not _expects_continue(scope):
+                await drain(receive)
             await error_response(413, str(BodyTooLarge(limit)), {"connection": "close"})(scope, receive, send)
             return
         seen = 0
+        refused = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
+                    refused = True
+                    if message.get("more_body", False):
+                        await drain(receive)
                     raise BodyTooLarge(limit)
             return message
 
-        await self.app(scope, counted, send)
+        async def closing(message: Message) -> None:
+            # After a refused chunked body, close: uvicorn would otherwise read the rest, however long, to keep alive.
+            if refused and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, counted, closing)
+
+
+async def drain(receive: Receive) -> None:
+    """Read and drop the rest of a request body, for up to DRAIN_TIME seconds and DRAIN_BYTES bytes."""
+    dropped = 0
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_TIME):
+            while dropped <= DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                dropped += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+
+
+def _expects_continue(scope: Scope) -> bool:
+    return any(name == b"expect" and value.lower() == b"100-continue" for name, value in scope["headers"])
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -8,13 +8,17 @@ gateway/etcd.py's client, so there is no gRPC dependency. Keys:
     /meshgate/audit-seq                id of the newest audit entry
     /meshgate/audit/<id, 20 digits>    each audit entry as JSON
     /meshgate/tokens/<sha256 digest>   API tokens
-    /meshgate/gateways/<instance>      heartbeats, each under its own lease so etcd drops silent gateways
+    /meshgate/gateways/<group>/<instance>        each gateway's last heartbeat, without its stats
+    /meshgate/gateway-stats/<group>/<instance>   and its stats, read only by the golden-signal sampler
 
 A commit reads both counters, then writes version N+1, revision N+1, the audit entry and its id in one txn that
 compares both counters' mod_revision with what it read: when two replicas race, exactly one txn succeeds. The
 loser re-reads, and raises `VersionConflict` if it was given `expect_version`. Dense numbering lets `history` and
 `audit` read one key range instead of sorting the whole prefix. `wait_for_change` is woken by one watch stream on
 `/meshgate/version` per store, so a commit through any replica wakes the waiters of every replica.
+
+Gateway records carry no lease: the API forgets silent ones (`forget_gateways`) by the same rule on etcd and on
+SQLite. Records that dashboards before 0.2 wrote under `/meshgate/gateways/<instance>` expire with their leases.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from dashboard.mesh import diff
 from dashboard.store import (
+    MAX_GATEWAYS_PER_GROUP,
     AuditEntry,
     ChangeSignal,
     GatewayRecord,
@@ -41,9 +45,10 @@ from dashboard.store import (
     canonical,
     empty_revision,
     part,
+    split_stats,
     wait_for_version,
 )
-from gateway.etcd import TIMEOUT, EtcdClient, EtcdError, b64, prefix_end, value_of
+from gateway.etcd import TIMEOUT, EtcdClient, EtcdError, b64, key_of, prefix_end, value_of
 from gateway.units import parse_address
 
 log = logging.getLogger("meshgate.store")
@@ -54,7 +59,9 @@ _REVISIONS = "/meshgate/revisions/"
 _AUDIT = "/meshgate/audit/"
 _TOKENS = "/meshgate/tokens/"
 _GATEWAYS = "/meshgate/gateways/"
+_GATEWAY_STATS = "/meshgate/gateway-stats/"  # outside the range of _GATEWAYS: "-" sorts before "s"
 ATTEMPTS = 50  # commits retried after losing a race, before giving up
+MAX_TRIM = 16  # gateway records one heartbeat deletes to make room in its group
 _KV = dict[str, Any]
 
 
@@ -74,6 +81,14 @@ def _put(key: str, value: object, lease: str | None = None) -> _KV:
     return {"request_put": request}
 
 
+def _delete(key: str) -> _KV:
+    return {"request_delete_range": {"key": b64(key)}}
+
+
+def _exists(key: str) -> _KV:
+    return {"key": b64(key), "result": "GREATER", "target": "VERSION", "version": "0"}
+
+
 def _unchanged(key: str, mod_revision: int) -> _KV:
     """A txn compare: `key` was not written since `mod_revision` (0: the key still does not exist)."""
     return {"key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": str(mod_revision)}
@@ -81,6 +96,11 @@ def _unchanged(key: str, mod_revision: int) -> _KV:
 
 def _revision(data: Any) -> Revision:
     return Revision(data["version"], data["mesh"], data["author"], data["reason"], data["time"], tuple(data["diff"]))
+
+
+def _deletes(name: str) -> list[_KV]:
+    """The txn operations that delete a gateway's record and its stats; `name` is `GatewayRecord.key`."""
+    return [_delete(_GATEWAYS + name), _delete(_GATEWAY_STATS + name)]
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
@@ -129,8 +149,8 @@ class EtcdStore:
         kvs: list[_KV] = (await self._call("kv/range", {"key": b64(key)})).get("kvs", [])
         return kvs[0] if kvs else None
 
-    async def _range(self, start: str, end: str, limit: int = 0) -> list[_KV]:
-        body = {"key": b64(start), "range_end": b64(end), "limit": str(limit)}
+    async def _range(self, start: str, end: str, limit: int = 0, keys_only: bool = False) -> list[_KV]:
+        body = {"key": b64(start), "range_end": b64(end), "limit": str(limit), "keys_only": keys_only}
         kvs: list[_KV] = (await self._call("kv/range", body)).get("kvs", [])
         return kvs
 
@@ -280,16 +300,46 @@ class EtcdStore:
         records = [TokenRecord(**_json(kv)) for kv in await self._range(_TOKENS, prefix_end(_TOKENS))]
         return sorted(records, key=lambda record: (record.created, record.id))
 
-    async def put_gateway(self, record: GatewayRecord, ttl: float) -> None:
-        # A fresh lease per heartbeat: the put moves the key onto it, and the old lease expires holding nothing.
-        lease = await self._call("lease/grant", {"TTL": str(max(1, math.ceil(ttl)))})
-        await self._call(
-            "kv/put", _put(_GATEWAYS + record.instance, dataclasses.asdict(record), lease["ID"])["request_put"]
-        )
+    async def put_gateway(self, record: GatewayRecord, max_per_group: int = MAX_GATEWAYS_PER_GROUP) -> None:
+        data, stats = split_stats(record.data)
+        key = _GATEWAYS + record.key
+        writes = [
+            _put(key, dataclasses.asdict(dataclasses.replace(record, data=data))),
+            _delete(_GATEWAY_STATS + record.key) if stats is None else _put(_GATEWAY_STATS + record.key, stats),
+        ]
+        if await self._txn([_exists(key)], writes):
+            return  # a gateway on record: one round trip
+        group = f"{_GATEWAYS}{record.group}/"
+        kvs = await self._range(group, prefix_end(group), keys_only=True)
+        # Make room: the group's least recently written keys go. Replicas racing here may overshoot by a few, which
+        # the next new gateway trims (a few at a time: a txn holds at most 128 operations).
+        excess = min(MAX_TRIM, max(0, len(kvs) - max_per_group + 1))
+        oldest = sorted(kvs, key=lambda kv: int(kv["mod_revision"]))[:excess]
+        gone = [key_of(kv).removeprefix(_GATEWAYS) for kv in oldest]
+        await self._txn([], [op for name in gone for op in _deletes(name)] + writes)
 
-    async def gateways(self) -> list[GatewayRecord]:
-        kvs = await self._range(_GATEWAYS, prefix_end(_GATEWAYS))
-        return sorted((GatewayRecord(**_json(kv)) for kv in kvs), key=lambda record: (record.group, record.instance))
+    async def gateways(self, stats: bool = False) -> list[GatewayRecord]:
+        newest: dict[str, GatewayRecord] = {}
+        for kv in await self._range(_GATEWAYS, prefix_end(_GATEWAYS)):
+            record = GatewayRecord(**_json(kv))
+            if record.key not in newest or newest[record.key].seen < record.seen:
+                newest[record.key] = record  # a record of a dashboard before 0.2 may repeat one for its lease's life
+        if stats:
+            for kv in await self._range(_GATEWAY_STATS, prefix_end(_GATEWAY_STATS)):
+                if (found := newest.get(key_of(kv).removeprefix(_GATEWAY_STATS))) is not None:
+                    found.data["stats"] = _json(kv)
+        return sorted(newest.values(), key=lambda record: (record.group, record.instance))
+
+    async def forget_gateways(self, before: float) -> int:
+        forgotten = 0
+        for kv in await self._range(_GATEWAYS, prefix_end(_GATEWAYS)):
+            name = key_of(kv).removeprefix(_GATEWAYS)
+            # Unless a heartbeat rewrote it since this read.
+            if _json(kv)["seen"] < before and await self._txn(
+                [_unchanged(_GATEWAYS + name, int(kv["mod_revision"]))], _deletes(name)
+            ):
+                forgotten += 1
+        return forgotten
 
     async def close(self) -> None:
         if self._closed:

@@ -3,6 +3,9 @@
 - `meshgate_dashboard_request_duration_seconds{route,method,code}`: API latency by route template and status.
 - `meshgate_dashboard_store_duration_seconds{operation}`: store call latency (`TimedStore` wraps the store).
 - `meshgate_dashboard_sync_watchers`: gateways waiting in a /sync long-poll.
+- `meshgate_dashboard_auth_failures_total{via,answer}`: unknown or malformed bearer tokens (`via="token"`) and
+  failed logins (`via="login"`), answered 401, or 429 once the client's address is over its budget
+  (`dashboard.attempts`).
 - `meshgate_dashboard_config_version`, `meshgate_dashboard_tokens{role}`, `meshgate_dashboard_gateways{state}`:
   read from the store when /metrics is scraped.
 """
@@ -14,13 +17,13 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dashboard.store import ROLES, AuditEntry, GatewayRecord, Revision, Store, TokenRecord
+from dashboard.store import MAX_GATEWAYS_PER_GROUP, ROLES, AuditEntry, GatewayRecord, Revision, Store, TokenRecord
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -51,6 +54,15 @@ class DashboardMetrics:
         self.watchers = Gauge(
             "meshgate_dashboard_sync_watchers", "Gateways waiting in a /sync long-poll", registry=registry
         )
+        self.auth_failures = Counter(
+            "meshgate_dashboard_auth_failures",
+            "Unknown or malformed bearer tokens and failed logins, by answer (401, or 429 over the address's budget)",
+            ["via", "answer"],
+            registry=registry,
+        )
+        for via in ("token", "login"):  # every series from the first scrape, so rate() sees the first failure
+            for answer in ("401", "429"):
+                self.auth_failures.labels(via, answer)
         self.config_version = Gauge(
             "meshgate_dashboard_config_version", "The current config version", registry=registry
         )
@@ -160,13 +172,17 @@ class TimedStore:
         async with self._timed("tokens"):
             return await self.inner.tokens()
 
-    async def put_gateway(self, record: GatewayRecord, ttl: float) -> None:
+    async def put_gateway(self, record: GatewayRecord, max_per_group: int = MAX_GATEWAYS_PER_GROUP) -> None:
         async with self._timed("put_gateway"):
-            await self.inner.put_gateway(record, ttl)
+            await self.inner.put_gateway(record, max_per_group)
 
-    async def gateways(self) -> list[GatewayRecord]:
+    async def gateways(self, stats: bool = False) -> list[GatewayRecord]:
         async with self._timed("gateways"):
-            return await self.inner.gateways()
+            return await self.inner.gateways(stats)
+
+    async def forget_gateways(self, before: float) -> int:
+        async with self._timed("forget_gateways"):
+            return await self.inner.forget_gateways(before)
 
     async def close(self) -> None:
         await self.inner.close()

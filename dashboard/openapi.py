@@ -14,6 +14,15 @@ from starlette.routing import BaseRoute
 from starlette.schemas import SchemaGenerator
 
 from dashboard.errors import HEADERS
+from dashboard.heartbeats import (
+    MAX_ADDRESS,
+    MAX_HEARTBEAT,
+    MAX_LISTENERS,
+    MAX_STATS_ENTRIES,
+    MAX_TEXT,
+    STATS_LISTS,
+    STATS_NUMBERS,
+)
 
 _ERROR = {"$ref": "#/components/responses/Error"}
 WRITE_RESPONSES: dict[str, Any] = {
@@ -90,18 +99,29 @@ BASE: dict[str, Any] = {
             "JoinBody": _body({"group": {"type": "string"}, "csr": {"type": "string"}}, ["group", "csr"]),
             "Heartbeat": {
                 "type": "object",
+                "description": f"At most {MAX_HEARTBEAT} bytes. Other fields are dropped (newer gateways send more).",
                 "required": ["instance", "group"],
                 "properties": {
                     "instance": {"type": "string", "format": "uuid"},
                     "group": {"type": "string"},
-                    "meshgate_version": {"type": "string"},
-                    "config_version": {"type": "integer"},
-                    "etag": {"type": "string"},
-                    "started": {"type": "number"},
-                    "advertise": {"type": ["string", "null"]},
-                    "listeners": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "meshgate_version": {"type": "string", "maxLength": MAX_TEXT},
+                    "config_version": {"type": "integer", "minimum": 0},
+                    "etag": {"type": "string", "maxLength": MAX_TEXT},
+                    "started": {"type": ["number", "null"]},
+                    "advertise": {"type": ["string", "null"], "maxLength": MAX_ADDRESS},
+                    "listeners": {
+                        "type": "object",
+                        "maxProperties": MAX_LISTENERS,
+                        "additionalProperties": {"type": "string", "maxLength": MAX_ADDRESS},
+                    },
                     "cert_not_after": {"type": ["number", "null"]},
-                    "stats": _ANY_OBJECT,
+                    "stats": {
+                        "type": "object",
+                        "properties": {
+                            **{key: {"type": "array", "maxItems": MAX_STATS_ENTRIES} for key in STATS_LISTS},
+                            **{key: {"type": "number"} for key in STATS_NUMBERS},
+                        },
+                    },
                 },
             },
         },

@@ -12,8 +12,11 @@ memory holds no usable cookie) and a random CSRF token that pages embed. `Sessio
   `X-CSRF-Token` header (htmx sends it from `hx-headers` on `<body>`) or a `csrf` form field (plain forms);
   a missing or wrong one is 403 and nothing runs.
 
-Sessions live in this process's memory, bounded by `max_sessions` (the oldest go first): a dashboard restart logs
-everyone out, and dashboard replicas behind one address need sticky sessions.
+Sessions live in this process's memory: a dashboard restart logs everyone out, and dashboard replicas behind one
+address need sticky sessions. A principal (one token) holds at most `per_principal` sessions, its oldest going
+first, and the table at most `max_sessions`: when it is full, the principal holding the most loses its oldest, so
+one token logging in again and again only ever logs itself out. A login with an unknown or malformed token is a
+failed attempt (`dashboard.attempts`): logged, counted, and past the address's budget answered 429.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 from starlette.responses import Response
 
+from dashboard.attempts import FailedAttempts
 from dashboard.auth import READ, Principal, digest
 from dashboard.errors import ApiError
 from dashboard.store import Store
@@ -41,12 +45,18 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LIFETIME = 12 * 3600.0  # seconds from login to the end of a session, however busy
 IDLE = 3600.0  # seconds without a request after which a session ends
 MAX_SESSIONS = 10_000
+MAX_SESSIONS_PER_PRINCIPAL = 100  # one token's browsers: a team sharing a viewer token on its screens
 MAX_FORM = 64 * 1024  # bytes of a form body searched for the CSRF field
 _TOKEN_SHAPE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
 class LoginError(ValueError):
-    """A login the dashboard refuses; `str(err)` is one line a person can read."""
+    """A login the dashboard refuses; `str(err)` is one line a person can read. `retry_after` is set (seconds)
+    when the client's address is over its budget of failed attempts: answer 429."""
+
+    def __init__(self, reason: str, retry_after: int = 0) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,42 +107,57 @@ class Sessions:
         lifetime: float = LIFETIME,
         idle: float = IDLE,
         max_sessions: int = MAX_SESSIONS,
+        per_principal: int = MAX_SESSIONS_PER_PRINCIPAL,
+        attempts: FailedAttempts | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        if max_sessions < 1 or per_principal < 1:
+            raise ValueError("max_sessions and per_principal must be at least 1")
         self.store = store
         self.lifetime = lifetime
         self.idle = idle
         self.max_sessions = max_sessions
+        self.per_principal = per_principal
+        self.attempts = attempts
         self.clock = clock
-        self._table: dict[str, Session] = {}
+        self._table: dict[str, Session] = {}  # by login, oldest first
+        self._held: dict[str, dict[str, None]] = {}  # principal id -> its sessions' keys, oldest first
 
     def __len__(self) -> int:
         return len(self._table)
 
-    async def login(self, token: str) -> tuple[str, Session]:
-        """A new session for `token` (an operator or viewer token): the cookie value and the session."""
+    async def login(self, token: str, address: str = "unknown") -> tuple[str, Session]:
+        """A new session for `token` (an operator or viewer token) from client `address`: the cookie value and the
+        session."""
         token = token.strip()
         if not token:
             raise LoginError("paste an operator or viewer token")
         if len(token) > 100 or not token.startswith(("mgo_", "mgv_", "mgj_")) or not set(token) <= _TOKEN_SHAPE:
-            raise LoginError("that is not a meshgate token (they start with mgo_ or mgv_)")
+            raise self._failed(address, "that is not a meshgate token (they start with mgo_ or mgv_)")
         record = await self.store.find_token(digest(token))
         if record is None:
-            raise LoginError("unknown token")
+            raise self._failed(address, "unknown token")
         if record.role not in READ:
             raise LoginError(f"a {record.role} token cannot log in: use an operator or viewer token")
         now = self.clock()
         session_id = secrets.token_urlsafe(32)
         principal = Principal(id=record.id, name=record.name, role=record.role, group=None, via="session")
         session = Session(_key(session_id), principal, record.digest, secrets.token_urlsafe(32), now, now)
-        self._make_room(now)
+        self._make_room(principal.id, now)
         self._table[session.key] = session
+        self._held.setdefault(principal.id, {})[session.key] = None
         return session_id, session
+
+    def _failed(self, address: str, reason: str) -> LoginError:
+        wait = self.attempts.failed(address, "login", reason) if self.attempts is not None else 0
+        if wait:
+            return LoginError(f"{reason}; too many failed logins from your address: try again in {wait}s", wait)
+        return LoginError(reason)
 
     def logout(self, request: Request) -> None:
         session_id = request.cookies.get(cookie_name(request))
         if session_id:
-            self._table.pop(_key(session_id), None)
+            self._drop(_key(session_id))
 
     def current(self, request: Request) -> Session | None:
         """The request's live session (no store check, no CSRF check): what pages use to render."""
@@ -144,7 +169,7 @@ class Sessions:
             return None
         now = self.clock()
         if now - session.created > self.lifetime or now - session.seen > self.idle:
-            del self._table[session.key]
+            self._drop(session.key)
             return None
         return session
 
@@ -157,7 +182,7 @@ class Sessions:
         if session is None:
             raise ApiError(401, "the session has ended: log in again")
         if await self.store.find_token(session.token_digest) is None:
-            self._table.pop(session.key, None)
+            self._drop(session.key)
             raise ApiError(401, "the session's token no longer exists: log in again")
         if request.method not in SAFE_METHODS and not await self._csrf_ok(request, session):
             raise ApiError(403, "missing or wrong CSRF token: reload the page and try again")
@@ -188,13 +213,26 @@ class Sessions:
         https = request.url.scheme == "https"
         response.delete_cookie(cookie_name(request), path="/", secure=https, httponly=True, samesite="strict")
 
-    def _make_room(self, now: float) -> None:
+    def _drop(self, key: str) -> None:
+        session = self._table.pop(key, None)
+        if session is not None:
+            held = self._held[session.principal.id]
+            del held[key]
+            if not held:
+                del self._held[session.principal.id]
+
+    def _make_room(self, principal: str, now: float) -> None:
+        """Room for one more session of `principal`: its own oldest goes past `per_principal`; in a full table, the
+        ended ones go, then the oldest of whichever principal holds the most."""
+        while len(self._held.get(principal, ())) >= self.per_principal:
+            self._drop(next(iter(self._held[principal])))
         if len(self._table) < self.max_sessions:
             return
-        self._table = {
-            key: session
-            for key, session in self._table.items()
-            if now - session.created <= self.lifetime and now - session.seen <= self.idle
-        }
-        while len(self._table) >= self.max_sessions:  # dicts keep insertion order: the oldest login goes first
-            del self._table[next(iter(self._table))]
+        ended = [
+            key for key, old in self._table.items() if now - old.created > self.lifetime or now - old.seen > self.idle
+        ]
+        for key in ended:
+            self._drop(key)
+        while len(self._table) >= self.max_sessions:
+            greediest = max(self._held.values(), key=len)  # dicts keep insertion order: its oldest login goes
+            self._drop(next(iter(greediest)))

@@ -223,8 +223,11 @@ class SignalsApi:
             "subsets": {subset: points(found, _match(source=caller, subset=subset)) for subset in subsets},
         }
 
-    async def gateway(self, instance: str, window: float) -> dict[str, Any]:
-        record = next((item for item in await self.store.gateways() if item.instance == instance), None)
+    async def gateway(self, instance: str, window: float, group: str | None = None) -> dict[str, Any]:
+        """One gateway's signals; `group` picks it when gateways of several groups claim one instance id."""
+        records = [item for item in await self.store.gateways() if item.instance == instance]
+        matching = [item for item in records if group in (None, item.group)]
+        record = max(matching, key=lambda item: item.seen, default=None)
         if record is None:
             raise ApiError(404, f"no gateway {instance!r} has sent a heartbeat")
         with self._reading():
@@ -312,6 +315,7 @@ class SignalsApi:
         tags: [signals]
         parameters:
           - {name: instance, in: path, required: true, schema: {type: string}, description: the gateway's instance id}
+          - {name: group, in: query, schema: {type: string}, description: "its group (default: the latest heard)"}
           - {name: window, in: query, schema: {type: string, default: 5m}, description: "5m, 1h, 6h or seconds"}
         responses:
           "200": {description: "`{instance, group, window, stale, served, sent, latest, points}`"}
@@ -322,7 +326,8 @@ class SignalsApi:
           "503": {$ref: "#/components/responses/Error"}
         """
         window = await self._window(request)
-        return json_response(await self.gateway(request.path_params["instance"], window))
+        group = request.query_params.get("group")
+        return json_response(await self.gateway(request.path_params["instance"], window, group))
 
 
 def _match(

@@ -1,11 +1,11 @@
 """Golden signals from the gateways' heartbeats: `Stats` samples the store and keeps a bounded history of them.
 
-Data flow. Every `step` seconds `Stats.sample()` reads `store.gateways()` and `store.current()` (which group owns
-which service). Reading the store, not only the heartbeats this process received, gives every dashboard replica the
-whole mesh. A gateway's `stats` are cumulative since its process started; for each new heartbeat the counters are
-differenced against the previous one's. A counter that went down, or a new `started`, is a restart: the new value
-is the increase, as in Prometheus's rate(). The increase is spread evenly over the time between the two heartbeats
-into frames of fixed width, so a late heartbeat does not make a spike.
+Data flow. Every `step` seconds `Stats.sample()` reads `store.gateways(stats=True)` and `store.current()` (which
+group owns which service). Reading the store, not only the heartbeats this process received, gives every dashboard
+replica the whole mesh. A gateway's `stats` are cumulative since its process started; for each new heartbeat the
+counters are differenced against the previous one's. A counter that went down, or a new `started`, is a restart: the
+new value is the increase, as in Prometheus's rate(). The increase is spread evenly over the time between the two
+heartbeats into frames of fixed width, so a late heartbeat does not make a spike.
 
 What is kept, per (source, destination, subset): requests, 5xx, 4xx, denied calls (403 before routing: the
 gateway's authorization refusal, which has no subset) and the 17 latency buckets. Edges are counted once:
@@ -435,7 +435,7 @@ class Stats:
 
     async def sample(self) -> None:
         revision = await self.store.current()
-        records = await self.store.gateways()
+        records = await self.store.gateways(stats=True)
         self.ingest(records, self.clock(), owners_of(revision.mesh))
 
     def ingest(self, records: Iterable[GatewayRecord], now: float, owners: Mapping[str, str]) -> None:
@@ -451,7 +451,7 @@ class Stats:
         self._cache.clear()
 
     def _ingest(self, record: GatewayRecord, owners: Mapping[str, str]) -> None:
-        state = self._instances.get(record.instance)
+        state = self._instances.get(record.key)  # group and instance: one group cannot blend into another's
         if state is not None and record.seen <= state.seen:
             return  # no heartbeat since the last sample
         beat = parse_heartbeat(record.data)
@@ -459,7 +459,7 @@ class Stats:
         if state is None:
             if len(self._instances) >= MAX_INSTANCES:
                 return
-            state = self._instances[record.instance] = _Instance(record.group, record.seen, started)
+            state = self._instances[record.key] = _Instance(record.group, record.seen, started)
             since = _number(started)
             if beat is not None and since is not None and since >= self.origin:
                 # Started while we watched: everything it counted is new.
@@ -491,7 +491,7 @@ class Stats:
         owners: Mapping[str, str],
     ) -> None:
         end = record.seen
-        instance = record.instance
+        instance = record.key
         edges: dict[tuple[str, ...], list[float]] = {}
         own: dict[str, list[float]] = {}
         for labels, now in beat.series.items():
@@ -575,7 +575,7 @@ class Stats:
 
     async def gateway(self, record: GatewayRecord, window: float) -> GatewaySignals:
         tier, chunks = self._chunks(window)
-        instance = record.instance
+        instance = record.key
         served, sent = [0.0] * WIDTH, [0.0] * WIDTH
         points = []
         for end, seconds, indices in chunks:
@@ -594,5 +594,5 @@ class Stats:
             points.append(point)
         covered = sum(seconds for _, seconds, _ in chunks)
         return GatewaySignals(
-            instance, window, Totals(tuple(served), covered), Totals(tuple(sent), covered), tuple(points)
+            record.instance, window, Totals(tuple(served), covered), Totals(tuple(sent), covered), tuple(points)
         )

@@ -27,11 +27,13 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
+from dashboard.datadir import private_directory, private_file
 from dashboard.mesh import EMPTY, Mesh, diff
 
 _T = TypeVar("_T")
 DB_FILE = "mesh.db"
 ROLES = ("operator", "viewer", "gateway")
+MAX_GATEWAYS_PER_GROUP = 1024  # records a group keeps; a new gateway beyond that replaces the least recently heard
 
 
 class StoreError(Exception):
@@ -90,12 +92,20 @@ class TokenRecord:
 
 @dataclass(frozen=True, slots=True)
 class GatewayRecord:
-    """A gateway's last heartbeat: `data` is its body, `seen` when it arrived."""
+    """A gateway's last heartbeat: `data` is what the dashboard keeps of its body (`dashboard.heartbeats`), `seen`
+    when it arrived. A gateway is known by its group and instance together (`key`), so a join token of one group
+    never reaches another group's records. Its `stats` (the golden-signal numbers, the bulk of a heartbeat) are
+    stored apart and read only when asked for: /sync reads every record each time it wakes and needs none of them.
+    """
 
     instance: str
     group: str
     data: dict[str, Any]
     seen: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}/{self.instance}"  # names never contain "/"
 
 
 class Store(Protocol):
@@ -152,10 +162,18 @@ class Store(Protocol):
 
     async def tokens(self) -> list[TokenRecord]: ...
 
-    async def put_gateway(self, record: GatewayRecord, ttl: float) -> None: ...
+    async def put_gateway(self, record: GatewayRecord, max_per_group: int = MAX_GATEWAYS_PER_GROUP) -> None:
+        """Store `record` in place of the one with its group and instance. A group keeps at most `max_per_group`:
+        a new gateway beyond that replaces the one of its group heard from least recently."""
+        ...
 
-    async def gateways(self) -> list[GatewayRecord]:
-        """SQLite: every gateway ever seen (the API decides staleness). etcd: those heard from within `ttl`."""
+    async def gateways(self, stats: bool = False) -> list[GatewayRecord]:
+        """Every gateway on record, by group and instance (the API decides staleness from `seen`); with `stats`,
+        each record's data also holds the `stats` of its heartbeat."""
+        ...
+
+    async def forget_gateways(self, before: float) -> int:
+        """Delete the records of gateways last heard from before `before`; how many went."""
         ...
 
     async def close(self) -> None: ...
@@ -238,6 +256,29 @@ _SCHEMA = [
         created REAL NOT NULL);
     CREATE TABLE gateways (instance TEXT PRIMARY KEY, grp TEXT NOT NULL, data TEXT NOT NULL, seen REAL NOT NULL);
     """,
+    # version 2: gateways keyed by (group, instance), their stats apart; old records keep only the known fields
+    """
+    CREATE TABLE gateways_by_group (
+        grp TEXT NOT NULL, instance TEXT NOT NULL, data TEXT NOT NULL, stats TEXT, seen REAL NOT NULL,
+        PRIMARY KEY (grp, instance));
+    INSERT OR REPLACE INTO gateways_by_group (grp, instance, data, stats, seen)
+        SELECT grp, instance,
+            json_object(
+                'meshgate_version', json_extract(data, '$.meshgate_version'),
+                'config_version', json_extract(data, '$.config_version'),
+                'etag', json_extract(data, '$.etag'),
+                'started', json_extract(data, '$.started'),
+                'cert_not_after', json_extract(data, '$.cert_not_after'),
+                'advertise', json_extract(data, '$.advertise'),
+                'listeners', json(CASE json_type(data, '$.listeners') WHEN 'object'
+                    THEN json_extract(data, '$.listeners') ELSE '{}' END)),
+            CASE json_type(data, '$.stats') WHEN 'object' THEN json_extract(data, '$.stats') END,
+            seen
+        FROM gateways ORDER BY seen;
+    DROP TABLE gateways;
+    ALTER TABLE gateways_by_group RENAME TO gateways;
+    CREATE INDEX gateways_seen ON gateways (seen);
+    """,
 ]
 _REVISION = "SELECT version, mesh, author, reason, time, diff FROM revisions"
 _AUDIT = "SELECT id, time, who, action, target, before, after, reason, version FROM audit"
@@ -264,6 +305,7 @@ class _Database:
     def __init__(self, path: str) -> None:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so a write never starts as a read
         # that cannot upgrade; busy_timeout covers another process (`meshgate dashboard token create`).
+        private_file(path)
         self.conn = sqlite3.connect(path, isolation_level=None, timeout=10.0)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit: acknowledged means durable
@@ -367,16 +409,42 @@ class _Database:
     def tokens(self) -> list[TokenRecord]:
         return [TokenRecord(*row) for row in self.conn.execute(f"{_TOKEN} ORDER BY created, id")]
 
-    def put_gateway(self, record: GatewayRecord) -> None:
+    def put_gateway(self, record: GatewayRecord, max_per_group: int) -> None:
+        data, stats = split_stats(record.data)
         with self._transaction():
+            known = "SELECT 1 FROM gateways WHERE grp = ? AND instance = ?"
+            if self.conn.execute(known, (record.group, record.instance)).fetchone() is None:
+                self.conn.execute(  # make room: all but the group's newest max_per_group - 1 go
+                    "DELETE FROM gateways WHERE rowid IN"
+                    " (SELECT rowid FROM gateways WHERE grp = ? ORDER BY seen DESC LIMIT -1 OFFSET ?)",
+                    (record.group, max(0, max_per_group - 1)),
+                )
             self.conn.execute(
-                "INSERT OR REPLACE INTO gateways (instance, grp, data, seen) VALUES (?, ?, ?, ?)",
-                (record.instance, record.group, _dumps(record.data), record.seen),
+                "INSERT OR REPLACE INTO gateways (grp, instance, data, stats, seen) VALUES (?, ?, ?, ?, ?)",
+                (record.group, record.instance, _dumps(data), None if stats is None else _dumps(stats), record.seen),
             )
 
-    def gateways(self) -> list[GatewayRecord]:
-        rows = self.conn.execute("SELECT instance, grp, data, seen FROM gateways ORDER BY grp, instance")
-        return [GatewayRecord(instance, group, json.loads(data), seen) for instance, group, data, seen in rows]
+    def gateways(self, stats: bool) -> list[GatewayRecord]:
+        columns = "instance, grp, data, seen, " + ("stats" if stats else "NULL")
+        records = []
+        for instance, group, text, seen, numbers in self.conn.execute(
+            f"SELECT {columns} FROM gateways ORDER BY grp, instance"
+        ):
+            data = json.loads(text)
+            if numbers is not None:
+                data["stats"] = json.loads(numbers)
+            records.append(GatewayRecord(instance, group, data, seen))
+        return records
+
+    def forget_gateways(self, before: float) -> int:
+        with self._transaction():
+            return self.conn.execute("DELETE FROM gateways WHERE seen < ?", (before,)).rowcount
+
+
+def split_stats(data: Mapping[str, Any]) -> tuple[dict[str, Any], object]:
+    """A heartbeat's data without its `stats`, and the stats (None when it sent none): stored apart."""
+    rest = dict(data)
+    return rest, rest.pop("stats", None)
 
 
 def _below(before: int | None) -> int:
@@ -413,7 +481,7 @@ class SQLiteStore:
     def open(cls, directory: str) -> SQLiteStore:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="meshgate-store")
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            private_directory(directory)
             db = executor.submit(_Database, os.path.join(directory, DB_FILE)).result()
         except (OSError, sqlite3.Error) as err:
             executor.shutdown()
@@ -481,11 +549,14 @@ class SQLiteStore:
     async def tokens(self) -> list[TokenRecord]:
         return await self._run(self._db.tokens)
 
-    async def put_gateway(self, record: GatewayRecord, ttl: float) -> None:
-        await self._run(self._db.put_gateway, record)  # ttl: the API judges staleness from `seen`
+    async def put_gateway(self, record: GatewayRecord, max_per_group: int = MAX_GATEWAYS_PER_GROUP) -> None:
+        await self._run(self._db.put_gateway, record, max_per_group)
 
-    async def gateways(self) -> list[GatewayRecord]:
-        return await self._run(self._db.gateways)
+    async def gateways(self, stats: bool = False) -> list[GatewayRecord]:
+        return await self._run(self._db.gateways, stats)
+
+    async def forget_gateways(self, before: float) -> int:
+        return await self._run(self._db.forget_gateways, before)
 
     async def close(self) -> None:
         if self._closed:

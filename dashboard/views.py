@@ -33,6 +33,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from dashboard.api import OperatorApi
+from dashboard.attempts import client_address
 from dashboard.auth import READ, WRITE, Auth, Principal
 from dashboard.bodies import reason_of
 from dashboard.charts import clock, fmt
@@ -283,9 +284,12 @@ class Views:
         if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
             return await self.login_form(request, "the login form expired: try again", 403, next_path)
         try:
-            session_id, _ = await self.sessions.login(form_field(body, "token") or "")
+            session_id, _ = await self.sessions.login(form_field(body, "token") or "", client_address(request))
         except LoginError as err:
-            return await self.login_form(request, str(err), 401, next_path)
+            refused = await self.login_form(request, str(err), 429 if err.retry_after else 401, next_path)
+            if err.retry_after:
+                refused.headers["retry-after"] = str(err.retry_after)
+            return refused
         response = RedirectResponse(next_path, 303)
         self.sessions.set_cookie(response, request, session_id)
         response.delete_cookie(LOGIN_COOKIE, path="/login")

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
-import uuid
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
@@ -27,15 +27,18 @@ from dashboard.api import json_response
 from dashboard.auth import GATEWAY, READ, Auth, check_group
 from dashboard.bodies import read_object
 from dashboard.errors import HEADERS, ApiError
+from dashboard.heartbeats import heartbeat_record
 from dashboard.identity import IdentityError, MeshCA
 from dashboard.metrics import DashboardMetrics
 from dashboard.settings import Settings
 from dashboard.store import ChangeSignal, GatewayRecord, Store
-from gateway.units import is_wildcard, parse_address
 
 MAX_CSR = 16 * 1024
 DEFAULT_WAIT = 30.0
 MAX_HEARD = 4096  # instances remembered to notice membership changes; stale ones are dropped past this
+FORGET_EVERY = 60.0  # seconds between looks for gateways silent for longer than Settings.forget_after
+
+log = logging.getLogger("meshgate.dashboard")
 
 
 def live_addresses(
@@ -105,8 +108,9 @@ class GatewayApi:
         self.auth = auth
         self.metrics = metrics
         self.membership = ChangeSignal()  # fired when a heartbeat changes some group's live addresses
-        self._heard: dict[str, tuple[str, object, float]] = {}  # instance -> (group, advertise, seen)
+        self._heard: dict[str, tuple[object, float]] = {}  # GatewayRecord.key -> (advertise, seen)
         self.started = time.time()
+        self._forget_at = 0.0  # when silent gateways are next looked for
 
     def routes(self) -> list[Route]:
         prefix = "/api/v1"
@@ -178,8 +182,9 @@ class GatewayApi:
         """---
         summary: Long-poll for this group's view of the mesh
         description: >-
-          Answers at once when the view's etag differs from `after`, else waits up to `wait` seconds for a change
-          and answers 304 with no body if none came.
+          Answers at once when the view's etag differs from `after`, else waits up to `wait` seconds (at most the
+          dashboard's `--sync-hold`) for a change and answers 304 with no body if none came. A 304 is the normal
+          answer to a quiet spell: ask again at once.
         tags: [gateways]
         parameters:
           - {name: after, in: query, schema: {type: string}, description: the etag the gateway has}
@@ -190,11 +195,17 @@ class GatewayApi:
           "400": {$ref: "#/components/responses/Error"}
           "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
+          "503": {$ref: "#/components/responses/Error"}
         """
         principal = await self.auth.require_gateway(request, request.query_params.get("group"))
         assert principal.group is not None  # every gateway token has one
         after = request.query_params.get("after", "").removeprefix("W/").strip('"')
         wait = self._wait_param(request)
+        await self.forget_silent(time.time())
+        if self.settings.stopping.is_set():
+            # Long-polls waiting when shutdown began got their 304; one asked again now would get another at once,
+            # and again: a stopping dashboard is unavailable, so gateways probe until it (or its successor) is back.
+            raise ApiError(503, "the dashboard is shutting down", {"connection": "close", "retry-after": "1"})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         gone = False
@@ -225,16 +236,17 @@ class GatewayApi:
             self.metrics.watchers.dec()
 
     def _wait_param(self, request: Request) -> float:
+        """How long to hold this long-poll: `wait` (refused beyond `max_wait`), cut to `sync_hold`."""
         text = request.query_params.get("wait")
         if text is None:
-            return min(DEFAULT_WAIT, self.settings.max_wait)
+            return min(DEFAULT_WAIT, self.settings.max_wait, self.settings.sync_hold)
         try:
             wait = float(text)
         except ValueError:
             wait = -1.0
         if not 0 <= wait <= self.settings.max_wait:  # also refuses nan and inf
             raise ApiError(400, f"wait: expected seconds from 0 to {self.settings.max_wait:g}, got {text!r}")
-        return wait
+        return min(wait, self.settings.sync_hold)
 
     async def heartbeat(self, request: Request) -> Response:
         """---
@@ -254,18 +266,30 @@ class GatewayApi:
         principal = await self.auth.require(request, GATEWAY)
         body = await read_object(request, None, required=("instance", "group"))  # newer gateways may send more
         check_group(principal, body["group"])
-        instance = _heartbeat_fields(body)
-        group = str(body["group"])
         now = time.time()
-        await self.store.put_gateway(GatewayRecord(instance, group, body, now), self.settings.stale_after)
+        record = heartbeat_record(body, now)  # the known fields, each within its limit; the rest is dropped
+        await self.store.put_gateway(record)
+        await self.forget_silent(now)
+        stale_after = self.settings.stale_after
         if len(self._heard) > MAX_HEARD:  # instances of restarted gateways never come back
-            self._heard = {key: seen for key, seen in self._heard.items() if now - seen[2] <= self.settings.stale_after}
-        advertise = body.get("advertise")
-        previous = self._heard.get(instance)
-        self._heard[instance] = (group, advertise, now)
-        if previous is None or previous[:2] != (group, advertise) or now - previous[2] > self.settings.stale_after:
+            self._heard = {key: heard for key, heard in self._heard.items() if now - heard[1] <= stale_after}
+        advertise = record.data["advertise"]
+        previous = self._heard.get(record.key)
+        self._heard[record.key] = (advertise, now)
+        if previous is None or previous[0] != advertise or now - previous[1] > stale_after:
             self.membership.notify()  # a new, moved or returning gateway: other groups' views change
         return json_response({"interval": self.settings.heartbeat_interval})
+
+    async def forget_silent(self, now: float) -> None:
+        """Remove the gateways silent for `forget_after`, counted from this dashboard's start if later (its own
+        downtime does not count against them). Looked for at most every FORGET_EVERY seconds, when a gateway calls
+        or the list is read; until then a silent gateway is listed as stale."""
+        cutoff = now - self.settings.forget_after
+        if now < self._forget_at or cutoff < self.started:
+            return
+        self._forget_at = now + min(FORGET_EVERY, self.settings.forget_after)
+        if forgotten := await self.store.forget_gateways(cutoff):
+            log.info("forgot %d gateway(s) silent for more than %gs", forgotten, self.settings.forget_after)
 
     async def gateways(self, request: Request) -> Response:
         """---
@@ -284,6 +308,7 @@ class GatewayApi:
 
     async def describe_all(self) -> list[dict[str, object]]:
         """Every gateway heard from, as `GET /gateways` lists them (the gateways page shows the same)."""
+        await self.forget_silent(time.time())
         records = await self.store.gateways()
         current = await self.store.current()
         now = time.time()
@@ -340,34 +365,3 @@ class GatewayApi:
             for name, services in sorted(members.items())
         ]
         return json_response(listing)
-
-
-def _heartbeat_fields(body: dict[str, object]) -> str:
-    """Check the fields the dashboard reads; returns the canonical instance id. Raises ApiError(422)."""
-    try:
-        instance = str(uuid.UUID(str(body["instance"])))
-    except ValueError:
-        raise ApiError(422, f"instance: expected a UUID, got {body['instance']!r}") from None
-    version = body.get("config_version", 0)
-    if type(version) is not int or version < 0:
-        raise ApiError(422, f"config_version: expected an integer >= 0, got {version!r}")
-    for key in ("started", "cert_not_after"):
-        value = body.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ApiError(422, f"{key}: expected a time in seconds since the epoch, got {value!r}")
-    for key in ("meshgate_version", "etag"):
-        value = body.get(key, "")
-        if not isinstance(value, str) or len(value) > 64:
-            raise ApiError(422, f"{key}: expected a string of at most 64 characters, got {value!r}")
-    advertise = body.get("advertise")
-    if advertise is not None:
-        try:
-            address = parse_address(advertise) if isinstance(advertise, str) else None
-        except ValueError:
-            address = None
-        if address is None or address.port == 0 or is_wildcard(address.host):
-            raise ApiError(422, f"advertise: expected a host:port peers can reach, got {advertise!r}")
-    listeners = body.get("listeners", {})
-    if not isinstance(listeners, dict) or not all(isinstance(value, str) for value in listeners.values()):
-        raise ApiError(422, f"listeners: expected an object of listener kind to host:port, got {listeners!r}")
-    return instance

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 import uvicorn
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -20,6 +21,7 @@ from starlette.applications import Starlette
 from dashboard.app import create_app
 from dashboard.auth import new_token
 from dashboard.identity import MeshCA
+from dashboard.protocol import GuardedHttpProtocol
 from dashboard.serve import DashboardServer, _bind
 from dashboard.settings import Settings
 from dashboard.store import Revision, Store, open_store
@@ -52,12 +54,21 @@ def mesh() -> dict[str, Any]:
 
 
 class Dashboard:
-    """A running dashboard. `url` is its base URL; `token(role)` makes a real token in its store."""
+    """A running dashboard. `url` is its base URL; `token(role)` makes a real token in its store. `host` is the
+    address it listens on (loopback unless a test needs clients from beyond it)."""
 
     def __init__(
-        self, data: Path, store_url: str | None = None, wrap: Callable[[Store], Store] | None = None, **settings: Any
+        self,
+        data: Path,
+        store_url: str | None = None,
+        wrap: Callable[[Store], Store] | None = None,
+        host: str = "127.0.0.1",
+        http: type[GuardedHttpProtocol] = GuardedHttpProtocol,
+        **settings: Any,
     ) -> None:
         self.data = data
+        self.host = host
+        self.http = http  # uvicorn's protocol, as `meshgate dashboard` runs it (a test may shorten its limits)
         self.store_url = store_url or str(data)
         self.wrap = wrap or (lambda store: store)
         self.overrides = settings
@@ -90,9 +101,9 @@ class Dashboard:
             store=self.wrap(self.store), ca=self.ca, registry=CollectorRegistry(), **self.overrides
         )
         self.app: Starlette = create_app(self.settings)
-        sock = _bind(Address("127.0.0.1", 0))
+        sock = _bind(Address(self.host, 0))
         config = uvicorn.Config(
-            self.app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5
+            self.app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5, http=self.http
         )
         self.server = DashboardServer(config, self.settings.stopping, sock, "http")
         try:
@@ -131,6 +142,17 @@ class Dashboard:
             self.loop.call_soon_threadsafe(self.server.stop)
         self.thread.join(15)
         assert not self.thread.is_alive(), "the dashboard did not stop"
+
+
+def routed_ipv4() -> str:
+    """This host's IPv4 address that clients beyond it would come from (never loopback); the test is skipped on a
+    machine with loopback only."""
+    from dashboard.serve import _routed_addresses
+
+    routed = sorted(address for address in _routed_addresses() if "." in address)
+    if not routed:
+        pytest.skip("this machine has no IPv4 route, so no address beyond loopback to connect from")
+    return routed[0]
 
 
 @contextmanager

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +18,8 @@ from typing import Any, cast
 import httpx
 import pytest
 
+from dashboard.attempts import FAILURE_BURST, FAILURE_REFILL
+from dashboard.bodies import DRAIN_TIME
 from dashboard.store import AuditEntry, Store
 from tests.dashboard.dashboards import Dashboard, mesh, running
 
@@ -183,6 +187,51 @@ def test_a_chunked_body_over_the_limit_is_413_and_changes_nothing(dash: Dashboar
     assert state(dash) == before
 
 
+def send_all_then_read(dash: Dashboard, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send the whole request before reading a byte, as simple clients do, then read to the end of the stream.
+    A RST from the server (it closed with our bytes unread) raises ConnectionResetError or BrokenPipeError."""
+    host, port = dash.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(request)
+        received = bytearray()
+        while chunk := sock.recv(1 << 16):
+            received += chunk
+    return bytes(received)
+
+
+def head(length: int | None, *extra: bytes) -> bytes:
+    framing = b"transfer-encoding: chunked" if length is None else b"content-length: %d" % length
+    return b"\r\n".join([b"PUT %s HTTP/1.1" % WEIGHTS.encode(), b"host: dashboard", framing, *extra, b"", b""])
+
+
+def test_a_client_that_uploads_a_large_body_before_reading_reads_the_413(dash: Dashboard) -> None:
+    """More than the socket buffers hold: without reading it, the dashboard would close on unread bytes (a RST)."""
+    body = b"x" * (8 << 20)
+    answer = send_all_then_read(dash, head(len(body)) + body)
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"connection: close" in answer.lower() and b"too large" in answer
+
+
+def test_a_chunked_body_over_the_limit_is_read_then_the_connection_closes(dash: Dashboard) -> None:
+    """After the 413 the connection closes (the rest of a refused body is not read for ever to keep it alive)."""
+    chunk = b"%x\r\n%s\r\n" % (1 << 16, b"x" * (1 << 16))
+    token = b"authorization: Bearer %s" % dash.token("operator").encode()  # else a 401 comes before the body is read
+    answer = send_all_then_read(dash, head(None, token) + chunk * 128 + b"0\r\n\r\n")  # 8 MiB
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"connection: close" in answer.lower()
+
+
+@pytest.mark.parametrize("extra", [b"expect: 100-continue", b""], ids=["expect-100-continue", "too-large-to-drain"])
+def test_a_body_that_will_not_come_or_cannot_be_drained_is_refused_at_once(dash: Dashboard, extra: bytes) -> None:
+    """The client waits for 100 Continue (never sent), or declares more than the dashboard would ever read."""
+    length = TWO_MIB if extra else 1 << 30
+    started = time.monotonic()
+    answer = send_all_then_read(dash, head(length, *filter(None, [extra])))
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"100 Continue" not in answer
+    assert time.monotonic() - started < DRAIN_TIME, "answered without waiting for a body"
+
+
 def test_no_token_is_401_and_changes_nothing(dash: Dashboard) -> None:
     before = state(dash)
     with dash.client() as anonymous:
@@ -202,6 +251,27 @@ def test_an_unknown_or_malformed_credential_is_401_and_changes_nothing(dash: Das
         answer = client.put(WEIGHTS, headers={"authorization": header}, json={"weights": {"v1": 0, "v2": 100}})
     assert_error(answer, 401)
     assert state(dash) == before
+
+
+def test_bad_tokens_from_one_address_get_429_and_a_valid_token_still_works(
+    dash: Dashboard, operator: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Logged (never the token) and counted in /metrics; only failures are limited."""
+    before = state(dash)
+    guess = "mgo_" + "Z" * 43
+    with dash.client(guess) as guesser:
+        answers = [guesser.put(WEIGHTS, json={"weights": {"v1": 0, "v2": 100}}) for _ in range(FAILURE_BURST + 2)]
+    assert [answer.status_code for answer in answers] == [401] * FAILURE_BURST + [429] * 2
+    reason = assert_error(answers[-1], 429, "unknown token", "too many failed attempts from 127.0.0.1")
+    assert answers[-1].headers["retry-after"] == str(int(FAILURE_REFILL)) and f"{int(FAILURE_REFILL)}s" in reason
+    assert state(dash) == before
+    assert operator.put(WEIGHTS, json={"weights": {"v1": 0, "v2": 100}}).status_code == 200, "from the same address"
+    metrics = operator.get("/metrics").text
+    assert f'meshgate_dashboard_auth_failures_total{{answer="401",via="token"}} {FAILURE_BURST}.0' in metrics
+    assert 'meshgate_dashboard_auth_failures_total{answer="429",via="token"} 2.0' in metrics
+    logged = [record.getMessage() for record in caplog.records if "failed token" in record.getMessage()]
+    assert logged[0] == "failed token from 127.0.0.1: unknown token (PUT /api/v1/services/{name}/weights)"
+    assert len(logged) == FAILURE_BURST + 1 and guess not in caplog.text and guess[4:] not in caplog.text
 
 
 def test_a_viewer_cannot_write_403_and_changes_nothing(dash: Dashboard, viewer: httpx.Client) -> None:

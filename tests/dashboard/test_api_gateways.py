@@ -15,6 +15,8 @@ import httpx
 import pytest
 from cryptography import x509
 
+from dashboard.heartbeats import MAX_HEARTBEAT, MAX_STATS_ENTRIES
+from dashboard.store import GatewayRecord
 from gateway import tls
 from tests.conftest import wait_for
 from tests.dashboard.dashboards import Dashboard, running
@@ -215,6 +217,33 @@ def test_sync_answers_at_once_when_the_dashboard_stops(tmp_path: Path) -> None:
         assert poll.finished - stopping < 2.0
 
 
+def test_a_sync_asked_while_the_dashboard_stops_is_a_503_that_closes_the_connection(
+    dash: Dashboard, shop: httpx.Client
+) -> None:
+    """Polls waiting when shutdown began get their 304; one asked after that would get another at once, and again,
+    in a loop as fast as the network. A 503 sends the gateway to its outage probes instead."""
+    etag = shop.get("/api/v1/sync").json()["etag"]
+    dash.loop.call_soon_threadsafe(dash.settings.stopping.set)  # what SIGTERM does first
+    started = time.monotonic()
+    answer = shop.get("/api/v1/sync", params={"after": etag, "wait": "30"})
+    assert time.monotonic() - started < 2.0
+    assert_error(answer, 503, "shutting down")
+    assert answer.headers["connection"] == "close"
+
+
+def test_sync_holds_at_most_sync_hold(tmp_path: Path) -> None:
+    """`--sync-hold` cuts what a gateway asks for (30 s): tests run many quiet spells in seconds, and a proxy that
+    closes idle connections sooner never cuts a long-poll."""
+    with running(tmp_path / "data", sync_hold=0.3) as dash, dash.client(dash.token("gateway", group="shop")) as shop:
+        dash.seed()
+        etag = shop.get("/api/v1/sync").json()["etag"]
+        started = time.monotonic()
+        answer = shop.get("/api/v1/sync", params={"after": etag, "wait": "30"})
+        elapsed = time.monotonic() - started
+        assert answer.status_code == 304 and 0.3 <= elapsed < 3.0, (answer.status_code, elapsed)
+        assert shop.get("/api/v1/sync", params={"after": etag, "wait": "61"}).status_code == 400, "still refused"
+
+
 @pytest.mark.parametrize("wait", ["-1", "61", "soon", "nan", "inf"])
 def test_sync_refuses_a_bad_wait(shop: httpx.Client, wait: str) -> None:
     assert_error(shop.get("/api/v1/sync", params={"wait": wait}), 400, "wait")
@@ -291,6 +320,15 @@ def test_remote_lists_live_gateways_of_the_owner_and_drops_stale_ones(
         ({"listeners": ["inbound"]}, "listeners"),
         ({"started": "yesterday"}, "started"),
         ({"meshgate_version": "x" * 65}, "meshgate_version"),
+        ({"instance": ["5f0e8b7e-0000-4000-8000-000000000000"]}, "instance"),
+        ({"advertise": "a" * 300 + ".example:15006"}, "advertise"),
+        ({"listeners": {f"l{index}": "127.0.0.1:1" for index in range(17)}}, "listeners: expected at most 16"),
+        ({"listeners": {"In Bound": "127.0.0.1:1"}}, "listeners"),
+        ({"listeners": {"inbound": "x" * 301}}, "listeners"),
+        ({"stats": []}, "stats"),
+        ({"stats": {"series": [0] * (MAX_STATS_ENTRIES + 1)}}, "stats.series: expected a list of at most 4096"),
+        ({"stats": {"gauges": {}}}, "stats.gauges"),
+        ({"stats": {"cpu": "lots"}}, "stats.cpu"),
     ],
 )
 def test_malformed_heartbeats_are_422_and_store_nothing(
@@ -303,6 +341,83 @@ def test_malformed_heartbeats_are_422_and_store_nothing(
 def test_heartbeats_accept_fields_from_newer_gateways(shop: httpx.Client, operator: httpx.Client) -> None:
     assert heartbeat(shop, "shop", str(uuid.uuid4()), topology={"edges": []}).status_code == 200
     assert len(operator.get("/api/v1/gateways").json()) == 1
+
+
+def test_a_heartbeat_keeps_only_the_fields_the_dashboard_knows(dash: Dashboard, shop: httpx.Client) -> None:
+    """Unknown fields, and unknown keys in `stats`, are dropped, not stored for every /sync to read again."""
+    instance = str(uuid.uuid4())
+    stats = {"series": [], "counters": [["meshgate_retries_total", "catalog", 1]], "gauges": [], "cpu": 0.5}
+    junk = {"topology": {"edges": []}, "padding": "x" * 200_000}
+    answer = heartbeat(
+        shop, "shop", instance, advertise="127.0.0.1:15006", stats={**stats, "extra": "y" * 1000}, **junk
+    )
+    assert answer.status_code == 200
+    [record] = dash.call(lambda: dash.store.gateways(stats=True))
+    assert record.key == f"shop/{instance}"
+    assert set(record.data) == {
+        "meshgate_version",
+        "config_version",
+        "etag",
+        "started",
+        "cert_not_after",
+        "advertise",
+        "listeners",
+        "stats",
+    }
+    assert record.data["stats"] == {**stats, "loop_lag": 0, "rss": 0}
+    assert record.data["advertise"] == "127.0.0.1:15006" and record.data["listeners"] == {"inbound": "127.0.0.1:15006"}
+
+
+def test_a_heartbeat_over_the_size_limit_is_413_and_stores_nothing(
+    dash: Dashboard, shop: httpx.Client, operator: httpx.Client
+) -> None:
+    answer = heartbeat(shop, "shop", str(uuid.uuid4()), padding="x" * MAX_HEARTBEAT)
+    assert_error(answer, 413, f"limit {MAX_HEARTBEAT} bytes")
+    assert operator.get("/api/v1/gateways").json() == []
+
+
+def test_a_join_token_of_one_group_cannot_touch_another_groups_gateway(
+    dash: Dashboard, shop: httpx.Client, web: httpx.Client, operator: httpx.Client
+) -> None:
+    """web's token claims the instance id of a shop gateway: that makes a web gateway, and shop's stays as it was."""
+    instance = str(uuid.uuid4())
+    assert heartbeat(shop, "shop", instance, advertise="127.0.0.1:15006").status_code == 200
+    assert heartbeat(web, "web", instance, advertise="127.0.0.1:16666").status_code == 200
+    assert_error(heartbeat(web, "shop", instance, advertise="127.0.0.1:16666"), 403, "group 'web'")
+    listed = {(item["group"], item["instance"]): item["advertise"] for item in operator.get("/api/v1/gateways").json()}
+    assert listed == {("shop", instance): "127.0.0.1:15006", ("web", instance): "127.0.0.1:16666"}
+    with dash.client(dash.token("gateway", group="web")) as other:
+        remote = other.get("/api/v1/sync").json()["remote"]
+    assert remote["catalog"] == {"group": "shop", "gateways": ["127.0.0.1:15006"]}
+
+
+FORGET_AFTER = 2.0  # seconds in the forgetting test
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "etcd"])
+def test_gateways_silent_for_forget_after_are_removed(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """Counted from the dashboard's start if later: a gateway is not forgotten for the dashboard's own downtime."""
+    store_url = request.getfixturevalue("etcd").url if backend == "etcd" else None
+    with running(
+        tmp_path / "data", store_url=store_url, heartbeat_interval=INTERVAL, forget_after=FORGET_AFTER
+    ) as dash:
+        dash.seed()
+        silent = GatewayRecord(str(uuid.uuid4()), "shop", {"advertise": "127.0.0.1:15006"}, time.time() - 3600)
+        dash.call(lambda: dash.store.put_gateway(silent))
+        live = str(uuid.uuid4())
+        with dash.client(dash.token("gateway", group="shop")) as shop, dash.client(dash.token("viewer")) as viewer:
+            assert heartbeat(shop, "shop", live).status_code == 200
+            listed = [item["instance"] for item in viewer.get("/api/v1/gateways").json()]
+            assert sorted(listed) == sorted([silent.instance, live]), "the dashboard has just started"
+
+            def forgotten() -> bool:
+                heartbeat(shop, "shop", live)
+                return [item["instance"] for item in viewer.get("/api/v1/gateways").json()] == [live]
+
+            wait_for(forgotten, 10 * FORGET_AFTER, what="the silent gateway to be forgotten")
+        assert [record.instance for record in dash.call(lambda: dash.store.gateways(stats=True))] == [live]
 
 
 def test_etcd_replicas_wake_each_others_long_polls(tmp_path: Path, request: pytest.FixtureRequest) -> None:

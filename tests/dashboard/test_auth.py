@@ -4,12 +4,16 @@ principal and checks roles (including a second authenticator, the way the UI's c
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter
 from starlette.requests import Request
 
+from dashboard.attempts import FailedAttempts, client_key
 from dashboard.auth import GATEWAY, READ, WRITE, Auth, BearerTokens, Principal, TokenError, digest, new_token
 from dashboard.errors import ApiError
 from dashboard.store import SQLiteStore, Store, open_store
@@ -142,3 +146,94 @@ async def test_a_second_authenticator_is_asked_when_there_is_no_bearer_token(sql
     assert caught.value.status == 401, "an invalid bearer token is refused, never passed over"
     with pytest.raises(ApiError):
         await auth.principal(request(cookie="session=forged"))
+
+
+# Failed attempts: logged, counted and limited per client address
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def attempts(clock: Clock, **limits: Any) -> tuple[FailedAttempts, Counter]:
+    counter = Counter("failures", "failed attempts", ["via", "answer"], registry=CollectorRegistry())
+    return FailedAttempts(counter, clock=clock, **limits), counter
+
+
+def from_address(authorization: str, address: str) -> Request:
+    scope = {"type": "http", "method": "GET", "path": "/", "query_string": b"", "client": (address, 40000)}
+    return Request({**scope, "headers": [(b"authorization", authorization.encode())]})
+
+
+async def refusal(auth: Auth, request: Request) -> ApiError:
+    with pytest.raises(ApiError) as caught:
+        await auth.principal(request)
+    return caught.value
+
+
+async def test_failed_tokens_past_the_budget_get_429_and_a_valid_token_still_works(
+    sqlite: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Operators behind one ingress share its address: someone else's guesses must not lock them out."""
+    clock = Clock()
+    limiter, counter = attempts(clock, burst=3, refill=20.0)
+    auth = Auth([BearerTokens(sqlite, limiter)])
+    valid, record = new_token("viewer", name="ops")
+    await sqlite.add_token(record)
+    guess = "mgo_" + "A" * 43
+    for _ in range(3):
+        assert (await refusal(auth, from_address(f"Bearer {guess}", "10.0.0.7"))).status == 401
+    limited = await refusal(auth, from_address(f"Bearer {guess}", "10.0.0.7"))
+    assert limited.status == 429 and limited.headers == {"retry-after": "20"}
+    assert limited.reason == "unknown token, and too many failed attempts from 10.0.0.7: try again in 20s"
+    assert (await auth.principal(from_address(f"Bearer {valid}", "10.0.0.7"))).name == "ops"
+    assert (await refusal(auth, from_address(f"Bearer {guess}", "10.0.0.8"))).status == 401, "per address"
+    clock.now += 20.0  # one attempt given back
+    assert (await refusal(auth, from_address("Basic YWxpY2U6c2VjcmV0", "10.0.0.7"))).status == 401
+    assert (await refusal(auth, from_address(f"Bearer {guess}", "10.0.0.7"))).status == 429
+    assert counter.labels("token", "401")._value.get() == 5 and counter.labels("token", "429")._value.get() == 2
+    assert "failed token from 10.0.0.7: unknown token (GET unmatched)" in caplog.text
+    assert "answering 429 for 20s" in caplog.text
+    assert guess not in caplog.text and "YWxpY2U6c2VjcmV0" not in caplog.text and valid not in caplog.text
+
+
+def test_while_limited_only_the_first_429_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A flood is counted, not written to the log line by line."""
+    limiter, counter = attempts(Clock(), burst=1, refill=60.0)
+    with caplog.at_level(logging.WARNING, logger="meshgate.dashboard"):
+        waits = [limiter.failed("10.0.0.7", "login", "unknown token") for _ in range(50)]
+    assert waits[0] == 0 and set(waits[1:]) == {60}
+    assert [record.getMessage() for record in caplog.records] == [
+        "failed login from 10.0.0.7: unknown token",
+        "failed login from 10.0.0.7: unknown token; too many: answering 429 for 60s",
+    ]
+    assert counter.labels("login", "429")._value.get() == 49
+
+
+def test_the_addresses_tracked_are_bounded_least_recent_failure_first() -> None:
+    limiter, _ = attempts(Clock(), burst=1, refill=60.0, max_clients=2)
+    for address in ("10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.3"):
+        limiter.failed(address, "token", "unknown token")
+    assert len(limiter._state) == 2
+    assert limiter.failed("10.0.0.1", "token", "unknown token") == 60, "it failed last but one: still tracked"
+    assert limiter.failed("10.0.0.2", "token", "unknown token") == 0, "it failed least recently: dropped"
+
+
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("unknown", "unknown"),
+    ],
+)
+def test_failures_are_counted_per_ipv4_address_and_per_ipv6_64(host: str, key: str) -> None:
+    """An IPv6 client holds a whole /64: counting per address would let it rotate past the limit."""
+    assert client_key(host) == key

@@ -1,16 +1,19 @@
 """What etcd adds over SQLite: several dashboard replicas (here, several `EtcdStore`s) on one real etcd share one
-version sequence, wake each other's waiters, and see gateways disappear when their lease runs out."""
+version sequence, wake each other's waiters, and share gateway records, which any replica can forget."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 
+import httpx
 import pytest
 
 from dashboard.etcd import EtcdStore
 from dashboard.store import GatewayRecord, StoreError, VersionConflict, open_store
+from gateway.etcd import b64, key_of, prefix_end
 from tests.dashboard.test_store import mesh
 from tests.etcd import EtcdServer, free_ports
 
@@ -94,15 +97,37 @@ async def test_racing_commits_on_one_expected_version_let_exactly_one_win(replic
     assert current.reason == str(10 * (winner + 1))
 
 
-async def test_gateways_disappear_when_their_lease_expires(replicas: Replicas) -> None:
+def etcd_keys(etcd: EtcdServer, prefix: str) -> list[str]:
+    body = {"key": b64(prefix), "range_end": b64(prefix_end(prefix)), "keys_only": True}
+    answer = httpx.post(f"{etcd.client_url}/v3/kv/range", json=body, timeout=5.0).json()
+    return [key_of(kv) for kv in answer.get("kvs", [])]
+
+
+async def test_a_gateway_forgotten_through_one_replica_is_gone_with_its_stats(
+    replicas: Replicas, etcd: EtcdServer
+) -> None:
     store, other = replicas(2)
-    await store.put_gateway(GatewayRecord("short", "shop", {"advertise": "127.0.0.1:1"}, time.time()), ttl=1)
-    await store.put_gateway(GatewayRecord("long", "shop", {}, time.time()), ttl=600)
-    assert [record.instance for record in await other.gateways()] == ["long", "short"]
-    deadline = time.monotonic() + 15  # etcd's shortest lease is a few seconds
-    while [record.instance for record in await other.gateways()] != ["long"]:
-        assert time.monotonic() < deadline, "the expired gateway is still listed"
-        await asyncio.sleep(0.2)
+    await store.put_gateway(GatewayRecord("old", "shop", {"stats": {"cpu": 1}}, 100.0))
+    await store.put_gateway(GatewayRecord("new", "shop", {"stats": {"cpu": 2}}, 200.0))
+    assert [record.instance for record in await other.gateways()] == ["new", "old"]
+    assert await other.forget_gateways(150.0) == 1
+    assert [record.key for record in await store.gateways(stats=True)] == ["shop/new"]
+    assert etcd_keys(etcd, "/meshgate/gateway-stats/") == ["/meshgate/gateway-stats/shop/new"]
+
+
+async def test_records_of_dashboards_before_0_2_are_listed_once(replicas: Replicas, etcd: EtcdServer) -> None:
+    """They were keyed by instance alone, under a lease of a few seconds; until it ends, one gateway may have a
+    record under each key: the newest is listed, and forgetting removes either."""
+    (store,) = replicas(1)
+    old = GatewayRecord("gw", "shop", {"advertise": "10.0.0.1:15006"}, 100.0)
+    value = json.dumps({"instance": "gw", "group": "shop", "data": old.data, "seen": 100.0})
+    httpx.post(f"{etcd.client_url}/v3/kv/put", json={"key": b64("/meshgate/gateways/gw"), "value": b64(value)})
+    assert await store.gateways() == [old]
+    new = GatewayRecord("gw", "shop", {"advertise": "10.0.0.1:15006"}, 101.0)
+    await store.put_gateway(new)
+    assert await store.gateways() == [new]
+    assert await store.forget_gateways(100.5) == 1
+    assert etcd_keys(etcd, "/meshgate/gateways/") == ["/meshgate/gateways/shop/gw"]
 
 
 async def test_a_dead_endpoint_is_skipped(etcd: EtcdServer) -> None:

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Counter
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from dashboard.attempts import FAILURE_BURST, FAILURE_REFILL, FailedAttempts
 from dashboard.auth import Auth, BearerTokens, new_token
 from dashboard.errors import ApiError
 from dashboard.headers import SecurityHeaders
@@ -175,6 +177,56 @@ async def test_the_session_table_is_bounded_oldest_login_first(store: Store) -> 
 
 
 @pytest.mark.anyio
+async def test_one_token_logging_in_again_and_again_logs_only_itself_out(store: Store) -> None:
+    """A viewer cannot empty the table of operators' sessions: past `per_principal`, its own oldest go."""
+    sessions = Sessions(store, max_sessions=5, per_principal=3)
+    operator, _ = await sessions.login(await token(store, "operator"))
+    viewer = await token(store, "viewer")
+    ids = [(await sessions.login(viewer))[0] for _ in range(10)]
+    assert len(sessions) == 4
+    assert (await sessions.authenticate(request(cookie=operator))) is not None
+    for ended in ids[:-3]:
+        with pytest.raises(ApiError, match="ended"):
+            await sessions.authenticate(request(cookie=ended))
+    for kept in ids[-3:]:
+        assert await sessions.authenticate(request(cookie=kept)) is not None
+
+
+@pytest.mark.anyio
+async def test_a_full_table_takes_from_the_principal_holding_the_most(store: Store) -> None:
+    sessions = Sessions(store, max_sessions=4, per_principal=10)
+    first, _ = await sessions.login(await token(store, "operator"))
+    viewer = await token(store, "viewer")
+    ids = [(await sessions.login(viewer))[0] for _ in range(3)]
+    second, _ = await sessions.login(await token(store, "operator"))
+    assert len(sessions) == 4
+    assert await sessions.authenticate(request(cookie=first)) is not None, "the oldest login, but not the greediest"
+    assert await sessions.authenticate(request(cookie=second)) is not None
+    with pytest.raises(ApiError, match="ended"):
+        await sessions.authenticate(request(cookie=ids[0]))
+
+
+@pytest.mark.anyio
+async def test_failed_logins_past_the_budget_are_429_and_a_valid_login_still_works(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    counter = Counter("failures", "failed attempts", ["via", "answer"], registry=CollectorRegistry())
+    sessions = Sessions(store, attempts=FailedAttempts(counter, burst=2, refill=30.0))
+    for pasted in ("mgo_" + "B" * 43, "not a token"):
+        with pytest.raises(LoginError) as caught:
+            await sessions.login(pasted, "10.0.0.7")
+        assert caught.value.retry_after == 0
+    with pytest.raises(LoginError, match="too many failed logins from your address: try again in 30s") as caught:
+        await sessions.login("mgo_" + "C" * 43, "10.0.0.7")
+    assert caught.value.retry_after == 30
+    with pytest.raises(LoginError, match="paste"):  # an empty form is no attempt at a credential
+        await sessions.login("", "10.0.0.7")
+    assert (await sessions.login(await token(store, "viewer"), "10.0.0.7"))[1].principal.role == "viewer"
+    assert counter.labels("login", "401")._value.get() == 2 and counter.labels("login", "429")._value.get() == 1
+    assert "failed login from 10.0.0.7: unknown token" in caplog.text and "B" * 43 not in caplog.text
+
+
+@pytest.mark.anyio
 async def test_bearer_tokens_come_first_and_sessions_second_in_auth(store: Store) -> None:
     sessions = Sessions(store)
     auth = Auth([BearerTokens(store), sessions])
@@ -240,6 +292,22 @@ def login(client: httpx.Client, token: str, next_path: str = "/topology") -> str
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
     assert csrf is not None
     return csrf[1]
+
+
+def test_wrong_logins_past_the_budget_get_429_and_a_right_one_still_works(
+    dash: Dashboard, client: httpx.Client
+) -> None:
+    page = client.get("/login")
+    answers = []
+    for _ in range(FAILURE_BURST + 1):
+        nonce = re.search(r'name="login_csrf" value="([^"]+)"', page.text)  # each page comes with a new one
+        assert nonce is not None
+        page = client.post("/login", data={"login_csrf": nonce[1], "token": "mgv_" + "Q" * 43, "next": "/"})
+        answers.append(page)
+    assert [answer.status_code for answer in answers] == [401] * FAILURE_BURST + [429]
+    assert answers[-1].headers["retry-after"] == str(int(FAILURE_REFILL))
+    assert "too many failed logins from your address" in answers[-1].text and "Traceback" not in answers[-1].text
+    assert login(client, dash.token("viewer"))
 
 
 def test_login_sets_a_strict_httponly_cookie_and_goes_where_asked(dash: Dashboard, client: httpx.Client) -> None:

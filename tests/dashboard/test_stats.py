@@ -351,11 +351,11 @@ async def test_the_sampler_reads_heartbeats_from_the_store(store: Store) -> None
     stats, metrics = Stats(store, step=0.2, clock=lambda: clock[0]), Metrics()
     mesh = {"groups": {"catalog": ["catalog"]}, "services": {"catalog": {"subsets": {"v1": {"endpoints": []}}}}}
     await store.commit(mesh, author="test", reason="seed", action="config.seed", target="mesh")
-    await store.put_gateway(heartbeat(metrics, 1000.1, started=1000.0), 10.0)
+    await store.put_gateway(heartbeat(metrics, 1000.1, started=1000.0))
     clock[0] = 1000.2
     await stats.sample()
     record(metrics, EDGE, 200, 0.003, 12)
-    await store.put_gateway(heartbeat(metrics, 1000.5, started=1000.0), 10.0)
+    await store.put_gateway(heartbeat(metrics, 1000.5, started=1000.0))
     clock[0] = 1000.6
     await stats.sample()
     traffic = await stats.traffic(60.0)

@@ -4,9 +4,11 @@ SQLite promises: its schema version, and that no acknowledged commit is lost whe
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -15,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from dashboard.datadir import sqlite_files
 from dashboard.store import (
+    _SCHEMA,
     DB_FILE,
     GatewayRecord,
     SQLiteStore,
@@ -147,11 +151,56 @@ async def test_tokens_are_found_by_digest(store: Store) -> None:
 async def test_a_gateways_heartbeat_replaces_its_last_one(store: Store) -> None:
     first = GatewayRecord("b-instance", "shop", {"config_version": 1, "advertise": "127.0.0.1:15006"}, 100.0)
     other = GatewayRecord("a-instance", "catalog", {"config_version": 1}, 100.0)
-    await store.put_gateway(first, ttl=30)
-    await store.put_gateway(other, ttl=30)
+    await store.put_gateway(first)
+    await store.put_gateway(other)
     again = GatewayRecord("b-instance", "shop", {"config_version": 2, "advertise": "127.0.0.1:15006"}, 102.0)
-    await store.put_gateway(again, ttl=30)
+    await store.put_gateway(again)
     assert await store.gateways() == [other, again]
+
+
+async def test_one_instance_id_in_two_groups_is_two_gateways(store: Store) -> None:
+    """A join token of one group can never overwrite a gateway of another: records are keyed by both."""
+    shop = GatewayRecord("same-id", "shop", {"advertise": "10.0.0.1:15006"}, 100.0)
+    await store.put_gateway(shop)
+    claimed = GatewayRecord("same-id", "web", {"advertise": "10.6.6.6:15006"}, 101.0)
+    await store.put_gateway(claimed)
+    assert await store.gateways() == [shop, claimed]
+
+
+async def test_stats_are_stored_apart_and_read_only_when_asked_for(store: Store) -> None:
+    stats = {"series": [{"labels": ["source", "shop", "catalog", "v1", "default"]}], "cpu": 1.5}
+    await store.put_gateway(GatewayRecord("gw", "shop", {"config_version": 3, "stats": stats}, 100.0))
+    assert await store.gateways() == [GatewayRecord("gw", "shop", {"config_version": 3}, 100.0)]
+    assert await store.gateways(stats=True) == [
+        GatewayRecord("gw", "shop", {"config_version": 3, "stats": stats}, 100.0)
+    ]
+    await store.put_gateway(GatewayRecord("gw", "shop", {"config_version": 4}, 102.0))
+    assert await store.gateways(stats=True) == [GatewayRecord("gw", "shop", {"config_version": 4}, 102.0)]
+
+
+async def test_a_group_keeps_at_most_max_per_group_gateways(store: Store) -> None:
+    """A new gateway beyond the limit replaces the one of its group heard from least recently; other groups and
+    gateways already on record are untouched."""
+    for index in range(3):
+        await store.put_gateway(GatewayRecord(f"shop-{index}", "shop", {}, 100.0 + index), max_per_group=3)
+    await store.put_gateway(GatewayRecord("web-0", "web", {}, 50.0), max_per_group=3)
+    await store.put_gateway(GatewayRecord("shop-1", "shop", {}, 110.0), max_per_group=3)  # known: nothing goes
+    assert [record.instance for record in await store.gateways()] == ["shop-0", "shop-1", "shop-2", "web-0"]
+    await store.put_gateway(GatewayRecord("shop-3", "shop", {"stats": {"cpu": 1}}, 111.0), max_per_group=3)
+    assert [record.key for record in await store.gateways(stats=True)] == [
+        "shop/shop-1",
+        "shop/shop-2",
+        "shop/shop-3",
+        "web/web-0",
+    ]
+
+
+async def test_forget_gateways_removes_those_heard_before_a_time(store: Store) -> None:
+    for index, seen in enumerate((100.0, 200.0, 300.0)):
+        await store.put_gateway(GatewayRecord(f"gw-{index}", "shop", {"stats": {"cpu": index}}, seen))
+    assert await store.forget_gateways(250.0) == 2
+    assert await store.gateways(stats=True) == [GatewayRecord("gw-2", "shop", {"stats": {"cpu": 2}}, 300.0)]
+    assert await store.forget_gateways(250.0) == 0
 
 
 async def test_wait_for_change_returns_at_once_when_already_newer(store: Store) -> None:
@@ -206,12 +255,74 @@ async def test_sqlite_schema_is_versioned(tmp_path: Path) -> None:
     store = SQLiteStore.open(str(tmp_path))
     await store.close()
     with sqlite3.connect(tmp_path / DB_FILE) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         conn.execute("PRAGMA user_version = 99")
     conn.close()
-    with pytest.raises(StoreError, match=r"schema version 99 is newer than this meshgate's \(1\)"):
+    with pytest.raises(StoreError, match=r"schema version 99 is newer than this meshgate's \(2\)"):
         SQLiteStore.open(str(tmp_path))
+
+
+async def test_sqlite_keeps_gateways_of_schema_1_with_only_the_known_fields(tmp_path: Path) -> None:
+    """Records of a dashboard before 0.2 were keyed by instance and kept whole bodies: they survive the upgrade
+    (routing needs them until the gateways heartbeat again), without the fields no reader knows."""
+    with sqlite3.connect(tmp_path / DB_FILE) as conn:
+        conn.executescript(_SCHEMA[0] + "PRAGMA user_version = 1;")
+        known = {"advertise": "10.0.0.1:15006", "listeners": {"inbound": "10.0.0.1:15006"}, "config_version": 2}
+        body = {"instance": "gw", "group": "shop", **known, "junk": "x" * 100_000, "stats": {"cpu": 1.5}}
+        conn.execute("INSERT INTO gateways VALUES ('gw', 'shop', ?, 100.0)", (json.dumps(body),))
+        odd = {"listeners": "none", "stats": "none"}
+        conn.execute("INSERT INTO gateways VALUES ('odd', 'web', ?, 90.0)", (json.dumps(odd),))
+    conn.close()
+    store = SQLiteStore.open(str(tmp_path))
+    try:
+        [gateway, other] = await store.gateways(stats=True)
+        assert gateway.key == "shop/gw" and gateway.seen == 100.0
+        assert {key: value for key, value in gateway.data.items() if value is not None} == {
+            **known,
+            "stats": {"cpu": 1.5},
+        }
+        assert other.key == "web/odd" and other.data["listeners"] == {} and "stats" not in other.data
+        await store.put_gateway(GatewayRecord("gw", "web", {}, 101.0))  # (group, instance) is the key now
+        assert len(await store.gateways()) == 3
+    finally:
+        await store.close()
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_sqlite_files_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The directory 0700 and the database with its -wal and -shm 0600, not what the usual umask (022) gives."""
+    data = tmp_path / "data"
+    umask = os.umask(0o022)
+    try:
+        store = SQLiteStore.open(str(data))
+        try:
+            await commit(store, 10)
+            modes = {name: mode(data / name) for name in sqlite_files(DB_FILE)}  # while open: all three exist
+        finally:
+            await store.close()
+    finally:
+        os.umask(umask)
+    assert modes == dict.fromkeys(sqlite_files(DB_FILE), 0o600)
+    assert mode(data) == 0o700
+
+
+async def test_sqlite_tightens_a_directory_and_files_others_could_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As an older meshgate left them: the data directory 0755, the database 0644."""
+    data = tmp_path / "data"
+    await (SQLiteStore.open(str(data))).close()
+    data.chmod(0o755)
+    (data / DB_FILE).chmod(0o644)
+    store = SQLiteStore.open(str(data))
+    await store.close()
+    assert mode(data) == 0o700 and mode(data / DB_FILE) == 0o600
+    assert f"{data / DB_FILE}: mode 0644 let other users in; changed to 0600" in caplog.text
+    assert f"{data}: mode 0755 let other users in; changed to 0700" in caplog.text
 
 
 def test_sqlite_refuses_a_directory_it_cannot_use(tmp_path: Path) -> None:

@@ -79,7 +79,7 @@ def heartbeat(dash: Dashboard, group: str, traffic: list[dict[str, Any]], **fiel
         **fields,
     }
     record = GatewayRecord(instance, group, data, time.time())
-    dash.call(lambda: dash.store.put_gateway(record, 6.0))
+    dash.call(lambda: dash.store.put_gateway(record))
     dash.call(lambda: dash.app.state.signals.source.sample())
     return instance
 
@@ -580,8 +580,9 @@ def test_a_request_id_shows_its_waterfall_every_hop_and_its_path(traced: Dashboa
             group="shop",
         ),
     ]
-    with traced.client() as client:
-        for request in exported:
+    # Each hop from its own gateway, with its join token (only then is it that gateway's hop); the app's from loopback.
+    for request, sender in zip(exported, ["web", "shop", None, "shop"], strict=True):
+        with traced.client(traced.token("gateway", sender) if sender else None) as client:
             assert post(client, request).status_code == 200
     assert traced.settings.spans is not None and traced.settings.spans.wait_written(5)
     with traced.client() as client:
