@@ -143,7 +143,7 @@ class PageData:
         elif kind == "group":
             for record in await self.store.gateways():
                 if record.group == name:
-                    found = await _signals(self.signals.gateway(record.instance, window))
+                    found = await _signals(self.signals.gateway(record.instance, window, record.group))
                     if not found["stale"]:
                         charts = saturation_charts(chart_series(found["points"]), start, end)
                         columns.append((f"gateway {short_id(record.instance)}", charts))
@@ -308,7 +308,7 @@ class PageData:
         for item in listing:
             item["saturation"] = {}
             if self.signals is not None and not item["stale"]:
-                found = await _signals(self.signals.gateway(item["instance"], WINDOWS["5m"]))
+                found = await _signals(self.signals.gateway(item["instance"], WINDOWS["5m"], item["group"]))
                 item["saturation"] = found["latest"] or {}
         return listing
 
@@ -391,6 +391,7 @@ def hop_view(span: Mapping[str, Any]) -> dict[str, Any]:
         "retried": isinstance(tries, int) and tries > 1,
         "error": error,
         "failed": bool(error) or (isinstance(status, int) and status >= 500),
+        "unverified": span.get("unverified"),  # the row says so, and its details say why
         "attributes": sorted(
             (key, value if isinstance(value, str) else json.dumps(value)) for key, value in details.items()
         ),
@@ -401,5 +402,7 @@ def hop_edge(span: Mapping[str, Any]) -> str:
     """The topology edge ("source node>destination node") a gateway hop crossed, else ""."""
     caller, destination = span.get("caller"), span.get("destination")
     if not caller or not destination or span.get("reporter") not in ("source", "destination"):
+        return ""
+    if span.get("unverified"):  # not proven to be a gateway's hop: it draws no path
         return ""
     return f"{topo.source_node(str(caller))}>{topo.destination_node(str(destination))}"

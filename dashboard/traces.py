@@ -9,8 +9,14 @@ application's own spans in the same trace come along). Everything becomes the on
 `spans.span_dict` and is merged by span ID: a sampled hop is in its gateway's ring and in the store, and shows
 once, with what both say. Gateways that could not be asked are listed in the answer, never an error.
 
-`TraceApi` serves `POST /v1/traces` (the OTLP/HTTP receiver), `GET /api/v1/traces?request_id=` or the recent list
-(`?service=&status=&min_duration_ms=&limit=`), and `GET /api/v1/traces/{trace_id}`.
+Hops come only from gateways that proved their group: the rings over mTLS, and stored spans whose sender
+authenticated as the gateway group they claim. Any other stored span that claims to be a gateway's hop is still
+shown, with the reason in `unverified`, but as no hop; and where a span ID has a proven copy, unproven ones add
+nothing to it.
+
+`TraceApi` serves `POST /v1/traces` (the OTLP/HTTP receiver: loopback clients need no credentials, others a token;
+see `TraceApi.sender`), `GET /api/v1/traces?request_id=` or the recent list (`?service=&status=&min_duration_ms=
+&limit=`), and `GET /api/v1/traces/{trace_id}`.
 """
 
 from __future__ import annotations
@@ -30,15 +36,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from dashboard.api import json_response
-from dashboard.auth import READ, Auth
+from dashboard.auth import CHALLENGE, READ, Auth
 from dashboard.errors import HEADERS, ApiError
 from dashboard.identity import MeshCA
 from dashboard.jaeger import JaegerError, JaegerQuery, spans_of, summarise
-from dashboard.otlp import decode_export, export_response, span_rows
+from dashboard.otlp import LOOPBACK, MAX_REQUEST_BYTES, Sender, Spans, decode_export, export_response, span_rows
 from dashboard.settings import Settings
 from dashboard.spans import SpanCollector, SpanStore, TraceFilters, from_stored, integer, span_dict, text
 from dashboard.store import GatewayRecord, Store
 from gateway.tls import mesh_client_context, peer_spiffe_id
+from gateway.units import is_loopback
 
 LOOKUP_TIMEOUT = 2.0  # seconds for each gateway's answer
 MAX_TRACES = 20  # traces one request ID may name
@@ -123,14 +130,17 @@ def from_hop(hop: Mapping[str, Any], group: str) -> dict[str, Any] | None:
 
 
 def merge(spans: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One span per (trace, span ID), oldest first. The first one seen leads; the others fill in what it lacks."""
+    """One span per (trace, span ID), oldest first. The first proven one seen leads (a copy marked `unverified`
+    only when there is none); the others fill in what it lacks, except unproven copies of a proven span."""
     merged: dict[tuple[str, str], dict[str, Any]] = {}
-    for span in spans:
+    for span in sorted(spans, key=lambda span: span["unverified"] is not None):  # stable: otherwise as given
         key = (span["trace_id"], span["span_id"])
         have = merged.get(key)
         if have is None:
             merged[key] = {**span, "found_in": list(span["found_in"])}
             continue
+        if span["unverified"] is not None and have["unverified"] is None:
+            continue  # anyone may post a span under a hop's ID: it changes nothing the gateway said
         for name, value in span.items():
             if have.get(name) is None:
                 have[name] = value
@@ -386,7 +396,8 @@ def not_found(result: TraceResult, what: str) -> str:
 
 
 class TraceApi:
-    """`POST /v1/traces` (OTLP/HTTP, unauthenticated like a collector) and trace lookups for viewers and operators.
+    """`POST /v1/traces` (OTLP/HTTP: from loopback without credentials, like a collector; from elsewhere with a
+    token) and trace lookups for viewers and operators.
 
     >>> api = TraceApi(settings, store, auth); routes = api.routes(); api.traces   # the `Traces` it serves
     """
@@ -414,9 +425,14 @@ class TraceApi:
 
     async def receive(self, request: Request) -> Response:
         """---
-        summary: Receive spans (OTLP/HTTP, protobuf or JSON, optionally gzip)
+        summary: Receive spans (OTLP/HTTP, protobuf or JSON, optionally gzip); beyond loopback a token is needed
+        description: >-
+          Loopback clients may send without credentials. Others send `Authorization: Bearer` with a gateway's
+          join token (joined gateways do) or a viewer or operator token. A span that claims a gateway group
+          (`meshgate.group`, a `service.name` of `meshgate-gateway-<group>`, or `meshgate.reporter`) is a hop only
+          when sent with that group's join token; otherwise it is stored marked `unverified`, with the reason.
         tags: [traces]
-        security: []
+        security: [{}, {bearer: []}]
         requestBody:
           required: true
           content:
@@ -425,6 +441,7 @@ class TraceApi:
         responses:
           "200": {description: "ExportTraceServiceResponse, with partial_success when spans were not taken"}
           "400": {$ref: "#/components/responses/Error"}
+          "401": {$ref: "#/components/responses/Error"}
           "404": {$ref: "#/components/responses/Error"}
           "413": {$ref: "#/components/responses/Error"}
           "415": {$ref: "#/components/responses/Error"}
@@ -432,21 +449,43 @@ class TraceApi:
         spans = self.spans
         if spans is None:
             raise ApiError(404, "this dashboard keeps no spans (traces are read from Jaeger): export OTLP there")
+        sender = await self.sender(request)  # before the body: strangers' bodies are never decoded
         body = await request.body()
         headers = request.headers
 
-        def decode() -> tuple[list[Any], int, str]:
+        def decode() -> tuple[Spans, str]:
             message, media = decode_export(body, headers.get("content-type"), headers.get("content-encoding"))
-            rows, invalid = span_rows(message)
-            return rows, invalid, media
+            return span_rows(message, sender), media
 
-        rows, invalid, media = await asyncio.to_thread(decode)  # ~17 µs a span: not on the event loop
-        taken = spans.offer(rows, invalid)
-        rejected = invalid + len(rows) - taken
-        reasons = [f"{invalid} with invalid trace or span ids"] if invalid else []
-        if taken < len(rows):
-            reasons.append(f"{len(rows) - taken} dropped: the span writer is behind")
+        batch, media = await asyncio.to_thread(decode)  # ~17 µs a span: not on the event loop
+        taken = spans.offer(batch.rows, batch.invalid, batch.oversize)
+        dropped = len(batch.rows) - taken
+        reasons = [f"{batch.invalid} with invalid trace or span ids"] if batch.invalid else []
+        if batch.oversize:
+            reasons.append(f"{batch.oversize} past the {MAX_REQUEST_BYTES >> 20} MiB one request may store")
+        if dropped:
+            reasons.append(f"{dropped} dropped: the span writer is behind")
+        rejected = batch.invalid + batch.oversize + dropped
         return Response(export_response(media, rejected, "; ".join(reasons)), media_type=media, headers=HEADERS)
+
+    async def sender(self, request: Request) -> Sender:
+        """Who sends these spans. Loopback clients (the demo, a local collector) may send none; anyone else needs a
+        token: a gateway's join token (its spans are then its group's hops) or a viewer or operator token.
+        Raises ApiError(401) with the reason."""
+        client = request.client.host if request.client else ""
+        if "authorization" not in request.headers:
+            if is_loopback(client):
+                return LOOPBACK
+            raise ApiError(
+                401,
+                f"spans from {client or 'an unknown address'} (beyond loopback) need Authorization: Bearer with a "
+                "gateway's join token, or a viewer or operator token",
+                CHALLENGE,
+            )
+        principal = await self.auth.principal(request)
+        if principal.role == "gateway":
+            return Sender(principal.group, f"the join token {principal.name} of group {principal.group}")
+        return Sender(None, f"the {principal.role} token {principal.name}")
 
     async def find(self, request: Request) -> Response:
         """---

@@ -2,7 +2,8 @@
 
 The hot path only appends a hop record to `Exporter.queue`. `run()` sends batches through one httpx client, one
 request at a time; while the collector is slow or down the queue fills and further spans are dropped and counted
-(`meshgate_spans_dropped_total`), so requests are never delayed by tracing.
+(`meshgate_spans_dropped_total`), so requests are never delayed by tracing. A joined gateway exporting to its
+dashboard sends its join token with each batch (`headers`), so the dashboard takes its spans as its group's hops.
 
 `SpanEncoder` writes the protobuf wire format itself. What repeats for every request of a route (span name and
 kind, method, server address, reporter, source, service, subset, route) is encoded once and reused; per span only
@@ -22,6 +23,7 @@ import ssl
 import struct
 from binascii import unhexlify
 from collections import Counter
+from collections.abc import Mapping
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
@@ -48,13 +50,22 @@ _destination = itemgetter(HOP["destination"])
 class Exporter:
     """>>> exporter = Exporter("http://127.0.0.1:4318/v1/traces", "catalog", metrics); exporter.add(hop)"""
 
-    def __init__(self, endpoint: str, group: str, metrics: Metrics, verify: ssl.SSLContext | bool = True) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        group: str,
+        metrics: Metrics,
+        verify: ssl.SSLContext | bool = True,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.verify = verify  # an https collector's certificate is checked against this
+        self.headers = {**HEADERS, **(headers or {})}  # credentials, for the dashboard only (`Peers.export_headers`)
         self.encoder = SpanEncoder(group)
         self.metrics = metrics
         self.queue: list[tuple[Any, ...]] = []
         self.wakeup = asyncio.Event()
+        self.refused = ""  # why the collector last refused a batch: logged once, not for every batch
 
     def add(self, hop: tuple[Any, ...]) -> None:
         if len(self.queue) >= MAX_QUEUED:
@@ -93,12 +104,25 @@ class Exporter:
                 await asyncio.sleep(0)
             spans += self.encoder.spans(batch[first : first + CHUNK])
         try:
-            response = await client.post(self.endpoint, content=self.encoder.request(spans), headers=HEADERS)
+            response = await client.post(self.endpoint, content=self.encoder.request(spans), headers=self.headers)
             ok = response.status_code < 300
         except httpx.HTTPError as exc:
             ok = False
             log.debug("OTLP export to %s failed: %s", self.endpoint, exc)
+        else:
+            self._said(response)
         self.count("meshgate_spans_exported_total" if ok else "meshgate_spans_dropped_total", batch)
+
+    def _said(self, response: httpx.Response) -> None:
+        """Log a refusal (a 4xx: it will not change by itself) once, and again only when its reason changes."""
+        refused = (
+            f"HTTP {response.status_code}: {' '.join(response.text[:200].split())}"
+            if 400 <= response.status_code < 500
+            else ""
+        )
+        if refused and refused != self.refused:
+            log.warning("OTLP export to %s refused, spans dropped: %s", self.endpoint, refused)
+        self.refused = refused
 
     def count(self, name: str, hops: list[tuple[Any, ...]]) -> None:
         for destination, spans in Counter(map(_destination, hops)).items():

@@ -26,8 +26,9 @@ import httpx
 import pytest
 import yaml
 
-from dashboard.spans import DB_FILE, SpanStore
+from dashboard.spans import DB_FILE, SpanStore, span_dict
 from dashboard.store import GatewayRecord
+from dashboard.traces import merge
 from tests.conftest import Gateway, listeners, wait_for
 from tests.dashboard.dashboards import Dashboard, running
 from tests.dashboard.jaeger_stub import JaegerStub, jaeger_span, jaeger_trace
@@ -159,6 +160,10 @@ def test_a_sampled_request_merges_the_rings_with_its_stored_spans_once_per_span(
     assert (own["service"], own["name"], own["source"]) == ("catalog-app", "load catalog", "store")
     # One span per hop, with what each source knows: the store's attributes and the ring's byte counts.
     assert owner["source"] == "store" and owner["attributes"]["url.path"] == "/echo"
+    # Each gateway exported with its join token: its stored spans are its group's hops (an unproven copy would
+    # neither lead nor be merged: found_in would say "ring" alone).
+    assert [span["unverified"] for span in (caller, owner, own)] == [None, None, None]
+    assert (caller["group"], owner["group"]) == ("shop", "catalog")
     assert owner["attributes"]["hop.bytes_out"] > 0 and owner["subset"] == "v1"
     by_trace = ring_mesh.viewer.get(f"/api/v1/traces/{trace_id}")
     assert by_trace.status_code == 200, by_trace.text
@@ -197,7 +202,7 @@ def test_gateways_that_cannot_be_reached_or_do_not_prove_their_group_are_listed(
 
 
 def _put(dash: Dashboard, record: GatewayRecord) -> None:
-    dash.call(lambda: dash.store.put_gateway(record, 6.0))
+    dash.call(lambda: dash.store.put_gateway(record))
 
 
 def _record(group: str, address: str, seen: float) -> GatewayRecord:
@@ -407,3 +412,27 @@ def test_when_jaeger_is_down_lookups_say_so_and_the_list_is_a_502(
     assert f"could not ask jaeger ({jaeger.url}: Jaeger at {jaeger.url}:" in answer.json()["error"]
     listing = jaeger_viewer.get("/api/v1/traces")
     assert listing.status_code == 502 and listing.json()["error"].startswith(f"Jaeger at {jaeger.url}")
+
+
+def test_a_proven_copy_of_a_span_leads_and_unproven_copies_add_nothing_to_it() -> None:
+    """Anyone may post a span under a hop's IDs (the upstream application sees them in traceparent); the copy from
+    the gateway's ring, or one its gateway sent, is the one shown, and a lone unproven span is shown as it is."""
+    trace_id, hop_id, other_id = new_trace_id(), new_span_id(), new_span_id()
+    start = time.time()
+    ring = span_dict(trace_id=trace_id, span_id=hop_id, start=start, status=200, group="catalog", source="ring")
+    forged = span_dict(
+        trace_id=trace_id,
+        span_id=hop_id,
+        start=start,
+        status=500,
+        error="forged",
+        tries=9,
+        unverified="claims gateway group catalog but was sent by a loopback client without credentials",
+        attributes={"forged": True},
+        source="store",
+    )
+    lone = {**forged, "span_id": other_id, "start": start + 1}
+    hop, alone = merge([forged, ring, lone])
+    assert (hop["status"], hop["error"], hop["tries"], hop["unverified"]) == (200, None, None, None)
+    assert hop["attributes"] == {} and hop["found_in"] == ["ring"] and hop["group"] == "catalog"
+    assert alone == {**lone, "found_in": ["store"]}

@@ -8,13 +8,21 @@ Covers: one trace across two chained gateways (ids, parents, `guid:x-request-id`
 parent-based ratio sampling with errors and slow requests always exported, B3 and Jaeger re-injected upstream in
 their own format, malformed trace headers, the hop lookup on the admin listener, and an absent or slow collector
 neither delaying requests nor growing memory (spans dropped and counted in `meshgate_spans_dropped_total`).
+
+The dashboard's own receiver, as a real `meshgate dashboard` process: a joined gateway exporting to it from beyond
+loopback (the dashboard listens on this host's own non-loopback address, so the gateway's connections come from
+there, as from another host; skipped on a machine with loopback only), `--span-store-size`, and (slow) its memory
+given back after bursts of large spans.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +39,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from dashboard.identity import MeshCA
 from tests.conftest import (
     Gateway,
     StartGateway,
@@ -38,9 +47,12 @@ from tests.conftest import (
     assert_uuid4,
     gateway_config,
     hello,
+    listeners,
     stopped_after,
     wait_for,
 )
+from tests.dashboard.dashboards import routed_ipv4
+from tests.e2e.mesh import Dashboard, joined_gateway, wait_ready
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"
@@ -372,6 +384,30 @@ def test_incoming_unsampled_flag_is_followed_at_ratio_one_unless_it_fails(
     assert len(collector.spans()) == 2
 
 
+@pytest.mark.parametrize("trusted_proxies", [[], ["127.0.0.0/8"]], ids=["client", "trusted-proxy"])
+def test_edge_follows_a_sampled_flag_only_from_trusted_proxies(
+    start_gateway: StartGateway, start_upstream: StartUpstream, collector: Collector, trusted_proxies: list[str]
+) -> None:
+    """Any client could otherwise have every one of its requests exported. Its trace is still joined."""
+    upstream = start_upstream("v1")
+    config = gateway_config(
+        hello(upstream.address),
+        listen=listeners("edge"),
+        trusted_proxies=trusted_proxies,
+        telemetry=traced(collector.url, 0.0),
+    )
+    gw = start_gateway(config)
+    with client(gw, "edge") as c:
+        forced = get(c, traceparent=traceparent("4" * 32, sampled=True))
+        (seen,) = upstream_saw(forced, "traceparent")
+        assert parse_traceparent(seen)[0] == "4" * 32, "the client's trace was not joined"
+        last = get(c, "/status/500")  # always exported; spans leave in order, so once it is in, so is any before
+    wait_for(lambda: last.headers["x-request-id"] in collector.by_request_id(), timeout=10, what="the 500's span")
+    exported = {span.trace_id for span in collector.spans()}
+    assert ("4" * 32 in exported) is bool(trusted_proxies)
+    assert parse_traceparent(seen)[2] & 1 == int(bool(trusted_proxies))
+
+
 # --- the collector down or slow -----------------------------------------------------------------------------
 
 
@@ -644,3 +680,154 @@ def test_hung_collector_does_not_hold_up_shutdown(
     took = time.monotonic() - started
     assert code == 0
     assert took < 1 + TIMEOUT + 3, f"SIGTERM took {took:.1f}s with a hung collector (drain timeout 1s)"
+
+
+# --- the dashboard's receiver, from beyond loopback -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [[], ["--workers", "2"]], ids=["one-process", "two-workers"])
+def test_a_gateway_beyond_loopback_exports_to_its_dashboard_as_its_groups_hops(
+    tmp_path: Path, workers: list[str]
+) -> None:
+    """A real dashboard process listens on this host's own non-loopback address and a real joined gateway exports
+    to it there, so its exports come from beyond loopback, as a gateway's on another host do: it presents its join
+    token, and its spans are its group's hops. Without credentials from there: 401; with a viewer's token, spans
+    that claim the group are kept but marked unverified. With `--workers 2` each worker's exporter has the token
+    from the supervisor."""
+    address = routed_ipv4()
+    dashboard = Dashboard(tmp_path / "dashboard", "--listen", f"{address}:0")
+    gateway: Gateway | None = None
+    try:
+        assert dashboard.url.startswith(f"https://{address}:")  # beyond loopback it serves HTTPS only
+        ca_hash = MeshCA.load_or_create(str(dashboard.data / "ca"), "meshgate.local").ca_hash
+        gateway = joined_gateway(dashboard, tmp_path, "shop", args=("--ca-hash", ca_hash, *workers))
+        wait_ready(gateway)
+        sampled = {"host": "nowhere", "traceparent": traceparent("5" * 32)}
+        request_id = httpx.get(gateway.url("outbound") + "/", headers=sampled, timeout=5).headers["x-request-id"]
+        with dashboard.api(dashboard.token("viewer")) as api:
+
+            def stored() -> dict[str, Any] | None:
+                found = api.get("/traces", params={"request_id": request_id})
+                spans = found.json().get("spans", []) if found.status_code == 200 else []
+                return next((span for span in spans if "store" in span["found_in"]), None)
+
+            hop = wait_for(stored, 15, what="the gateway's exported span in the dashboard's store")
+            assert (hop["group"], hop["reporter"], hop["unverified"]) == ("shop", "source", None)
+            assert "Traceback" not in gateway.output() and "refused" not in gateway.output()
+            mesh_ca = ssl.create_default_context(cafile=str(dashboard.data / "ca" / "root.pem"))
+            forged = export_request("shop", "req-forged-remote")
+            with httpx.Client(base_url=dashboard.url, verify=mesh_ca, timeout=5) as anonymous:
+                answer = anonymous.post(
+                    "/v1/traces", content=forged, headers={"content-type": "application/x-protobuf"}
+                )
+            assert answer.status_code == 401, answer.text
+            assert answer.json()["error"].startswith(f"spans from {address} (beyond loopback) need Authorization")
+            headers = {"content-type": "application/x-protobuf", "authorization": api.headers["authorization"]}
+            answer = httpx.post(f"{dashboard.url}/v1/traces", content=forged, headers=headers, verify=mesh_ca)
+            assert answer.status_code == 200, answer.text
+            found = wait_for(
+                lambda: (
+                    (reply := api.get("/traces", params={"request_id": "req-forged-remote"})).status_code == 200
+                    and reply.json()
+                ),
+                10,
+                what="the forged span stored",
+            )
+            (claimed,) = found["spans"]
+            assert claimed["group"] is None and claimed["unverified"].startswith("claims gateway group shop but was")
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        dashboard.stop()
+
+
+def export_request(group: str, request_id: str) -> bytes:
+    """One span as `group`'s gateway would export it, with `request_id`, for someone else to post."""
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    for key, value in (("service.name", f"meshgate-gateway-{group}"), ("meshgate.group", group)):
+        resource_spans.resource.attributes.add(key=key).value.string_value = value
+    span = resource_spans.scope_spans.add().spans.add()
+    span.trace_id, span.span_id = bytes.fromhex("6" * 32), bytes.fromhex("7" * 16)
+    span.name, span.kind = "GET catalog", Span.SPAN_KIND_CLIENT
+    span.start_time_unix_nano = span.end_time_unix_nano = time.time_ns()
+    for key, value in (("meshgate.reporter", "source"), ("guid:x-request-id", request_id)):
+        span.attributes.add(key=key).value.string_value = value
+    return bytes(request.SerializeToString())
+
+
+def large_spans(count: int, tag: str) -> bytes:
+    """An export request of `count` spans of about 12 KB each (three attributes of 4,000 characters)."""
+    request = ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add().spans
+    for n in range(count):
+        span = spans.add(trace_id=os.urandom(16), span_id=os.urandom(8), name="large")
+        span.start_time_unix_nano = span.end_time_unix_nano = time.time_ns()
+        for key in range(3):
+            span.attributes.add(key=f"a{key}").value.string_value = (f"{tag}.{n}.{key}." * 1000)[:4000]
+    return bytes(request.SerializeToString())
+
+
+def test_span_store_size_bounds_the_span_files_size(tmp_path: Path) -> None:
+    """`meshgate dashboard --span-store-size 1MiB`: 3.6 MB of spans leave a file of about 1 MiB, the oldest gone."""
+    dashboard = Dashboard(tmp_path / "dashboard", "--span-store-size", "1MiB")
+    try:
+        with httpx.Client(base_url=dashboard.url, timeout=30) as anonymous:
+            for batch in range(3):
+                body = large_spans(100, str(batch))
+                answer = anonymous.post("/v1/traces", content=body, headers={"content-type": "application/x-protobuf"})
+                assert answer.status_code == 200, answer.text
+
+            def metric(name: str) -> float:
+                line = next(line for line in anonymous.get("/metrics").text.splitlines() if line.startswith(name))
+                return float(line.rsplit(" ", 1)[1])
+
+            wait_for(
+                lambda: (
+                    metric("meshgate_dashboard_spans_received_total") - metric("meshgate_dashboard_spans_stored")
+                    == metric('meshgate_dashboard_spans_dropped_total{reason="size"}')
+                ),
+                10,
+                what="every span written or evicted for size",
+            )
+            assert 0 < metric("meshgate_dashboard_spans_stored") < 100
+            assert metric("meshgate_dashboard_spans_store_bytes") <= 1 << 20
+        assert (dashboard.data / "spans.db").stat().st_size <= (1 << 20) + (1 << 20) // 8  # and its slack
+    finally:
+        dashboard.stop()
+
+
+@pytest.mark.slow
+def test_the_dashboards_memory_comes_back_after_a_burst_of_large_spans(tmp_path: Path) -> None:
+    """Bursts of spans of the largest size into a real `meshgate dashboard`: once they are written, the process
+    gives most of what the burst took back to the system (the rows are not held, and freed heap is returned)."""
+    dashboard = Dashboard(tmp_path / "dashboard")
+    try:
+        pid = dashboard.proc.pid
+        before = _status_kib(pid, "VmRSS")
+        with httpx.Client(base_url=dashboard.url, timeout=60) as anonymous:
+            for burst in range(16):  # 16 requests of 1,200 spans of 12 KB: each inflates to 15 MB
+                body = gzip.compress(large_spans(1200, str(burst)))
+                headers = {"content-type": "application/x-protobuf", "content-encoding": "gzip"}
+                assert anonymous.post("/v1/traces", content=body, headers=headers).status_code == 200
+
+            def written() -> bool:
+                metrics = anonymous.get("/metrics").text
+                return "meshgate_dashboard_spans_stored 19200.0" in metrics
+
+            wait_for(written, 60, what="the bursts written")
+
+        def given_back() -> bool:
+            grown, peak = _status_kib(pid, "VmRSS") - before, _status_kib(pid, "VmHWM") - before
+            return peak > 64 << 10 and grown < peak / 2  # the bursts took over 64 MiB; less than half is kept
+
+        wait_for(given_back, 10, what="most of the burst's memory given back")
+    finally:
+        dashboard.stop()
+
+
+def _status_kib(pid: int, field: str) -> int:
+    """A field of /proc/PID/status, in KiB: VmRSS (resident now) or VmHWM (the most it has been)."""
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    assert match is not None
+    return int(match[1])

@@ -5,14 +5,18 @@
   names (OpenTelemetry HTTP semantic conventions, Envoy's `guid:x-request-id`, meshgate's own);
 - required to be exactly the message the official classes build from the same hops (`otlp_reference.py`, the
   encoder it replaced), for hand-picked edge cases and for seeded random ones.
-No network, except one connect to a loopback port with nothing listening.
+No network, except one connect to a loopback port with nothing listening, and an HTTP receiver on loopback that
+takes batches only with the right credentials.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -20,6 +24,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from gateway.control import JoinSettings, mesh_config
 from gateway.otlp import MAX_QUEUED, Exporter, SpanEncoder
 from gateway.telemetry import Metrics
 from tests.gateway import otlp_reference
@@ -321,3 +326,88 @@ def test_a_failed_send_counts_the_batch_as_dropped() -> None:
         sock.close()
     assert metrics.counters.get(("meshgate_spans_dropped_total", "catalog")) == 2
     assert ("meshgate_spans_exported_total", "catalog") not in metrics.counters
+
+
+# --- credentials: a joined gateway's spans to its dashboard ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("control", "endpoint", "sends_token"),
+    [
+        ("https://10.0.0.5:9000", None, True),  # the default: the dashboard's own /v1/traces
+        ("https://10.0.0.5:9000", "https://10.0.0.5:9000/v1/traces", True),  # named, as the demo does
+        ("https://Dash.example", "https://dash.example:443/v1/traces", True),  # the same origin, spelt otherwise
+        ("http://127.0.0.1:9000", "http://127.0.0.1:9000/v1/traces", True),
+        ("https://10.0.0.5:9000", "http://jaeger:4318/v1/traces", False),  # another collector never sees it
+        ("https://10.0.0.5:9000", "https://10.0.0.5:4318/v1/traces", False),  # another port is another server
+        ("https://10.0.0.5:9000", "http://10.0.0.5:9000/v1/traces", False),  # nor in plaintext
+    ],
+)
+def test_a_joined_gateway_sends_its_join_token_with_spans_to_its_dashboard_only(
+    control: str, endpoint: str | None, sends_token: bool
+) -> None:
+    gateway = {"telemetry": {"tracing": {"endpoint": endpoint}}} if endpoint else None
+    settings = JoinSettings(url=control, group="shop", token="mgj_secret", data_dir="unused", gateway=gateway)
+    config, peers = mesh_config(settings, {"version": 1, "services": {}, "remote": {}}, "meshgate.local")
+    assert config.gateway.telemetry.tracing.endpoint == (endpoint or control + "/v1/traces")
+    assert peers.export_headers == ({"authorization": "Bearer mgj_secret"} if sends_token else {})
+    assert "mgj_secret" not in repr(peers)  # Peers are logged and sent to workers: the token stays out of text
+
+
+class Receiver:
+    """An OTLP/HTTP endpoint on 127.0.0.1 that takes batches only with `Authorization: Bearer good`, as the
+    dashboard takes them from beyond loopback, and records the headers of each POST."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict[str, str]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("content-length", "0")))
+                receiver.headers.append({key.lower(): value for key, value in self.headers.items()})
+                ok = self.headers.get("authorization") == "Bearer good"
+                body = b"" if ok else b'{"error": "spans from 10.1.2.3 (beyond loopback) need a token"}\n'
+                self.send_response(200 if ok else 401)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def test_the_exporter_sends_its_credentials_and_says_once_why_it_was_refused(caplog: pytest.LogCaptureFixture) -> None:
+    receiver = Receiver()
+    try:
+        metrics = Metrics()
+        good = Exporter(receiver.url, "catalog", metrics, headers={"authorization": "Bearer good"})
+        bad = Exporter(receiver.url, "shop", metrics)
+
+        async def send() -> None:
+            async with httpx.AsyncClient(trust_env=False, timeout=5.0) as client:
+                for exporter in (good, bad, bad, bad):
+                    await asyncio.wait_for(exporter.send(client, [server_hop()]), 10)
+
+        with caplog.at_level(logging.WARNING, logger="meshgate.otlp"):
+            asyncio.run(send())
+    finally:
+        receiver.stop()
+    assert [headers.get("authorization") for headers in receiver.headers] == ["Bearer good", None, None, None]
+    assert all(headers["content-type"] == "application/x-protobuf" for headers in receiver.headers)
+    assert metrics.counters[("meshgate_spans_exported_total", "catalog")] == 1
+    assert metrics.counters[("meshgate_spans_dropped_total", "catalog")] == 3
+    assert [record.getMessage() for record in caplog.records] == [
+        f"OTLP export to {receiver.url} refused, spans dropped: HTTP 401: "
+        '{"error": "spans from 10.1.2.3 (beyond loopback) need a token"}'
+    ]
