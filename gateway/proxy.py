@@ -195,8 +195,6 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
-        if self.closed:
-            return  # e.g. the bytes after a declined upgrade, replayed once the connection had gone
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -447,7 +445,7 @@ class DownstreamProtocol(asyncio.Protocol):
         if exchange.version not in ("1.1", "1.0"):
             # httptools reads a request line without a version as HTTP/0.9, yet lets headers follow it.
             raise Reject(505, f"HTTP/{exchange.version} is not supported (HTTP/1.0 and 1.1 are)")
-        if parser.should_upgrade() and exchange.has_body:
+        if exchange.has_body and parser.should_upgrade():
             # httptools hands everything after an upgrade request's head over as tunnel bytes, body included.
             raise Reject(400, "an upgrade request cannot carry a body")
         if exchange.chunked:
@@ -514,7 +512,12 @@ class DownstreamProtocol(asyncio.Protocol):
             self.parser = HttpRequestParser(self)
             self.resume(PAUSE_UPGRADE)
             if exchange.tunnel_data:
-                self.loop.call_soon(self.data_received, exchange.tunnel_data)
+                self.loop.call_soon(self.replay, exchange.tunnel_data)
+
+    def replay(self, data: bytes) -> None:
+        """Parse again what came after a declined upgrade's head, unless the connection has gone meanwhile."""
+        if not self.closed:
+            self.data_received(data)
 
 
 def from_trusted_proxy(peer_ip: bytes, networks: tuple[IPNetwork, ...]) -> bool:

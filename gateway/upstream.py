@@ -161,9 +161,9 @@ class UpstreamProtocol(asyncio.Protocol):
         "tunnel",
         "in_head",
         "raw",
+        "feeding",
         "chunks",
-        "head_bytes",
-        "field_count",
+        "head_fields",
         "trailers",
     )
 
@@ -183,9 +183,9 @@ class UpstreamProtocol(asyncio.Protocol):
         self.tunnel: asyncio.Transport | None = None
         self.in_head = False
         self.raw = 0  # bytes read of the current response (only while in its head or a chunked body)
+        self.feeding = 0  # the size of the read being parsed
         self.chunks = 0
-        self.head_bytes = 0
-        self.field_count = 0
+        self.head_fields = 0  # the length of `headers` at the end of the head: trailer fields follow
         self.trailers: list[bytes] | None = None  # response trailer fields to relay, rendered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -226,6 +226,7 @@ class UpstreamProtocol(asyncio.Protocol):
         if exchange is None:
             self.close()  # nobody asked: a stray byte on an idle connection makes it untrustworthy
             return
+        self.feeding = len(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -268,17 +269,14 @@ class UpstreamProtocol(asyncio.Protocol):
         self.content_length = -1
         self.connection_tokens = None
         self.in_head = True
-        self.raw = self.chunks = self.head_bytes = self.field_count = 0
-        self.trailers = None
+        self.raw = self.chunks = 0
 
     def on_status(self, reason: bytes) -> None:
         self.reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.field_count += 1
-        self.head_bytes += len(name) + len(value)
-        if not self.in_head:
-            return self.on_trailer(name, value)
+        # Head and trailer fields alike: trailers are sorted out once, at the end (`take_trailers`), so the head's
+        # fields pay nothing for them.
         kind = _RESPONSE_SPECIAL.get(name.lower())
         if kind is None:
             self.headers += (name, b": ", value, b"\r\n")
@@ -293,33 +291,41 @@ class UpstreamProtocol(asyncio.Protocol):
             if listed:
                 self.connection_tokens = (self.connection_tokens or []) + listed
 
-    def on_trailer(self, name: bytes, value: bytes) -> None:
-        exchange = self.exchange
-        if exchange is None:
-            return
-        self.check_fields(exchange.downstream.max_head, exchange.downstream.max_headers, "head and trailers")
-        if forwardable_trailer(name.lower()):
-            if self.trailers is None:
-                self.trailers = []
-            self.trailers += (name, b": ", value, b"\r\n")
-
-    def check_fields(self, max_bytes: int, max_count: int, what: str) -> None:
-        if self.field_count > max_count:
-            raise TooLarge(f"upstream response {what} have more than {max_count} fields")
-        if self.head_bytes > max_bytes:
-            raise TooLarge(f"upstream response {what} exceed {max_bytes} bytes")
-
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.raw = 0
         exchange = self.exchange
         if exchange is not None:
-            self.check_fields(exchange.downstream.max_head, exchange.downstream.max_headers, "head")
+            # The head is no larger than the reads it came in: count it exactly only when those could exceed.
+            downstream, headers = exchange.downstream, self.headers
+            if self.raw + self.feeding > downstream.max_head or len(headers) > 4 * downstream.max_headers:
+                self.check_fields(headers, downstream.max_head, downstream.max_headers, "head")
+        self.raw = 0
         if self.connection_tokens:
             self.headers = drop_headers(self.headers, self.connection_tokens)
+        self.head_fields = len(self.headers)
         self.keep_alive = self.parser.should_keep_alive()
         if exchange is not None:
             exchange.on_response_head(self, self.parser.get_status_code())
+
+    def take_trailers(self, max_bytes: int, max_count: int) -> None:
+        """The trailer fields on_header gathered after the head: counted with the head against the limits, and
+        those that may be forwarded kept for the exchange to relay."""
+        headers = self.headers
+        self.check_fields(headers, max_bytes, max_count, "head and trailers")
+        trailers: list[bytes] = []
+        for i in range(self.head_fields, len(headers), 4):
+            if forwardable_trailer(headers[i].lower()):
+                trailers += headers[i : i + 4]
+        self.trailers = trailers or None
+
+    @staticmethod
+    def check_fields(fields: list[bytes], max_bytes: int, max_count: int, what: str) -> None:
+        """Fields as kept (name, ": ", value, CRLF): hop-by-hop ones are dropped as they come, and bounded by the
+        raw count (`count_raw`) instead."""
+        if len(fields) > 4 * max_count:
+            raise TooLarge(f"upstream response {what} have more than {max_count} fields")
+        if sum(map(len, fields)) > max_bytes:
+            raise TooLarge(f"upstream response {what} exceed {max_bytes} bytes")
 
     def on_chunk_header(self) -> None:
         self.chunks += 1
@@ -332,6 +338,10 @@ class UpstreamProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         exchange = self.exchange
         if exchange is not None:
+            if self.chunked:
+                self.trailers = None
+                if len(self.headers) > self.head_fields:
+                    self.take_trailers(exchange.downstream.max_head, exchange.downstream.max_headers)
             exchange.on_response_complete(self)
 
 

@@ -384,6 +384,7 @@ def test_the_api_lists_every_gateway_in_sync_with_its_certificate(mesh: Mesh) ->
         assert float(gateway["cert_not_after"]) > time.time() + 3600
 
 
+@pytest.mark.slow  # 15 s; the default run has the renewal schedule's unit tests, and test_soak.py this again
 def test_certificates_rotate_under_load_without_a_failed_request(tmp_path: Path, start_upstream: StartUpstream) -> None:
     """Ten-second certificates (the shortest `--cert-lifetime`) renew at about half the life they had when they
     came: a rotation every 5 s or so on every gateway during the load, not a loop (the CA backdates notBefore by

@@ -203,13 +203,13 @@ def test_retry_budget_bounds_amplification_of_an_overload(start_gateway: StartGa
     policy = {"retries": {"attempts": 2, "budget": f"{budget:.0%}"}, "outlier": {"consecutive_5xx": 1_000_000}}
     gw = start_gateway(gateway_config(hello(upstream.address, **policy)))
 
-    def call(_: int) -> int:
+    def calls(count: int) -> list[int]:
         with client(gw) as c:
-            return get(c, "/overload").status_code
+            return [get(c, "/overload").status_code for _ in range(count)]
 
     started = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
-        statuses = list(pool.map(call, range(requests)))
+        statuses = [status for part in pool.map(calls, [requests // 8] * 8) for status in part]
     elapsed = time.monotonic() - started
     assert statuses == [503] * requests
     tries = len(upstream.requests)
@@ -240,7 +240,7 @@ def test_a_burst_of_resets_is_retried_whole(start_gateway: StartGateway, scripte
 
     def call() -> None:
         with client(gw) as c:
-            for _ in range(20):  # round robin: about every other request reaches the dying endpoint and stays
+            while not release.is_set():  # round robin: about every other request reaches the dying endpoint, held
                 response = get(c, "/burst")
                 results.append(response.status_code)
                 if response.status_code != 200:
@@ -253,6 +253,7 @@ def test_a_burst_of_resets_is_retried_whole(start_gateway: StartGateway, scripte
         wait_for(lambda: arrived.qsize() == inflight, timeout=10, what=f"{inflight} requests held by the endpoint")
     finally:
         release.set()
+        dying.stop()  # it drops them all, and refuses connections from now on
         for thread in threads:
             thread.join(timeout=15)
     assert results.count(200) == len(results) and len(results) >= inflight, Counter(results)
