@@ -49,7 +49,7 @@ from dashboard.store import (
     wait_for_version,
 )
 from gateway.etcd import TIMEOUT, EtcdClient, EtcdError, b64, key_of, prefix_end, value_of
-from gateway.units import parse_address
+from gateway.units import Backoff, parse_address
 
 log = logging.getLogger("meshgate.store")
 
@@ -243,16 +243,23 @@ class EtcdStore:
         return await wait_for_version(self.current, self._changes, after_version, timeout)
 
     async def _watch(self) -> None:
+        # Retried about every second while an outage is young, then backing off to 30 s; logged once an outage,
+        # not once a retry. Waiters still time out and read the version themselves meanwhile.
+        retry = Backoff(1.0, 30.0, young=120.0)
         while True:
             try:
-                await self._watch_once()
+                await self._watch_once(retry)
             except (EtcdError, StoreError, ValueError, KeyError) as err:
-                log.warning("etcd watch failed, retrying in 1s: %s", err)
-                await asyncio.sleep(1.0)  # waiters still time out and read the version themselves meanwhile
+                if not retry.failures:
+                    log.warning("etcd watch failed (%s); retrying", err)
+                await asyncio.sleep(retry.failed())
 
-    async def _watch_once(self) -> None:
+    async def _watch_once(self, retry: Backoff) -> None:
         """Watch the version key from just after a read of it, so no commit falls in between."""
         response = await self._call("kv/range", {"key": b64(_VERSION)})
+        if retry.failures:
+            log.info("etcd watch restored after %.1fs", retry.elapsed())
+            retry.succeeded()
         kvs = response.get("kvs", [])
         version = int(value_of(kvs[0])) if kvs else 0
         if version != self._watched_version:

@@ -35,15 +35,22 @@ class EtcdServer:
         self.url = f"etcd://127.0.0.1:{client}"
         self.log_path = directory / "etcd.log"
         peer_url = f"http://127.0.0.1:{peer}"
-        args = [
+        self.args = [
             ETCD,
             *("--name", "test", "--data-dir", str(directory / "data")),
             *("--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url),
             *("--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url),
             *("--initial-cluster", f"test={peer_url}", "--log-level", "warn"),
         ]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT)
+
+    def restart(self) -> None:
+        """Start again on the same ports and data (after `stop`), as an etcd back from an outage."""
+        self.proc = self._start()
 
     def wait_healthy(self, timeout: float = 30.0) -> bool:
         """True once /health says so; False if etcd exited (a port was taken meanwhile) or the deadline passed."""

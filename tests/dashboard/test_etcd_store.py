@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -150,3 +152,39 @@ async def test_a_dead_endpoint_is_skipped(etcd: EtcdServer) -> None:
 def test_a_bad_etcd_url_is_refused(url: str) -> None:
     with pytest.raises(StoreError, match=r"expected etcd://host:port\[,host:port\]"):
         open_store(url)
+
+
+async def test_an_etcd_outage_is_logged_once_and_the_watch_comes_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watch retries about every second while the outage is young; it said so once a second before."""
+    server = EtcdServer(tmp_path)
+    assert server.wait_healthy(), server.log()
+    store, writer = EtcdStore.from_url(server.url), EtcdStore.from_url(server.url)
+    caplog.set_level(logging.INFO, logger="meshgate.store")
+    try:
+        await store.commit(mesh(10), author="ops", reason="first", action="apply", target="mesh")
+        assert (await store.wait_for_change(0, timeout=5)) is not None  # the watch is running
+        server.stop()
+        await wait_until(lambda: "etcd watch failed" in caplog.text, "the watch to notice")
+        await asyncio.sleep(3.0)  # the outage itself: about three retries
+        assert caplog.text.count("etcd watch failed") == 1, caplog.text
+        server.restart()
+        assert server.wait_healthy(), server.log()
+        await wait_until(lambda: "etcd watch restored after" in caplog.text, "the watch to come back")
+        waiter = asyncio.ensure_future(store.wait_for_change(1, timeout=30))
+        await writer.commit(mesh(20), author="ops", reason="after", action="apply", target="mesh")
+        revision = await asyncio.wait_for(waiter, 10)
+        assert revision is not None and revision.version == 2
+        assert caplog.text.count("etcd watch failed") == 1, caplog.text
+    finally:
+        await store.close()
+        await writer.close()
+        server.stop()
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
