@@ -108,7 +108,7 @@ class GatewayApi:
         self.auth = auth
         self.metrics = metrics
         self.membership = ChangeSignal()  # fired when a heartbeat changes some group's live addresses
-        self._heard: dict[str, tuple[object, float]] = {}  # GatewayRecord.key -> (advertise, seen)
+        self._heard: dict[str, tuple[object, float]] | None = None  # GatewayRecord.key -> (advertise, seen)
         self.started = time.time()
         self._forget_at = 0.0  # when silent gateways are next looked for
 
@@ -268,17 +268,26 @@ class GatewayApi:
         check_group(principal, body["group"])
         now = time.time()
         record = heartbeat_record(body, now)  # the known fields, each within its limit; the rest is dropped
+        heard = self._heard if self._heard is not None else await self._heard_before()  # before this one is stored
         await self.store.put_gateway(record)
         await self.forget_silent(now)
         stale_after = self.settings.stale_after
-        if len(self._heard) > MAX_HEARD:  # instances of restarted gateways never come back
-            self._heard = {key: heard for key, heard in self._heard.items() if now - heard[1] <= stale_after}
+        if len(heard) > MAX_HEARD:  # instances of restarted gateways never come back
+            heard = self._heard = {key: last for key, last in heard.items() if now - last[1] <= stale_after}
         advertise = record.data["advertise"]
-        previous = self._heard.get(record.key)
-        self._heard[record.key] = (advertise, now)
+        previous = heard.get(record.key)
+        heard[record.key] = (advertise, now)
         if previous is None or previous[0] != advertise or now - previous[1] > stale_after:
             self.membership.notify()  # a new, moved or returning gateway: other groups' views change
         return json_response({"interval": self.settings.heartbeat_interval})
+
+    async def _heard_before(self) -> dict[str, tuple[object, float]]:
+        """What the store says was heard before this dashboard started, as /sync counts it live (from our start):
+        after a restart, a gateway's first heartbeat is no news, so a fleet heartbeating again does not wake every
+        long-poll once per gateway (N gateways, N wakeups of N watchers)."""
+        records = await self.store.gateways()
+        self._heard = {r.key: (r.data.get("advertise"), max(r.seen, self.started)) for r in records}
+        return self._heard
 
     async def forget_silent(self, now: float) -> None:
         """Remove the gateways silent for `forget_after`, counted from this dashboard's start if later (its own

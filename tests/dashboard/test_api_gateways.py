@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 
 from dashboard.heartbeats import MAX_HEARTBEAT, MAX_STATS_ENTRIES
-from dashboard.store import GatewayRecord
+from dashboard.store import GatewayRecord, Store
 from gateway import tls
 from tests.conftest import wait_for
 from tests.dashboard.dashboards import Dashboard, running
@@ -440,3 +440,56 @@ def test_etcd_replicas_wake_each_others_long_polls(tmp_path: Path, request: pyte
             answer = poll.result()
             assert answer.status_code == 200 and poll.finished - changed < 1.0
             assert answer.json()["services"]["catalog"]["routes"][-1]["split"] == {"v1": 0, "v2": 100}
+
+
+class CountingStore:
+    """The store, counting how often the gateway records are read (each /sync wakeup reads them once)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def gateways(self, stats: bool = False) -> list[GatewayRecord]:
+        self.reads += 1
+        return await self.store.gateways(stats=stats)
+
+
+def test_a_fleet_heartbeating_again_after_a_restart_does_not_wake_every_long_poll(tmp_path: Path) -> None:
+    """After a restart the dashboard knew nobody, so each gateway's first heartbeat woke every /sync watcher:
+    with N gateways, N wakeups of N watchers in one heartbeat interval. Known gateways are no news."""
+    fleet = [(str(uuid.uuid4()), f"127.0.0.1:{16000 + n}") for n in range(20)]
+    with running(tmp_path / "data", heartbeat_interval=30.0) as before:
+        before.seed()
+        with before.client(before.token("gateway", group="web")) as web:
+            for instance, address in fleet:
+                assert heartbeat(web, "web", instance, advertise=address).status_code == 200
+        shop_token = before.token("gateway", group="shop")
+    counted: list[CountingStore] = []
+
+    def counting(store: Store) -> Store:
+        counted.append(CountingStore(store))
+        return counted[-1]  # a Store by delegation
+
+    after = Dashboard(tmp_path / "data", heartbeat_interval=30.0, wrap=counting)
+    shop = after.client(shop_token, timeout=30)
+    web = after.client(after.token("gateway", group="web"))
+    try:
+        etag = shop.get("/api/v1/sync").json()["etag"]
+        poll = Poll(shop, after=etag, wait="3")
+        wait_for_watchers(after, 1)
+        reads = counted[0].reads
+        for instance, address in fleet:
+            assert heartbeat(web, "web", instance, advertise=address).status_code == 200
+        assert heartbeat(web, "web", str(uuid.uuid4()), advertise="127.0.0.1:17000").status_code == 200
+        answer = poll.result()  # the one new gateway is news: shop's view of web changed
+        assert answer.status_code == 200
+        assert "127.0.0.1:17000" in str(answer.json())
+        woken = counted[0].reads - reads
+    finally:
+        shop.close()
+        web.close()
+        after.stop()
+    assert woken <= 3, f"{woken} reads of the gateway records for 21 heartbeats of which 1 was news"
