@@ -26,6 +26,7 @@ from tests.e2e.upstream_app import UpstreamServer
 
 pytestmark = [
     pytest.mark.anyio,
+    pytest.mark.slow,  # two real Prometheus servers, ~25 s; the default run keeps tests/e2e/test_prometheus.py
     pytest.mark.skipif(not PROMETHEUS.exists(), reason="/usr/bin/prometheus not installed (Debian package prometheus)"),
 ]
 WINDOW = 60.0
