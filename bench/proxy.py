@@ -1,14 +1,14 @@
 """Proxy benchmark: the meshgate gateway against nginx as a reverse proxy, both in front of the same nginx upstream.
 
     .venv/bin/python bench/proxy.py                    # 10 s per run, 1/16/64 connections, one round
-    .venv/bin/python bench/proxy.py --rounds 3         # interleaved rounds, medians (the DESIGN.md method)
+    .venv/bin/python bench/proxy.py --rounds 3         # interleaved rounds, medians (the method of docs/design.md)
     .venv/bin/python bench/proxy.py --strace           # also system calls per request (strace -c)
     .venv/bin/python bench/proxy.py --smoke            # CI: 3 s at 16 connections; exit 1 below 0.25 x nginx
     .venv/bin/python bench/proxy.py --json out.json    # also write every sample and the summary as JSON
     .venv/bin/python bench/proxy.py --nginx-only       # check the harness without the gateway
     .venv/bin/python bench/proxy.py --gateway-cmd ".venv/bin/meshgate"   # another build or entry point
 
-Layout, as in DESIGN.md ("Engines: measured choices"): the proxy under test runs on core 0 (taskset -c 0); wrk and
+Layout, as in docs/design.md ("Engines"): the proxy under test runs on core 0 (taskset -c 0); wrk and
 the upstream (nginx, ~200-byte body, keep-alive) share core 1. wrk runs with one thread (-t1) everywhere: it is
 pinned to a single core that it shares with the upstream, so a second thread would only add context switches.
 

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from prometheus_client import Counter
 from starlette.requests import Request
 
+from gateway.units import parse_ip
+
 log = logging.getLogger("meshgate.dashboard")
 
 FAILURE_BURST = 10  # failed attempts an address may make at once
@@ -42,15 +44,10 @@ def client_address(request: Request) -> str:
 def client_key(host: str) -> str:
     """What a client's failures are counted by: its IPv4 address, or its IPv6 /64, since one IPv6 host usually
     holds a whole /64 and could otherwise rotate addresses to escape the limit."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
+    address = parse_ip(host)
     if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
         return str(ipaddress.ip_network(f"{address}/64", strict=False))
-    return host
+    return str(address) if address is not None else host
 
 
 class FailedAttempts:

@@ -24,9 +24,9 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from gateway.config import Limits
 from gateway.errors import local_reply
 from gateway.exchange import new_request_id
+from gateway.upstream import MAX_LINE
 
 LIMITS = Limits()
-MAX_TARGET = 8 * 1024  # bytes of request target besides the header limit, as the gateway allows
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
@@ -54,7 +54,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self._in_head and not self.transport.is_closing():
             self._head_bytes += len(data)
             limit = self.limits.max_header_bytes
-            if self._head_bytes > 2 * limit + MAX_TARGET:  # twice: the count holds the tail of what came before
+            if self._head_bytes > 2 * limit + MAX_LINE:  # twice: the count holds the tail of what came before
                 self._refuse(431, f"request header block exceeds {limit} bytes")
 
     def on_message_begin(self) -> None:

@@ -4,7 +4,7 @@ A file has two top-level keys. `gateway` describes this process: its listeners, 
 telemetry. `services` maps each service name to its subsets of endpoints, its routes (weighted splits over those
 subsets, first match wins, the last route is the catch-all) and its traffic policy: load balancing, timeouts,
 retries, health checks, outlier ejection, concurrency limits and authorization. Every key has a default or is
-optional, and unknown keys are errors (DESIGN.md, "Configuration model").
+optional, and unknown keys are errors (README, "Configuration reference").
 
 `Config.load(path)` reads YAML and `Config.parse(data)` validates plain data (the dashboard's API uses the same
 model). `Config.to_dict()` gives that data back, so `Config.parse(cfg.to_dict()) == cfg`. Text such as `250ms`,

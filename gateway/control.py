@@ -5,9 +5,9 @@ A joined gateway (`meshgate gateway --control URL --group G --token T`) keeps th
   `gateway:` section plus the services this group owns, plus one synthetic service per service owned elsewhere,
   whose endpoints are that group's gateways) and swapped in like a reload. The answer is cached on disk, so a
   restart while the dashboard is down serves the last good config.
-- `keep_identity`: a fresh key and CSR at about half the life the certificate had when it came (never more often
-  than every 5 s); the key never leaves the gateway. The new certificate is loaded into the same SSL contexts, so
-  open connections are untouched.
+- `ControlSource._identity`: a fresh key and CSR at about half the life the certificate had when it came (never
+  more often than every 5 s); the key never leaves the gateway. The new certificate is loaded into the same SSL
+  contexts, so open connections are untouched.
 - `heartbeat`: who this gateway is, what it applied, and its golden signals, so the dashboard can draw the
   topology and tell in-sync from behind.
 A 304 from the long-poll is the normal answer to a quiet spell, not a failure. While the dashboard is unreachable
@@ -61,7 +61,7 @@ _CA_HASH = re.compile(r"sha256:[0-9a-f]{64}")  # what `tls.spki_hash` makes
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_BOUNDS = (0.5, 60.0)  # an interval the dashboard asks for is clamped to this: never a busy loop
 RENEW_MARGIN = 60.0  # at start, a certificate with less life left than this is renewed before anything else
-# The caller's hop to another group only picks one of its gateways and retries connect failures (DESIGN.md,
+# The caller's hop to another group only picks one of its gateways and retries connect failures (docs/design.md,
 # "Division of work"): the owner's gateway splits, balances, retries and ejects, so retries never multiply.
 _PEER_POLICY: dict[str, object] = {
     "lb": "least_request",  # spread over replicas; latency-aware picking is the owner's job, per endpoint

@@ -172,7 +172,7 @@ class Exchange:
         self.error = ""
 
     def decide_request_id(self) -> None:
-        """Keep a well-formed ID from a trusted sender (DESIGN.md, "Request identity"); otherwise make one."""
+        """Keep a well-formed ID from a trusted sender (docs/design.md, "The request path"); otherwise make one."""
         if not self.downstream.keep_request_id or not self.request_id or _VALID_REQUEST_ID(self.request_id) is None:
             self.request_id = new_request_id()
 

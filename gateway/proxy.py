@@ -10,7 +10,6 @@ oversized or slow headers) are refused with a 4xx and the connection is closed.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -25,14 +24,14 @@ from gateway.errors import UpstreamStalled, local_reply
 from gateway.exchange import PAUSE_PEER, PAUSE_QUEUE, PAUSE_UPGRADE, Exchange, new_request_id
 from gateway.tls import group_of, peer_spiffe_id
 from gateway.tracing import TRACE_HEADERS
-from gateway.upstream import CHUNK_FRAMING, connection_options, forwardable_trailer
+from gateway.units import parse_ip
+from gateway.upstream import MAX_LINE, connection_options, forwardable_trailer, framing_exceeds
 
 if TYPE_CHECKING:
     from gateway.server import Runtime
 
 log = logging.getLogger("meshgate.proxy")
 
-MAX_URL_BYTES = 8 * 1024
 MAX_QUEUED = 16  # pipelined requests held while an earlier one is answered
 # A refused client may go on sending this long after our answer and FIN (nginx: lingering_timeout 5 s).
 LINGER = 2.0
@@ -172,7 +171,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.source = group
                 self.trusted = self.keep_request_id = True
             elif spiffe_id is not None and spiffe_id == self.runtime.peers.dashboard_id:
-                # The dashboard asks for hop records over mTLS (DESIGN.md: never plaintext beyond loopback).
+                # The dashboard asks for hop records over mTLS (docs/design.md: never plaintext beyond loopback).
                 self.local = self.runtime.dashboard_handler
         gateway = self.runtime.config.gateway
         if not self.trusted and gateway.trusted_proxies:
@@ -228,7 +227,7 @@ class DownstreamProtocol(asyncio.Protocol):
                     # Still inside a head: httptools accumulates a header across reads before calling on_header,
                     # so count raw bytes too, to bound one enormous header.
                     self.partial_head += len(data)
-                    if self.partial_head > self.max_head + MAX_URL_BYTES:
+                    if self.partial_head > self.max_head + MAX_LINE:
                         self.refuse(431, f"request header block exceeds {self.max_head} bytes")
             elif parsing.chunked:
                 self.on_body_bytes(parsing, len(data))
@@ -236,10 +235,9 @@ class DownstreamProtocol(asyncio.Protocol):
     def on_body_bytes(self, exchange: Exchange, size: int) -> None:
         """Bound what a chunked body carries besides its data. httptools gathers one trailer field (or chunk
         extension) across reads by concatenation before any callback sees it, so only raw byte counts can stop
-        one that never ends: framing beyond CHUNK_FRAMING bytes a chunk may not exceed the header limit (twice
-        it, as this count also holds the end of the head that arrived in the same read as the body)."""
+        one that never ends (`framing_exceeds`)."""
         self.body_bytes += size
-        if self.body_bytes - exchange.bytes_in - CHUNK_FRAMING * self.chunks > 2 * self.max_head + MAX_URL_BYTES:
+        if framing_exceeds(self.body_bytes, exchange.bytes_in, self.chunks, self.max_head):
             self.refuse(400, f"request trailers or chunk extensions exceed {self.max_head} bytes")
 
     def pause_writing(self) -> None:
@@ -370,8 +368,8 @@ class DownstreamProtocol(asyncio.Protocol):
         exchange = self.parsing
         assert exchange is not None
         exchange.url += url
-        if len(exchange.url) > MAX_URL_BYTES:
-            raise Reject(414, f"request target exceeds {MAX_URL_BYTES} bytes")
+        if len(exchange.url) > MAX_LINE:
+            raise Reject(414, f"request target exceeds {MAX_LINE} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
@@ -522,13 +520,8 @@ class DownstreamProtocol(asyncio.Protocol):
 
 def from_trusted_proxy(peer_ip: bytes, networks: tuple[IPNetwork, ...]) -> bool:
     """Whether a client connects from one of `gateway.trusted_proxies` (front load balancers)."""
-    try:
-        address = ipaddress.ip_address(peer_ip.decode("ascii"))
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+    address = parse_ip(peer_ip.decode("ascii", "replace"))
+    return address is not None and any(address in network for network in networks)
 
 
 def upgrade_allowed(protocols: bytes) -> bool:

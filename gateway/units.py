@@ -81,11 +81,18 @@ def is_wildcard(host: str) -> bool:
     return (ip := _ip(host)) is not None and ip.is_unspecified
 
 
-def is_loopback(host: str) -> bool:
-    """`localhost` or a loopback address: where plaintext and unpinned TLS are acceptable."""
+def parse_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's IP address, or None for a name. An IPv4-mapped IPv6 address (::ffff:127.0.0.1, as a dual-stack
+    socket reports an IPv4 peer) is its IPv4 address."""
     ip = _ip(host)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1, as a dual-stack socket reports an IPv4 loopback peer
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback address: where plaintext and unpinned TLS are acceptable."""
+    ip = parse_ip(host)
     return host == "localhost" or (ip is not None and ip.is_loopback)
 
 

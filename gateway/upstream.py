@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 MAX_IDLE_PER_ADDRESS = 256
 # Framing bytes a chunked body may carry per chunk besides its data: the size line (at most 16 hex digits) and
-# CRLFs. Extensions and trailers beyond that share the header limit.
+# CRLFs. Extensions and trailers beyond that share the header limit (`framing_exceeds`).
 CHUNK_FRAMING = 24
+MAX_LINE = 8 * 1024  # a request target, or a status line, besides the header limit
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"))
 # Connection options, and fields a Connection header may not make hop-by-hop: dropping the framing of a message
 # that is forwarded with its body would let that body be read as another message.
@@ -51,6 +52,15 @@ def forwardable_trailer(lname: bytes) -> bool:
     return lname not in FORBIDDEN_TRAILERS and not lname.startswith(b"proxy-")
 
 
+def framing_exceeds(raw: int, data: int, chunks: int, max_head: int) -> bool:
+    """Whether `raw` bytes read of a chunked body holding `data` bytes of data in `chunks` chunks carry more
+    besides than chunk framing (CHUNK_FRAMING a chunk) and trailers or chunk extensions within the header limit.
+    httptools gathers a trailer field or an extension across reads by concatenation before any callback sees it,
+    so only this count can stop one that never ends. The limit is twice the header limit plus a line: the raw count
+    also holds the end of the head that arrived in the same reads."""
+    return raw - data - CHUNK_FRAMING * chunks > 2 * max_head + MAX_LINE
+
+
 # Response headers the gateway drops or rewrites. Value: what on_header does with them.
 _DROP, _CONNECTION, _TRANSFER_ENCODING, _CONTENT_LENGTH = 1, 2, 3, 4
 _RESPONSE_SPECIAL = {
@@ -66,9 +76,6 @@ _RESPONSE_SPECIAL = {
     b"content-length": _CONTENT_LENGTH,
     b"x-request-id": _DROP,  # the gateway sets its own, the same one it sent upstream
 }
-
-
-MAX_STATUS_LINE = 8 * 1024  # besides the header limit: an upstream's status line
 
 
 class TooLarge(Exception):
@@ -248,12 +255,12 @@ class UpstreamProtocol(asyncio.Protocol):
         sees them: a head line, a trailer field, a chunk extension. Each may take the header limit (twice: this
         count also holds body bytes of the same reads that it cannot tell apart)."""
         self.raw += size
-        limit = 2 * exchange.downstream.max_head + MAX_STATUS_LINE
+        max_head = exchange.downstream.max_head
         if self.in_head:
-            if self.raw > limit:
-                self.fail(exchange, f"upstream response head exceeds {exchange.downstream.max_head} bytes")
-        elif self.raw - exchange.bytes_out - CHUNK_FRAMING * self.chunks > limit:
-            self.fail(exchange, f"upstream response trailers exceed {exchange.downstream.max_head} bytes")
+            if self.raw > 2 * max_head + MAX_LINE:
+                self.fail(exchange, f"upstream response head exceeds {max_head} bytes")
+        elif framing_exceeds(self.raw, exchange.bytes_out, self.chunks, max_head):
+            self.fail(exchange, f"upstream response trailers exceed {max_head} bytes")
 
     def fail(self, exchange: Exchange, reason: str) -> None:
         """The response cannot be relayed: drop this connection; the exchange answers 502 or aborts."""

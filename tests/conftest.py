@@ -3,6 +3,7 @@ end-to-end tests share: config builders, `wait_for`, and checks on the gateway's
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -47,6 +48,27 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01, what: str = "condition"
+) -> None:
+    """`wait_for` for async tests: poll `predicate` on the running loop until it is truthy, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+class FakeClock:
+    """A clock a test moves by hand (`clock.now += 5`), for code that takes a `clock` callable."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class Gateway:
@@ -265,6 +287,12 @@ def raw_request(address: tuple[str, int], data: bytes, timeout: float = 5.0) -> 
                 break
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def hop_records(gateway: Gateway, request_id: str) -> list[dict[str, Any]]:
+    """The gateway's hop records of `request_id`, from its admin `/requests/{id}` (none: an empty list)."""
+    answer = httpx.get(gateway.url("admin") + "/requests/" + request_id, timeout=5, trust_env=False)
+    return list(answer.json()["hops"]) if answer.status_code == 200 else []
 
 
 def metric(gateway: Gateway, name: str, **labels: str) -> float:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ import pytest
 from dashboard.attempts import FAILURE_BURST, FAILURE_REFILL
 from dashboard.bodies import DRAIN_TIME
 from dashboard.store import AuditEntry, Store
+from tests.conftest import raw_request
 from tests.dashboard.dashboards import Dashboard, mesh, running
 
 WEIGHTS = "/api/v1/services/catalog/weights"
@@ -187,16 +187,11 @@ def test_a_chunked_body_over_the_limit_is_413_and_changes_nothing(dash: Dashboar
     assert state(dash) == before
 
 
-def send_all_then_read(dash: Dashboard, request: bytes, timeout: float = 10.0) -> bytes:
+def send_all_then_read(dash: Dashboard, request: bytes) -> bytes:
     """Send the whole request before reading a byte, as simple clients do, then read to the end of the stream.
     A RST from the server (it closed with our bytes unread) raises ConnectionResetError or BrokenPipeError."""
     host, port = dash.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-        sock.sendall(request)
-        received = bytearray()
-        while chunk := sock.recv(1 << 16):
-            received += chunk
-    return bytes(received)
+    return raw_request((host, int(port)), request, timeout=10.0)
 
 
 def head(length: int | None, *extra: bytes) -> bytes:

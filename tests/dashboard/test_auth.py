@@ -17,6 +17,7 @@ from dashboard.attempts import FailedAttempts, client_key
 from dashboard.auth import GATEWAY, READ, WRITE, Auth, BearerTokens, Principal, TokenError, digest, new_token
 from dashboard.errors import ApiError
 from dashboard.store import SQLiteStore, Store, open_store
+from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -151,15 +152,7 @@ async def test_a_second_authenticator_is_asked_when_there_is_no_bearer_token(sql
 # Failed attempts: logged, counted and limited per client address
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def attempts(clock: Clock, **limits: Any) -> tuple[FailedAttempts, Counter]:
+def attempts(clock: FakeClock, **limits: Any) -> tuple[FailedAttempts, Counter]:
     counter = Counter("failures", "failed attempts", ["via", "answer"], registry=CollectorRegistry())
     return FailedAttempts(counter, clock=clock, **limits), counter
 
@@ -179,7 +172,7 @@ async def test_failed_tokens_past_the_budget_get_429_and_a_valid_token_still_wor
     sqlite: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Operators behind one ingress share its address: someone else's guesses must not lock them out."""
-    clock = Clock()
+    clock = FakeClock()
     limiter, counter = attempts(clock, burst=3, refill=20.0)
     auth = Auth([BearerTokens(sqlite, limiter)])
     valid, record = new_token("viewer", name="ops")
@@ -203,7 +196,7 @@ async def test_failed_tokens_past_the_budget_get_429_and_a_valid_token_still_wor
 
 def test_while_limited_only_the_first_429_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     """A flood is counted, not written to the log line by line."""
-    limiter, counter = attempts(Clock(), burst=1, refill=60.0)
+    limiter, counter = attempts(FakeClock(), burst=1, refill=60.0)
     with caplog.at_level(logging.WARNING, logger="meshgate.dashboard"):
         waits = [limiter.failed("10.0.0.7", "login", "unknown token") for _ in range(50)]
     assert waits[0] == 0 and set(waits[1:]) == {60}
@@ -215,7 +208,7 @@ def test_while_limited_only_the_first_429_is_logged(caplog: pytest.LogCaptureFix
 
 
 def test_the_addresses_tracked_are_bounded_least_recent_failure_first() -> None:
-    limiter, _ = attempts(Clock(), burst=1, refill=60.0, max_clients=2)
+    limiter, _ = attempts(FakeClock(), burst=1, refill=60.0, max_clients=2)
     for address in ("10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.3"):
         limiter.failed(address, "token", "unknown token")
     assert len(limiter._state) == 2

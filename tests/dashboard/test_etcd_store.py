@@ -16,6 +16,7 @@ import pytest
 from dashboard.etcd import EtcdStore
 from dashboard.store import GatewayRecord, StoreError, VersionConflict, open_store
 from gateway.etcd import b64, key_of, prefix_end
+from tests.conftest import wait_until
 from tests.dashboard.test_store import mesh
 from tests.etcd import EtcdServer, free_ports
 
@@ -159,32 +160,28 @@ async def test_an_etcd_outage_is_logged_once_and_the_watch_comes_back(
 ) -> None:
     """The watch retries about every second while the outage is young; it said so once a second before."""
     server = EtcdServer(tmp_path)
-    assert server.wait_healthy(), server.log()
     store, writer = EtcdStore.from_url(server.url), EtcdStore.from_url(server.url)
     caplog.set_level(logging.INFO, logger="meshgate.store")
     try:
+        assert server.wait_healthy(), server.log()
         await store.commit(mesh(10), author="ops", reason="first", action="apply", target="mesh")
-        assert (await store.wait_for_change(0, timeout=5)) is not None  # the watch is running
+        waiter = asyncio.ensure_future(store.wait_for_change(1, timeout=30))  # starts the watch
+        await writer.commit(mesh(20), author="ops", reason="second", action="apply", target="mesh")
+        assert (await asyncio.wait_for(waiter, 10)) is not None  # the watch carried the second commit (not the
+        # waiter's own read at its timeout, 30 s away)
         server.stop()
-        await wait_until(lambda: "etcd watch failed" in caplog.text, "the watch to notice")
+        await wait_until(lambda: "etcd watch failed" in caplog.text, 15, what="the watch to notice")
         await asyncio.sleep(3.0)  # the outage itself: about three retries
         assert caplog.text.count("etcd watch failed") == 1, caplog.text
         server.restart()
         assert server.wait_healthy(), server.log()
-        await wait_until(lambda: "etcd watch restored after" in caplog.text, "the watch to come back")
-        waiter = asyncio.ensure_future(store.wait_for_change(1, timeout=30))
-        await writer.commit(mesh(20), author="ops", reason="after", action="apply", target="mesh")
+        await wait_until(lambda: "etcd watch restored after" in caplog.text, 15, what="the watch to come back")
+        waiter = asyncio.ensure_future(store.wait_for_change(2, timeout=30))
+        await writer.commit(mesh(30), author="ops", reason="after", action="apply", target="mesh")
         revision = await asyncio.wait_for(waiter, 10)
-        assert revision is not None and revision.version == 2
+        assert revision is not None and revision.version == 3
         assert caplog.text.count("etcd watch failed") == 1, caplog.text
     finally:
         await store.close()
         await writer.close()
         server.stop()
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)

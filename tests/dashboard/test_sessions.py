@@ -23,6 +23,7 @@ from dashboard.errors import ApiError
 from dashboard.headers import SecurityHeaders
 from dashboard.sessions import COOKIE, SECURE_COOKIE, LoginError, Sessions, form_field
 from dashboard.store import Store, open_store
+from tests.conftest import FakeClock
 from tests.dashboard.dashboards import Dashboard
 
 # Unit: Sessions over a real store
@@ -57,14 +58,6 @@ def request(
         "server": ("127.0.0.1", 80),
     }
     return Request(scope, receive)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -116,7 +109,7 @@ async def test_a_gateway_join_token_cannot_log_in(store: Store) -> None:
 
 @pytest.mark.anyio
 async def test_sessions_end_after_idle_time_and_after_their_lifetime(store: Store) -> None:
-    clock = Clock()
+    clock = FakeClock(1_000_000.0)
     sessions = Sessions(store, lifetime=100.0, idle=30.0, clock=clock)
     secret = await token(store, "viewer")
     idle_id, _ = await sessions.login(secret)

@@ -1,6 +1,6 @@
 """compose/: the docker compose stack, checked as far as this machine allows.
 
-Docker cannot run here (DESIGN.md, "Scale-out"), so nothing is started in containers. What is checked instead:
+Docker cannot run here (no engine on this machine), so nothing is started in containers. What is checked instead:
 - Debian's docker-compose 1.29 accepts the file (`config` needs no daemon), and everything below reads its
   `config` output, so variables, anchors and relative paths are resolved as compose resolves them;
 - every container's command line passes the real CLI's `--check`, with the files compose mounts;

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import Gateway, gateway_config, service, wait_for
+from tests.conftest import Gateway, gateway_config, raw_request, service, wait_for
 from tests.e2e.upstream_app import UpstreamServer
 
 SERVICE = "svc"
@@ -497,11 +497,9 @@ def test_connection_cannot_make_content_length_hop_by_hop(gateway: Gateway) -> N
 
 def test_the_gateways_own_answer_to_head_has_no_body(gateway: Gateway) -> None:
     """Else the client reads the body as the start of the next response (found by the fuzzer)."""
-    with socket.create_connection(gateway.inbound, timeout=DEADLINE) as sock:
-        sock.sendall(request(host("nowhere"), method=b"HEAD") + request(host(), "Connection: close"))
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
+    received = raw_request(
+        gateway.inbound, request(host("nowhere"), method=b"HEAD") + request(host(), "Connection: close")
+    )
     first, second = received.split(b"\r\n\r\n", 1)
     assert first.startswith(b"HTTP/1.1 404 ") and b"content-length: " in first
     assert second.startswith(b"HTTP/1.1 200 "), received

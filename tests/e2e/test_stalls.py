@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import Connect, Gateway, Scripted, StartGateway, gateway_config, hello, wait_for
+from tests.conftest import Connect, Scripted, StartGateway, gateway_config, hello, hop_records, wait_for
 from tests.e2e.servers import Exchange
 from tests.e2e.wire import Wire, request
 
@@ -25,11 +25,6 @@ LIMIT = 1.0
 LIMITS = {"body_timeout": f"{LIMIT:g}s", "send_timeout": f"{LIMIT:g}s"}
 LATE = LIMIT + 2.5  # the latest a stall may be noticed: limit, sweep period, and a loaded machine's slack
 LONG_TIMEOUTS = {"timeouts": {"per_try": "60s", "request": "60s"}}  # so that only the stall limits can fire
-
-
-def hops(gw: Gateway, request_id: str) -> list[dict[str, object]]:
-    answer = httpx.get(gw.url("admin") + "/requests/" + request_id, trust_env=False, timeout=5)
-    return list(answer.json()["hops"]) if answer.status_code == 200 else []
 
 
 def test_a_stalled_upload_gets_408_and_frees_its_place(
@@ -66,12 +61,11 @@ def test_an_upload_that_keeps_coming_is_not_cut(start_gateway: StartGateway, scr
     """The limit is on pauses, not on the whole upload: 2 s of 10 bytes every 0.4 s is served."""
     upstream = scripted()
     gw = start_gateway(gateway_config(hello(upstream.address, **LONG_TIMEOUTS), limits=LIMITS))
-    pace = threading.Event()
 
     def trickle() -> Iterator[bytes]:
         for _ in range(6):
             yield b"0123456789"
-            pace.wait(0.4)
+            time.sleep(0.4)  # pacing the upload: the pauses stay under the body timeout
 
     with httpx.Client(base_url=gw.url(), trust_env=False, timeout=10) as client:
         response = client.post("/sha256", content=trickle(), headers={"host": "hello"})
@@ -90,7 +84,7 @@ def test_a_client_that_stops_reading_is_dropped(
     assert head is not None and head[0].startswith("HTTP/1.1 200")
     request_id = dict((name.lower(), value) for name, value in head[1])["x-request-id"]
     # ... and never read again. The gateway stops reading the upstream (backpressure), then gives up on both.
-    found = wait_for(lambda: hops(gw, request_id), timeout=LATE + 5, what="the exchange to end")
+    found = wait_for(lambda: hop_records(gw, request_id), timeout=LATE + 5, what="the exchange to end")
     assert found[0]["error"] == "send_timeout", found
     wait_for(lambda: upstream.errors, timeout=5, what="the upstream connection to be closed")
     assert upstream.sent < 256 << 20

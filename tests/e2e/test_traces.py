@@ -52,6 +52,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.dashboard.dashboards import routed_ipv4
+from tests.dashboard.otlp_requests import metric as dashboard_metric
 from tests.e2e.mesh import Dashboard, joined_gateway, wait_ready
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -778,20 +779,19 @@ def test_span_store_size_bounds_the_span_files_size(tmp_path: Path) -> None:
                 answer = anonymous.post("/v1/traces", content=body, headers={"content-type": "application/x-protobuf"})
                 assert answer.status_code == 200, answer.text
 
-            def metric(name: str) -> float:
-                line = next(line for line in anonymous.get("/metrics").text.splitlines() if line.startswith(name))
-                return float(line.rsplit(" ", 1)[1])
+            def count(name: str, **labels: str) -> float:
+                return dashboard_metric(anonymous, name, **labels) or 0.0
 
             wait_for(
                 lambda: (
-                    metric("meshgate_dashboard_spans_received_total") - metric("meshgate_dashboard_spans_stored")
-                    == metric('meshgate_dashboard_spans_dropped_total{reason="size"}')
+                    count("meshgate_dashboard_spans_received_total") - count("meshgate_dashboard_spans_stored")
+                    == count("meshgate_dashboard_spans_dropped_total", reason="size")
                 ),
                 10,
                 what="every span written or evicted for size",
             )
-            assert 0 < metric("meshgate_dashboard_spans_stored") < 100
-            assert metric("meshgate_dashboard_spans_store_bytes") <= 1 << 20
+            assert 0 < count("meshgate_dashboard_spans_stored") < 100
+            assert count("meshgate_dashboard_spans_store_bytes") <= 1 << 20
         assert (dashboard.data / "spans.db").stat().st_size <= (1 << 20) + (1 << 20) // 8  # and its slack
     finally:
         dashboard.stop()

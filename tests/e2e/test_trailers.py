@@ -10,11 +10,19 @@ from __future__ import annotations
 import select
 import socket
 
-import httpx
 import psutil
 import pytest
 
-from tests.conftest import Connect, Scripted, StartGateway, gateway_config, hello, is_one_line_reason, listeners
+from tests.conftest import (
+    Connect,
+    Scripted,
+    StartGateway,
+    gateway_config,
+    hello,
+    hop_records,
+    is_one_line_reason,
+    listeners,
+)
 from tests.e2e.servers import Exchange
 from tests.e2e.wire import Wire, request
 
@@ -71,9 +79,8 @@ def test_request_trailers_are_forwarded_but_never_change_identity(
     assert seen.trailers == [("X-Checksum", "sha256:abc"), ("Grpc-Status", "0")]
     assert response.json()["size"] == 5
     # The ring of recent requests knows the request by its real ID only.
-    admin = gw.url("admin") + "/requests/"
-    assert httpx.get(admin + FORGED_ID, trust_env=False).status_code == 404
-    hops = httpx.get(admin + request_id, trust_env=False).json()["hops"]
+    assert hop_records(gw, FORGED_ID) == []
+    hops = hop_records(gw, request_id)
     assert [hop["request_id"] for hop in hops] == [request_id]
     assert [hop["destination"] for hop in hops] == ["hello"]
 
@@ -213,7 +220,8 @@ def test_oversized_response_trailers_abort_the_response(
     start_gateway: StartGateway, scripted: Scripted, connect: Connect, trailers: bytes
 ) -> None:
     """The response has begun, so no error can be sent: the client's connection is closed before the last
-    chunk, which tells it the response is incomplete."""
+    chunk, which tells it the response is incomplete. (What had been relayed by then, if anything, depends on how
+    the upstream's bytes were split into reads: here it usually arrives in one, and nothing is relayed.)"""
     raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n" + trailers
     upstream = scripted(answer_with(raw), name="trailing")
     limits = {"max_header_bytes": "8KiB", "max_headers": 20}
@@ -222,5 +230,8 @@ def test_oversized_response_trailers_abort_the_response(
     wire.send(request("GET", "/"))
     received = bytearray()
     wire.stream_to_eof(received.extend, timeout=5)  # fails unless the gateway closes the connection
-    # Whatever of the response had been relayed, never its last chunk: the client knows it is incomplete.
-    assert b"0\r\n" not in received and b"x-" not in received, bytes(received[:300])
+    # A prefix of the response at most: never its last chunk, nor any trailer.
+    relayed = bytes(received)
+    head, _, body = relayed.partition(b"\r\n\r\n")
+    assert relayed == b"" or (head.startswith(b"HTTP/1.1 200 ") and b"5\r\nhello\r\n".startswith(body)), relayed[:300]
+    assert not any(name in relayed for name in (b"x-big", b"x-t0", b"x-endless")), relayed[:300]

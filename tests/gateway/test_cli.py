@@ -1,7 +1,7 @@
 """`meshgate gateway` as users run it: `--check`, config errors and startup errors, through the real CLI.
 
 Every error is one line on stderr naming the file, the field and the bad value, with exit status 2 and no
-traceback (DESIGN.md, "Configuration model").
+traceback (README, "Configuration reference").
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -35,6 +34,7 @@ from gateway.control import (
 from gateway.server import Peers, Runtime
 from gateway.telemetry import merge
 from gateway.units import Address, Backoff
+from tests.conftest import FakeClock, wait_until
 from tests.dashboard.dashboards import Dashboard, mesh, running
 
 SETTINGS = JoinSettings(url="http://127.0.0.1:9000", group="shop", token="t", data_dir="unused")
@@ -138,14 +138,6 @@ def test_a_certificate_is_timed_from_when_it_came_not_from_its_backdated_not_bef
 # Retrying while the dashboard is away
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_an_outage_is_probed_every_half_second_for_two_minutes_then_backs_off_to_the_cap() -> None:
     clock = FakeClock()
     retry = outage_backoff(clock)
@@ -216,14 +208,6 @@ def sync_answers(dash: Dashboard, code: str) -> float:
     return dash.settings.registry.get_sample_value("meshgate_dashboard_request_duration_seconds_count", labels) or 0.0
 
 
-async def until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def test_quiet_long_polls_are_not_an_outage_and_a_refused_view_is_not_fetched_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -248,11 +232,11 @@ def test_quiet_long_polls_are_not_an_outage_and_a_refused_view_is_not_fetched_ag
             )
             watch = asyncio.ensure_future(client.watch())
             try:
-                await until(lambda: applied == [1], what="version 1 applied")
+                await wait_until(lambda: applied == [1], what="version 1 applied")
                 quiet = sync_answers(dash, "304")
-                await until(lambda: sync_answers(dash, "304") >= quiet + 30, 10, "30 quiet long-polls")
+                await wait_until(lambda: sync_answers(dash, "304") >= quiet + 30, 10, what="30 quiet long-polls")
                 commit(dash, mesh())  # version 2, which this gateway refuses
-                await until(lambda: "rejected, keeping version 1" in caplog.text, what="version 2 refused")
+                await wait_until(lambda: "rejected, keeping version 1" in caplog.text, what="version 2 refused")
                 fetched = sync_answers(dash, "200")
                 await asyncio.sleep(1.0)  # a quiet second (the scenario, not a synchronisation)
                 assert sync_answers(dash, "200") == fetched, "the refused view was fetched again"
@@ -260,7 +244,7 @@ def test_quiet_long_polls_are_not_an_outage_and_a_refused_view_is_not_fetched_ag
                 changed["services"]["catalog"]["routes"][-1]["split"] = {"v1": 50, "v2": 50}
                 commit(dash, changed)
                 started = time.monotonic()
-                await until(lambda: applied[-1] == 3, what="version 3 applied")
+                await wait_until(lambda: applied[-1] == 3, what="version 3 applied")
                 return time.monotonic() - started
             finally:
                 watch.cancel()
@@ -293,7 +277,7 @@ def test_a_refused_heartbeat_is_said_once_with_the_dashboards_reason(
             client.interval = 0.05
             beating = asyncio.ensure_future(client.heartbeat())
             try:
-                await until(lambda: refused() >= 5, what="five refused heartbeats")
+                await wait_until(lambda: refused() >= 5, what="five refused heartbeats")
             finally:
                 beating.cancel()
                 await client.close()

@@ -356,7 +356,9 @@ def test_a_joined_gateway_sends_its_join_token_with_spans_to_its_dashboard_only(
 
 class Receiver:
     """An OTLP/HTTP endpoint on 127.0.0.1 that takes batches only with `Authorization: Bearer good`, as the
-    dashboard takes them from beyond loopback, and records the headers of each POST."""
+    dashboard takes them from beyond loopback, and records the headers of each POST. A stand-in on purpose: these
+    tests are about the Exporter (what it sends, how it logs a refusal), and the dashboard would take loopback
+    spans without a token; tests/e2e/test_traces.py runs a real dashboard beyond loopback with a real gateway."""
 
     def __init__(self) -> None:
         self.headers: list[dict[str, str]] = []
