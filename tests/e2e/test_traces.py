@@ -819,7 +819,9 @@ def test_the_dashboards_memory_comes_back_after_a_burst_of_large_spans(tmp_path:
 
         def given_back() -> bool:
             grown, peak = _status_kib(pid, "VmRSS") - before, _status_kib(pid, "VmHWM") - before
-            return peak > 64 << 10 and grown < peak / 2  # the bursts took over 64 MiB; less than half is kept
+            # The bursts took at least two requests' worth (2 x 15 MB inflated; 56-82 MiB seen here, depending on
+            # how far the writer fell behind), and less than half of it is kept.
+            return peak > 32 << 10 and grown < peak / 2
 
         wait_for(given_back, 10, what="most of the burst's memory given back")
     finally:
