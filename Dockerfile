@@ -4,7 +4,7 @@
 #   docker run --rm meshgate:0.1.0 meshgate gateway --config /etc/meshgate/gateway.yaml
 #
 # There is no ENTRYPOINT: a container's command is the whole command line, `meshgate ...` or
-# `python -m dashboard.demoapps.shop ...`, as compose/docker-compose.yml and deploy/kubernetes write them. A
+# `python -m meshgate.demoapps.shop ...`, as compose/docker-compose.yml and deploy/kubernetes write them. A
 # non-editable `pip install .` (the wheel carries the templates and static files); nothing is fetched at run time.
 FROM python:3.11-slim
 
@@ -15,6 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY meshgate meshgate
 COPY gateway gateway
 COPY dashboard dashboard
 COPY static static

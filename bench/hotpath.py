@@ -32,7 +32,8 @@ import uvloop
 
 from gateway.config import Config
 from gateway.proxy import DownstreamProtocol
-from gateway.server import Runtime, data_listener
+from gateway.runtime import Runtime
+from gateway.server import data_listener
 from gateway.units import Address
 from gateway.upstream import UpstreamProtocol
 

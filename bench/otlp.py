@@ -1,6 +1,6 @@
 """What exporting a span costs the gateway: `python bench/otlp.py [--spans N] [--instructions]`.
 
-1. Encoding alone, per span: `gateway.otlp.SpanEncoder` against the official `opentelemetry-proto` classes (the
+1. Encoding alone, per span: `gateway.exporter.SpanEncoder` against the official `opentelemetry-proto` classes (the
    reference encoder the tests compare it with), on the same hop records; and what gzip (level 1) would add.
 2. The whole export path, per span: hop records go through `Exporter.add()` at a steady rate, and `Exporter.run()`
    batches, encodes and POSTs them with httpx to a real OTLP/HTTP receiver in another process (it decodes every
@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
 import callgrind  # noqa: E402  # bench/, beside this script
 import uvloop  # noqa: E402
 
-from gateway.otlp import Exporter  # noqa: E402
+from gateway.exporter import Exporter  # noqa: E402
 from gateway.telemetry import Metrics  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def per_span(encode: Callable[[], object], spans: int, rounds: int = 5) -> float
 
 
 def encoding(spans: int) -> None:
-    from gateway.otlp import SpanEncoder
+    from gateway.exporter import SpanEncoder
     from tests.gateway.otlp_reference import encode, resource
 
     hops = make_hops(spans)
@@ -202,7 +202,7 @@ def instructions(spans: int) -> None:
 
 def encode_once(spans: int, encoder: str) -> None:
     """One encoding of `spans` hops (under valgrind): everything else is the same for every span count."""
-    from gateway.otlp import SpanEncoder
+    from gateway.exporter import SpanEncoder
     from tests.gateway.otlp_reference import encode, resource
 
     hops = make_hops(2048)[:spans]

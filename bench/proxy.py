@@ -583,8 +583,8 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     parser.add_argument("--json", type=Path, dest="json_path", metavar="FILE", help="write the results as JSON")
     parser.add_argument(
         "--gateway-cmd",
-        default=f"{sys.executable} -m dashboard.cli",
-        help="command that 'gateway --config FILE' is appended to (default: this Python, -m dashboard.cli)",
+        default=f"{sys.executable} -m meshgate.cli",
+        help="command that 'gateway --config FILE' is appended to (default: this Python, -m meshgate.cli)",
     )
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.duration < 1:

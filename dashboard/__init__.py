@@ -1,18 +1,17 @@
-"""meshgate's control server (`meshgate dashboard`) and the operator command line.
+"""meshgate's control server (`meshgate dashboard`): the mesh's config, identities, telemetry and pages.
 
-- `mesh`: the mesh document (groups and the services each owns), validated with the gateway's own config rules.
-- `store`, `etcd`: versioned config with history and audit, tokens and gateway heartbeats, in SQLite or etcd v3;
-  `datadir`: the data directory and its files kept private (0700 and 0600).
+Bottom to top (docs/architecture.md; `.importlinter` enforces it):
+- `errors`, `datadir`, `mesh`, `attempts`, `headers`: JSON errors, the private data directory, the mesh document
+  (validated with the gateway's own config rules), the limit on failed logins and tokens, security headers.
+- `store/`: versioned config with history and audit, tokens and gateway heartbeats, in SQLite or etcd v3.
 - `identity`: the mesh CA; gateways send CSRs and get SPIFFE X.509-SVIDs.
-- `app`, `api`, `wire`, `heartbeats`, `auth`, `attempts`, `bodies`, `errors`, `openapi`, `metrics`: the Starlette
-  app: the operator API, the gateway protocol (join, sync, heartbeat) and what a heartbeat may carry, bearer tokens
-  and the limit on failed ones, body limits, JSON errors, OpenAPI, /metrics.
-- `otlp`, `spans`, `jaeger`, `traces`: the OTLP receiver, the span store, Jaeger's query API, and trace lookup by
-  request or trace ID (stored spans merged with the gateways' rings).
-- `stats`, `prometheus`, `topology`, `signals`: golden signals over time (embedded history or Prometheus), the
-  topology and its layout, and their API.
-- `views`, `pagedata`, `charts`, `sessions`, `headers`, `templates/`: the pages (Jinja2 + htmx), login sessions
-  with CSRF, and security headers.
-- `serve`, `client`, `cli`: `meshgate dashboard`, `meshgate apply` / `get`, and the `meshgate` entry point.
-- `demo`, `demoapps`: `meshgate demo`, a whole mesh of shop services on loopback with live traffic.
+- `signals/`: golden signals over time (embedded history or Prometheus), the topology, and their API.
+- `spans/`: the OTLP receiver, the span store, Jaeger's query API, and trace lookup.
+- `settings`: what one running dashboard was started with, shared by the layers above.
+- `api/`: the operator API, the API the gateways call (join, sync, heartbeat), golden signals and traces over
+  HTTP, bearer tokens and roles, body limits, the dashboard's own /metrics, and the OpenAPI document.
+- `ui/`: the pages (Jinja2 + htmx), login sessions with CSRF.
+- `app`, `guard`, `serve`: the Starlette app, the HTTP/1.1 protocol with the gateway's limits, and the process.
+
+The command line, the operator client and the demo are in the top-level `meshgate` package.
 """

@@ -1,8 +1,8 @@
 """`create_app(settings)`: the control server's ASGI app (Starlette), built from injected parts only.
 
 Requests pass `RequestMetrics` (latency by route template), `ErrorBoundary` (unexpected exception -> logged
-traceback and a one-line JSON 500) and `BodyLimit` (413), then reach the operator API (`dashboard.api`), the
-gateway wire protocol (`dashboard.wire`), /metrics, /healthz or the OpenAPI document. Store calls are timed by
+traceback and a one-line JSON 500) and `BodyLimit` (413), then reach the operator API (`dashboard.api.operator`), the
+gateway wire protocol (`dashboard.api.gateways`), /metrics, /healthz or the OpenAPI document. Store calls are timed by
 `TimedStore`.
 """
 
@@ -15,23 +15,23 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from dashboard.api import OperatorApi
+from dashboard.api.auth import Auth, BearerTokens
+from dashboard.api.bodies import BodyLimit
+from dashboard.api.gateways import GatewayApi
+from dashboard.api.heartbeats import MAX_HEARTBEAT
+from dashboard.api.openapi import OpenAPI
+from dashboard.api.operator import OperatorApi
+from dashboard.api.selfmetrics import DashboardMetrics, MetricsEndpoint, RequestMetrics, TimedStore
+from dashboard.api.signals import SignalsApi
+from dashboard.api.traces import TraceApi
 from dashboard.attempts import FailedAttempts
-from dashboard.auth import Auth, BearerTokens
-from dashboard.bodies import BodyLimit
 from dashboard.errors import ApiError, ErrorBoundary, error_response, log, on_api_error, on_http_exception
 from dashboard.headers import SecurityHeaders
-from dashboard.heartbeats import MAX_HEARTBEAT
-from dashboard.metrics import DashboardMetrics, MetricsEndpoint, RequestMetrics, TimedStore
-from dashboard.openapi import OpenAPI
-from dashboard.pagedata import PageData
-from dashboard.sessions import Sessions
 from dashboard.settings import MAX_SPAN_BATCH, Settings
-from dashboard.signals import SignalsApi
-from dashboard.store import StoreError
-from dashboard.traces import TraceApi
-from dashboard.views import Views
-from dashboard.wire import GatewayApi
+from dashboard.store.model import StoreError
+from dashboard.ui.pagedata import PageData
+from dashboard.ui.sessions import Sessions
+from dashboard.ui.views import Views
 
 
 async def on_store_error(request: Request, exc: Exception) -> Response:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-log = logging.getLogger("dashboard.api")
+log = logging.getLogger("dashboard.api.operator")
 
 MAX_REASON = 300  # characters of an error reason; longer reasons are cut with an ellipsis
 HEADERS = {"x-content-type-options": "nosniff", "cache-control": "no-store"}

@@ -1,5 +1,5 @@
 """`meshgate dashboard`: run the control server on uvicorn; `meshgate dashboard ca` and `meshgate dashboard token
-create` (arguments in `dashboard.cli`).
+create` (arguments in `meshgate.cli`).
 
 Start-up, in order: check the command line and the `--config` mesh file (exit 2 on bad input, before anything is
 written; `--check` stops there); bind the listen socket; make DIR (0700) or tighten it and the files in it
@@ -28,21 +28,21 @@ from dataclasses import dataclass
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from dashboard.api.auth import TokenError, new_token
 from dashboard.app import create_app
-from dashboard.auth import TokenError, new_token
 from dashboard.datadir import private_directory, sqlite_files
+from dashboard.guard import GuardedHttpProtocol
 from dashboard.identity import IdentityError, MeshCA, check_trust_domain, is_dns_name
 from dashboard.mesh import Mesh
-from dashboard.protocol import GuardedHttpProtocol
 from dashboard.settings import CERT_LIFETIME, PROMETHEUS_SCRAPE_INTERVAL, SIGNALS_STEP, SYNC_HOLD, Settings
-from dashboard.spans import DB_FILE as SPANS_FILE
-from dashboard.spans import MAX_AGE as MAX_SPAN_AGE
-from dashboard.spans import MAX_BYTES as MAX_SPAN_STORE_BYTES
-from dashboard.spans import MAX_SPANS, SpanStore
-from dashboard.store import DB_FILE, Store, StoreError, open_store
+from dashboard.spans.store import DB_FILE as SPANS_FILE
+from dashboard.spans.store import MAX_AGE as MAX_SPAN_AGE
+from dashboard.spans.store import MAX_BYTES as MAX_SPAN_STORE_BYTES
+from dashboard.spans.store import MAX_SPANS, SpanStore
+from dashboard.store import open_store
+from dashboard.store.model import DB_FILE, Store, StoreError
 from gateway.config import ConfigError
-from gateway.control import write_private
-from gateway.units import Address, is_loopback, is_wildcard
+from gateway.units import Address, is_loopback, is_wildcard, write_private
 
 log = logging.getLogger("meshgate.dashboard")
 
@@ -151,7 +151,7 @@ def check_arguments(args: argparse.Namespace) -> Mesh | None:
     if args.store is not None:
         if not args.store.startswith("etcd://"):
             raise StoreError(f"--store: expected etcd://host:port[,host:port], got {args.store!r}")
-        from dashboard.etcd import EtcdStore
+        from dashboard.store.etcd import EtcdStore
 
         EtcdStore.from_url(args.store)  # parses the endpoints; connects only on first use
     return mesh

@@ -6,14 +6,14 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dashboard.topology import Thresholds
+from dashboard.signals.topology import Thresholds
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from dashboard.identity import MeshCA
-    from dashboard.spans import SpanStore
-    from dashboard.store import Store
+    from dashboard.spans.store import SpanStore
+    from dashboard.store.model import Store
 
 MAX_BODY = 1 << 20  # bytes; larger request bodies get 413
 MAX_SPAN_BATCH = 16 << 20  # bytes; an OTLP batch from a gateway (2048 spans with long paths) fits
@@ -23,7 +23,7 @@ FORGET_AFTER = 3600.0  # seconds of silence (counted from the dashboard's start 
 MAX_WAIT = 60.0  # the longest /sync long-poll a gateway may ask for
 SYNC_HOLD = MAX_WAIT  # the longest the dashboard holds one before answering 304: as long as asked (30 s, gateways)
 CERT_LIFETIME = 24 * 3600.0  # seconds a gateway certificate lives; gateways renew at about half-life
-SIGNALS_STEP = 5.0  # seconds between golden-signal samples of the gateways' heartbeats (dashboard/stats.py)
+SIGNALS_STEP = 5.0  # seconds between golden-signal samples of the gateways' heartbeats (dashboard/signals/history.py)
 PROMETHEUS_SCRAPE_INTERVAL = 15.0  # Prometheus's own default; rates need at least two scrapes in a window
 
 
@@ -52,7 +52,7 @@ class Settings:
     spans: SpanStore | None = None  # the span store (owned by the caller, like `store`); None: POST /v1/traces 404s
     jaeger: str | None = None  # Jaeger's query URL: sampled traces are looked up there instead of in `spans`
     stopping: asyncio.Event = field(default_factory=asyncio.Event, compare=False)
-    # Golden signals (dashboard/stats.py, signals.py): the embedded history's sampling step, the health colours'
+    # Golden signals (dashboard/signals/): the embedded history's sampling step, the health colours'
     # thresholds, and Prometheus to read them from instead (with the scrape interval it uses).
     signals_step: float = SIGNALS_STEP
     health: Thresholds = Thresholds()

@@ -20,7 +20,7 @@ import threading
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from gateway.tracing import HOP, response_flags
+from gateway.hops import HOP, response_flags
 
 if TYPE_CHECKING:
     from gateway.telemetry import Metrics

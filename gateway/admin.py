@@ -10,60 +10,19 @@ exemplars on the latency buckets) when the scraper's Accept header asks for `app
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
 from urllib.parse import unquote_to_bytes
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
-from prometheus_client.registry import Collector
 
-from gateway.config import Config
-from gateway.proxy import LocalAnswer, LocalHandler
-from gateway.telemetry import Snapshot, SnapshotCollector
+from gateway.runtime import AdminState, Hops, LocalAnswer, LocalHandler
 from gateway.units import is_loopback
 
 TEXT = "text/plain; charset=utf-8"
 JSON = "application/json"
 PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-
-Hops = list[dict[str, Any]]
-
-
-@dataclass(slots=True)
-class AdminState:
-    """What the admin endpoints report: the live config, its version, the last reload's outcome, the golden
-    signals (`stats`) and the recent hop records (`lookup`) of this process or of all workers."""
-
-    config: Config
-    stats: Callable[[], Snapshot]
-    lookup: Callable[[bytes], Hops | Awaitable[Hops]]
-    version: int = 0
-    ready: bool = False  # a config is loaded (and, joined, a certificate)
-    last_reload: str = "ok"
-    # What else keeps /ready at 503, or None: discovery's first answers, as Envoy warms a cluster before serving.
-    waiting: Callable[[], str | None] = lambda: None
-    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=False))
-
-    def __post_init__(self) -> None:
-        self.registry.register(_StateCollector(self))
-        self.registry.register(SnapshotCollector(lambda: self.stats()))
-
-
-class _StateCollector(Collector):
-    def __init__(self, state: AdminState) -> None:
-        self.state = state
-
-    def collect(self) -> Iterator[Metric]:
-        yield GaugeMetricFamily("meshgate_config_version", "Version of the live gateway config", self.state.version)
-        yield GaugeMetricFamily(
-            "meshgate_config_last_reload_success",
-            "1 if the last config reload was applied, 0 if it was rejected",
-            1 if self.state.last_reload == "ok" else 0,
-        )
 
 
 def admin_handler(state: AdminState, metrics_only: bool = False) -> LocalHandler:

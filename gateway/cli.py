@@ -15,7 +15,7 @@ from gateway.units import parse_duration
 
 if TYPE_CHECKING:
     from gateway.control import JoinSettings
-    from gateway.server import Source
+    from gateway.sources import Source
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         return _check(args.check)
     # The modules that serve are imported only now: `--check FILE` and `--help` stay quick.
     from gateway.control import ControlError, ControlSource
-    from gateway.server import FileSource
+    from gateway.sources import FileSource
 
     source: Source
     try:

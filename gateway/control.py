@@ -39,11 +39,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway import tls
-from gateway.admin import AdminState
 from gateway.config import Config, ConfigError
-from gateway.server import Peers, Publish, Spawn
+from gateway.runtime import AdminState, Peers, Publish, Spawn
 from gateway.telemetry import Snapshot
-from gateway.units import Address, Backoff, format_duration, is_loopback, is_wildcard, parse_address
+from gateway.units import Address, Backoff, format_duration, is_loopback, is_wildcard, parse_address, write_private
 
 log = logging.getLogger("meshgate.control")
 
@@ -235,17 +234,6 @@ class Identity:
     @property
     def valid(self) -> bool:
         return self.not_after > time.time()
-
-
-def write_private(path: str, data: bytes) -> None:
-    """Write atomically, readable by this user only: a crash mid-write never leaves half a key or config."""
-    temp = f"{path}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temp, path)
 
 
 def _instance_id(data_dir: str) -> str:

@@ -41,14 +41,14 @@ import dns.resolver
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from gateway.admin import AdminState
 from gateway.config import Config, Subset
 from gateway.config import Discovery as DiscoverySection
 from gateway.etcd import EtcdClient, EtcdError, key_of, prefix_end
+from gateway.runtime import AdminState
 from gateway.units import Address, Backoff, parse_address
 
 if TYPE_CHECKING:
-    from gateway.server import Peers, Publish, Spawn
+    from gateway.runtime import Peers, Publish, Spawn
 
 log = logging.getLogger("meshgate.discovery")
 

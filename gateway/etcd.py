@@ -1,7 +1,7 @@
 """A small etcd v3 client over etcd's HTTP/JSON gateway, through httpx, so there is no gRPC dependency.
 
 The gateway's endpoint discovery and `meshgate register` use it, and so does the dashboard's etcd store
-(dashboard/etcd.py). On the wire, keys and values are base64 and 64-bit numbers (revisions, lease IDs, TTLs) are
+(dashboard/store/etcd.py). On the wire, keys and values are base64 and 64-bit numbers (revisions, lease IDs, TTLs) are
 strings; etcd's JSON leaves out empty and zero fields, so a missing `kvs` means none and a missing `TTL` means 0.
 Every failure raises one `EtcdError` whose text says what failed.
 """

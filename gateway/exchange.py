@@ -12,12 +12,13 @@ else become one `local_reply`; failures after it abort both connections.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from collections.abc import Awaitable
-from random import getrandbits, random
+from random import random
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 from httptools import HttpParserError
@@ -31,14 +32,15 @@ from gateway.errors import (
     local_reply,
     reason_phrase,
 )
-from gateway.otlp import SLOW
-from gateway.tracing import TraceContext, extract, inject, new_trace
-from gateway.upstream import Pool, UpstreamProtocol, drop_headers
+from gateway.exporter import SLOW
+from gateway.http1 import drop_headers
+from gateway.propagation import TraceContext, extract, inject, new_request_id, new_trace
+from gateway.runtime import LocalHandler, Runtime
+from gateway.upstream import Pool, UpstreamProtocol
 
 if TYPE_CHECKING:
     from gateway.balancer import Endpoint
     from gateway.deadlines import Owner as Deadline
-    from gateway.proxy import DownstreamProtocol, LocalHandler
     from gateway.routing import RouteEntry, ServiceRoutes, SubsetTarget
 
 REPLAY_LIMIT = 64 * 1024  # request bodies up to this size are kept so an idempotent request can be retried
@@ -51,15 +53,54 @@ PAUSE_PEER, PAUSE_QUEUE, PAUSE_BUFFER, PAUSE_UPGRADE = 1, 2, 4, 8
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}").fullmatch
 
 
-def new_request_id() -> bytes:
-    """A random UUID4, without a system call per request (uuid.uuid4 reads os.urandom every time)."""
-    return b"%08x-%04x-4%03x-%04x-%012x" % (
-        getrandbits(32),
-        getrandbits(16),
-        getrandbits(12),
-        0x8000 | getrandbits(14),  # the RFC 4122 variant
-        getrandbits(48),
-    )
+class ListenerInfo(Protocol):
+    """The listener a request arrived on (proxy.Listener), as far as the exchange reads it."""
+
+    @property
+    def kind(self) -> str: ...  # inbound, edge, outbound, admin or metrics
+
+    @property
+    def scheme(self) -> bytes: ...  # what X-Forwarded-Proto says when no trusted proxy said otherwise
+
+    @property
+    def reporter(self) -> str | None: ...  # the `reporter` label of what it records
+
+
+class Downstream(Protocol):
+    """The client connection an exchange answers (proxy.Downstream): who it is, its transport, and the
+    back-pressure and hand-over calls. The exchange never parses; the connection never routes."""
+
+    runtime: Runtime
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+    peer_ip: bytes
+    source: str
+    trusted: bool
+    keep_request_id: bool
+    local: LocalHandler | None
+    exchange: Exchange | None
+    tunnel: asyncio.Transport | None
+    paused: int
+    write_paused: bool
+    closing: bool
+    closed: bool
+    max_head: int
+    max_headers: int
+
+    @property
+    def listener(self) -> ListenerInfo: ...
+
+    def pause(self, reason: int) -> None: ...
+
+    def resume(self, reason: int) -> None: ...
+
+    def pause_for_peer(self) -> None: ...
+
+    def resume_for_peer(self) -> None: ...
+
+    def exchange_done(self, exchange: Exchange) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Exchange:
@@ -118,7 +159,7 @@ class Exchange:
         "error",
     )
 
-    def __init__(self, downstream: DownstreamProtocol, now: float) -> None:
+    def __init__(self, downstream: Downstream, now: float) -> None:
         self.downstream = downstream
         # time.monotonic(), not loop.time(): uvloop's clock counts whole milliseconds, too coarse for latency.
         self.start_time = now

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -18,14 +19,18 @@ from gateway.units import Address
 
 if TYPE_CHECKING:
     from gateway.routing import RouteTable
-    from gateway.server import Runtime
 
 log = logging.getLogger("meshgate.health")
 
 
 class HealthChecks:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(
+        self,
+        spawn: Callable[[Coroutine[Any, Any, Any]], asyncio.Task[Any]],
+        endpoints: Mapping[tuple[str, Address], Endpoint],
+        changed: Callable[[], None],
+    ) -> None:
+        self.spawn, self.endpoints, self.changed = spawn, endpoints, changed  # the runtime's
         self.probes: dict[tuple[str, Address], tuple[Health, asyncio.Task[Any]]] = {}
         self._client: httpx.AsyncClient | None = None
 
@@ -51,10 +56,10 @@ class HealthChecks:
                 del self.probes[key]
         for key, (health, endpoint) in wanted.items():
             if key not in self.probes:
-                self.probes[key] = (health, self.runtime.spawn(self.probe(endpoint, health)))
-        for key in self.runtime.endpoints:
+                self.probes[key] = (health, self.spawn(self.probe(endpoint, health)))
+        for key in self.endpoints:
             if key not in wanted:
-                self.runtime.endpoints[key].healthy = True
+                self.endpoints[key].healthy = True
 
     async def probe(self, endpoint: Endpoint, health: Health) -> None:
         url = f"http://{endpoint.address}{health.path}"
@@ -69,11 +74,11 @@ class HealthChecks:
             if endpoint.healthy and fails >= health.unhealthy:
                 endpoint.healthy = False
                 log.warning("endpoint %s failed %d health checks: unhealthy", endpoint.address, fails)
-                self.runtime.invalidate_balancers()
+                self.changed()
             elif not endpoint.healthy and passes >= health.healthy:
                 endpoint.healthy = True
                 log.info("endpoint %s passed %d health checks: healthy", endpoint.address, passes)
-                self.runtime.invalidate_balancers()
+                self.changed()
             await asyncio.sleep(health.interval)
 
     async def close(self) -> None:

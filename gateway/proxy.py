@@ -12,23 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from time import monotonic
-from typing import TYPE_CHECKING
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from gateway.admin import requests_handler
 from gateway.config import IPNetwork, Limits
 from gateway.errors import UpstreamStalled, local_reply
-from gateway.exchange import PAUSE_PEER, PAUSE_QUEUE, PAUSE_UPGRADE, Exchange, new_request_id
+from gateway.exchange import PAUSE_PEER, PAUSE_QUEUE, PAUSE_UPGRADE, Exchange
+from gateway.http1 import MAX_LINE, connection_options, forwardable_trailer, framing_exceeds
+from gateway.propagation import TRACE_HEADERS, new_request_id
+from gateway.runtime import LocalHandler, Runtime
 from gateway.tls import group_of, peer_spiffe_id
-from gateway.tracing import TRACE_HEADERS
 from gateway.units import parse_ip
-from gateway.upstream import MAX_LINE, connection_options, forwardable_trailer, framing_exceeds
-
-if TYPE_CHECKING:
-    from gateway.server import Runtime
 
 log = logging.getLogger("meshgate.proxy")
 
@@ -56,10 +53,6 @@ _REQUEST_SPECIAL = {
     b"x-forwarded-proto": _XFP,
     b"x-forwarded-host": _XFH,
 }
-
-LocalAnswer = tuple[int, str, bytes]
-# (method, target, peer, headers by lower-case name): headers for content negotiation (OpenMetrics on /metrics)
-LocalHandler = Callable[[bytes, bytes, bytes, dict[bytes, bytes]], LocalAnswer | Awaitable[LocalAnswer]]
 
 
 class Closed(Exception):
@@ -172,7 +165,7 @@ class DownstreamProtocol(asyncio.Protocol):
                 self.trusted = self.keep_request_id = True
             elif spiffe_id is not None and spiffe_id == self.runtime.peers.dashboard_id:
                 # The dashboard asks for hop records over mTLS (docs/design.md: never plaintext beyond loopback).
-                self.local = self.runtime.dashboard_handler
+                self.local = requests_handler(self.runtime.mesh_lookup)
         gateway = self.runtime.config.gateway
         if not self.trusted and gateway.trusted_proxies:
             self.trusted = self.keep_request_id = from_trusted_proxy(self.peer_ip, gateway.trusted_proxies)
@@ -251,6 +244,35 @@ class DownstreamProtocol(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None and exchange.upstream is not None and not exchange.upstream.closed:
             exchange.upstream.transport.resume_reading()
+
+    @property
+    def kind(self) -> str:
+        return self.listener.kind
+
+    def sweep(self, now: float, limits: Limits) -> None:
+        """From `Runtime.sweep`, twice a second: the header, body, send and idle timeouts of this connection."""
+        if self.tunnel is not None:
+            return  # an upgraded connection lives until either side closes it
+        if self.exchange is not None or self.write_paused:
+            self.check_progress(now, limits)
+        if self.closed:
+            return
+        parsing = self.parsing
+        if self.in_head and parsing is not None and not parsing.method and not parsing.done:
+            if now - self.head_start > limits.header_timeout:
+                self.refuse(408, f"request headers not complete within {limits.header_timeout:g}s")
+        elif self.exchange is None:
+            limit = limits.idle_timeout if self.parsing is not None else limits.header_timeout
+            if now - self.idle_since > limit:
+                self.close()
+
+    def drain(self) -> None:
+        self.closing = True
+        if self.exchange is None:
+            self.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
 
     def check_progress(self, now: float, limits: Limits) -> None:
         """From the sweep: end an exchange whose bytes stopped moving. Timers per read would cost the hot path,

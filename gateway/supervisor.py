@@ -25,23 +25,14 @@ from typing import Any
 
 import uvloop
 
-from gateway.admin import AdminState, admin_handler
+from gateway.admin import admin_handler
 from gateway.config import Config
 from gateway.control import ControlSource, Identity
 from gateway.discovery import Discovery
 from gateway.proxy import Listener
-from gateway.server import (
-    DATA_LISTENERS,
-    Peers,
-    Runtime,
-    Source,
-    bind_socket,
-    data_listener,
-    describe,
-    listener_addresses,
-    server_tls,
-    start_listener,
-)
+from gateway.runtime import AdminState, Peers, Runtime
+from gateway.server import DATA_LISTENERS, bind_socket, data_listener, describe, listener_addresses, start_listener
+from gateway.sources import Source, server_tls
 from gateway.telemetry import Snapshot, merge
 from gateway.units import Address
 

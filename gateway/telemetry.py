@@ -15,18 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import resource
-import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
-
-if TYPE_CHECKING:
-    from gateway.server import Runtime
 
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SERIES_LABELS = ("reporter", "source", "destination", "subset", "route")
@@ -35,7 +30,7 @@ SeriesKey = tuple[str, str, str, str, str]
 Exemplars = dict[int, tuple[bytes, bytes, float, float]]  # bucket -> (trace id, request id, seconds, when)
 EXEMPLAR_LABELS_LIMIT = 128  # OpenMetrics: label names and values of an exemplar, in characters; Prometheus enforces
 
-_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class Series:
@@ -89,49 +84,6 @@ class Metrics:
             self.loop_lag = max(0.0, loop.time() - before - interval)
 
 
-def snapshot(runtime: Runtime) -> Snapshot:
-    """Everything /metrics shows for this process, as plain (picklable) data."""
-    metrics = runtime.metrics
-    now = time.monotonic()
-    gauges: dict[tuple[str, tuple[str, ...]], float] = {}
-
-    def gauge(name: str, value: float, *labels: str) -> None:
-        gauges[(name, labels)] = gauges.get((name, labels), 0) + value
-
-    counters = dict(metrics.counters)
-    for kind in runtime.listener_kinds:
-        gauge("meshgate_open_connections", 0, kind)  # a quiet listener reads 0, not "no data"
-    if runtime.table is not None:
-        for service in runtime.table.services.values():
-            gauge("meshgate_inflight_requests", service.load.active, service.name)
-            gauge("meshgate_pending_requests", service.load.pending, service.name)
-            for name in _ZERO_BASED:
-                counters.setdefault((name, service.name), 0)
-            distinct = {id(ep): ep for subset in service.subsets.values() for ep in subset.balancer.endpoints}
-            for endpoint in distinct.values():
-                gauge("meshgate_upstream_connections_active", endpoint.active, service.name)
-                gauge("meshgate_upstream_connections_idle", len(endpoint.pool.idle), service.name)
-                gauge("meshgate_endpoints_ejected", endpoint.ejected_until > now, service.name)
-                gauge("meshgate_endpoints_unhealthy", not endpoint.healthy, service.name)
-    for (name, _), endpoint in runtime.endpoints.items():
-        key = ("meshgate_outlier_ejections_total", name)
-        counters[key] = counters.get(key, 0) + endpoint.ejections
-    for conn in runtime.connections:
-        gauge("meshgate_open_connections", 1, conn.listener.kind)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    with open("/proc/self/statm") as statm:
-        rss = int(statm.read().split()[1]) * _PAGE_SIZE
-    return {
-        "series": {key: (dict(s.codes), list(s.buckets), s.sum) for key, s in metrics.series.items()},
-        "exemplars": {key: dict(s.exemplars) for key, s in metrics.series.items() if s.exemplars},
-        "counters": counters,
-        "gauges": gauges,
-        "loop_lag": metrics.loop_lag,
-        "cpu": usage.ru_utime + usage.ru_stime,
-        "rss": rss,
-    }
-
-
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
     """The whole gateway: counts, buckets and gauges add up; event-loop lag is the worst worker's; each bucket's
     exemplar is the latest of any worker's."""
@@ -168,7 +120,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
 
 
 # Counters exported at 0 for every configured destination before their first event, so rate() sees the first one.
-_ZERO_BASED = (
+ZERO_BASED = (
     "meshgate_retries_total",
     "meshgate_retry_budget_exhausted_total",
     "meshgate_circuit_breaker_rejections_total",

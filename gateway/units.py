@@ -2,13 +2,15 @@
 
 Each `parse_*` raises ValueError with the reason; each `format_*` is its exact inverse, so a config written
 back out (`Config.to_dict()`) reads the same. Also the one retry schedule (`backoff`, and `Backoff` for an outage
-in two phases) that the control client and discovery share.
+in two phases) that the control client and discovery share, and `write_private` for the files a gateway and
+the dashboard keep (keys, certificates, cached config).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import random
 import re
 import time
@@ -222,3 +224,14 @@ class Backoff:
     def elapsed(self) -> float:
         """Seconds since the first failure in a row (0 when not failing)."""
         return self.clock() - self.since if self.failures else 0.0
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Write atomically, readable by this user only: a crash mid-write never leaves half a key or config."""
+    temp = f"{path}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temp, path)

@@ -10,57 +10,52 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from gateway.errors import ConnectFailed, UpstreamProtocolError
+from gateway.errors import ConnectFailed, UpstreamError, UpstreamProtocolError
+from gateway.http1 import MAX_LINE, connection_options, drop_headers, forwardable_trailer, framing_exceeds
 from gateway.tls import peer_spiffe_id
-from gateway.tracing import TRACE_HEADERS
 from gateway.units import Address
 
-if TYPE_CHECKING:
-    from gateway.exchange import Exchange
+
+class ClientLimits(Protocol):
+    """The client connection's limits and back-pressure, as an upstream connection sees them."""
+
+    max_head: int
+    max_headers: int
+
+    def pause_for_peer(self) -> None: ...
+
+    def resume_for_peer(self) -> None: ...
+
+
+class ResponseSink(Protocol):
+    """What an upstream connection delivers its response to: the request's `exchange.Exchange`."""
+
+    @property
+    def downstream(self) -> ClientLimits: ...
+
+    @property
+    def bytes_out(self) -> int: ...
+
+    def on_response_head(self, upstream: UpstreamProtocol, status: int) -> None: ...
+
+    def on_response_body(self, chunk: bytes) -> None: ...
+
+    def after_upstream_data(self, upstream: UpstreamProtocol) -> None: ...
+
+    def on_response_complete(self, upstream: UpstreamProtocol) -> None: ...
+
+    def start_tunnel(self, upstream: UpstreamProtocol, rest: bytes) -> None: ...
+
+    def upstream_lost(self, upstream: UpstreamProtocol) -> None: ...
+
+    def upstream_failed(self, error: UpstreamError) -> None: ...
+
 
 MAX_IDLE_PER_ADDRESS = 256
-# Framing bytes a chunked body may carry per chunk besides its data: the size line (at most 16 hex digits) and
-# CRLFs. Extensions and trailers beyond that share the header limit (`framing_exceeds`).
-CHUNK_FRAMING = 24
-MAX_LINE = 8 * 1024  # a request target, or a status line, besides the header limit
-_PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"))
-# Connection options, and fields a Connection header may not make hop-by-hop: dropping the framing of a message
-# that is forwarded with its body would let that body be read as another message.
-_NEVER_HOP_BY_HOP = frozenset((b"close", b"keep-alive", b"upgrade", b"content-length", b"transfer-encoding"))
-
-# Fields a trailer never carries onward, either way (RFC 9110 §6.5.1): framing, routing, request modifiers,
-# authentication, response control and payload processing; and hop-by-hop fields, the request's ID and its trace
-# context, which trailers must not change.
-FORBIDDEN_TRAILERS = frozenset(
-    (
-        *TRACE_HEADERS,
-        *(b"age", b"authorization", b"cache-control", b"connection", b"content-encoding", b"content-length"),
-        *(b"content-range", b"content-type", b"cookie", b"date", b"expect", b"expires", b"forwarded", b"host"),
-        *(b"if-match", b"if-modified-since", b"if-none-match", b"if-range", b"if-unmodified-since"),
-        *(b"keep-alive", b"location", b"max-forwards", b"pragma", b"range", b"retry-after", b"set-cookie"),
-        *(b"te", b"trailer", b"transfer-encoding", b"upgrade", b"vary", b"warning", b"www-authenticate"),
-        *(b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-request-id"),
-    )
-)
-
-
-def forwardable_trailer(lname: bytes) -> bool:
-    return lname not in FORBIDDEN_TRAILERS and not lname.startswith(b"proxy-")
-
-
-def framing_exceeds(raw: int, data: int, chunks: int, max_head: int) -> bool:
-    """Whether `raw` bytes read of a chunked body holding `data` bytes of data in `chunks` chunks carry more
-    besides than chunk framing (CHUNK_FRAMING a chunk) and trailers or chunk extensions within the header limit.
-    httptools gathers a trailer field or an extension across reads by concatenation before any callback sees it,
-    so only this count can stop one that never ends. The limit is twice the header limit plus a line: the raw count
-    also holds the end of the head that arrived in the same reads."""
-    return raw - data - CHUNK_FRAMING * chunks > 2 * max_head + MAX_LINE
-
-
 # Response headers the gateway drops or rewrites. Value: what on_header does with them.
 _DROP, _CONNECTION, _TRANSFER_ENCODING, _CONTENT_LENGTH = 1, 2, 3, 4
 _RESPONSE_SPECIAL = {
@@ -178,7 +173,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set in connection_made
         self.parser = HttpResponseParser(self)
-        self.exchange: Exchange | None = None
+        self.exchange: ResponseSink | None = None
         self.closed = False
         self.idle_since = 0.0
         self.reason = b""
@@ -250,7 +245,7 @@ class UpstreamProtocol(asyncio.Protocol):
                 self.count_raw(exchange, len(data))
             exchange.after_upstream_data(self)
 
-    def count_raw(self, exchange: Exchange, size: int) -> None:
+    def count_raw(self, exchange: ResponseSink, size: int) -> None:
         """Bound the parts of a response that httptools gathers across reads by concatenation before any callback
         sees them: a head line, a trailer field, a chunk extension. Each may take the header limit (twice: this
         count also holds body bytes of the same reads that it cannot tell apart)."""
@@ -262,7 +257,7 @@ class UpstreamProtocol(asyncio.Protocol):
         elif framing_exceeds(self.raw, exchange.bytes_out, self.chunks, max_head):
             self.fail(exchange, f"upstream response trailers exceed {max_head} bytes")
 
-    def fail(self, exchange: Exchange, reason: str) -> None:
+    def fail(self, exchange: ResponseSink, reason: str) -> None:
         """The response cannot be relayed: drop this connection; the exchange answers 502 or aborts."""
         self.exchange = None
         self.transport.abort()
@@ -350,20 +345,3 @@ class UpstreamProtocol(asyncio.Protocol):
                 if len(self.headers) > self.head_fields:
                     self.take_trailers(exchange.downstream.max_head, exchange.downstream.max_headers)
             exchange.on_response_complete(self)
-
-
-def connection_options(value: bytes) -> list[bytes]:
-    """The header names a Connection header declares hop-by-hop (besides close, keep-alive and upgrade)."""
-    if value in _PLAIN_CONNECTION:
-        return []
-    tokens = (token.strip().lower() for token in value.split(b","))
-    return [token for token in tokens if token not in _NEVER_HOP_BY_HOP]
-
-
-def drop_headers(parts: list[bytes], names: list[bytes]) -> list[bytes]:
-    """Drop the headers a Connection header names (hop-by-hop by declaration)."""
-    kept: list[bytes] = []
-    for i in range(0, len(parts), 4):
-        if parts[i].lower() not in names:
-            kept += parts[i : i + 4]
-    return kept

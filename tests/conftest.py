@@ -77,7 +77,7 @@ class Gateway:
     def __init__(self, config_path: Path, args: list[str]) -> None:
         self.config_path = config_path
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dashboard.cli", "gateway", "--config", str(config_path), *args],
+            [sys.executable, "-m", "meshgate.cli", "gateway", "--config", str(config_path), *args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

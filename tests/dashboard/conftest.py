@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dashboard.store import Store, open_store
+from dashboard.store import open_store
+from dashboard.store.model import Store
 from tests.dashboard.dashboards import Dashboard, running
 from tests.etcd import EtcdServer
 

@@ -18,13 +18,14 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 
+from dashboard.api.auth import new_token
 from dashboard.app import create_app
-from dashboard.auth import new_token
+from dashboard.guard import GuardedHttpProtocol
 from dashboard.identity import MeshCA
-from dashboard.protocol import GuardedHttpProtocol
 from dashboard.serve import DashboardServer, _bind
 from dashboard.settings import Settings
-from dashboard.store import Revision, Store, open_store
+from dashboard.store import open_store
+from dashboard.store.model import Revision, Store
 from gateway.units import Address
 from tests.conftest import wait_for
 

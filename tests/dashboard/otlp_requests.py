@@ -54,7 +54,7 @@ def hop_span(
     retries: int = 0,
     error: str | None = None,
 ) -> Span:
-    """A span as a gateway exports a hop (gateway/otlp.py: the same names and attributes)."""
+    """A span as a gateway exports a hop (gateway/exporter.py: the same names and attributes)."""
     start_ns = int((time.time() if start is None else start) * 1e9)
     attributes = [
         attr("http.request.method", "GET"),

@@ -17,9 +17,9 @@ from typing import Any, cast
 import httpx
 import pytest
 
+from dashboard.api.bodies import DRAIN_TIME
 from dashboard.attempts import FAILURE_BURST, FAILURE_REFILL
-from dashboard.bodies import DRAIN_TIME
-from dashboard.store import AuditEntry, Store
+from dashboard.store.model import AuditEntry, Store
 from tests.conftest import raw_request
 from tests.dashboard.dashboards import Dashboard, mesh, running
 

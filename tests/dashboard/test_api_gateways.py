@@ -15,8 +15,8 @@ import httpx
 import pytest
 from cryptography import x509
 
-from dashboard.heartbeats import MAX_HEARTBEAT, MAX_STATS_ENTRIES
-from dashboard.store import GatewayRecord, Store
+from dashboard.api.heartbeats import MAX_HEARTBEAT, MAX_STATS_ENTRIES
+from dashboard.store.model import GatewayRecord, Store
 from gateway import tls
 from tests.conftest import wait_for
 from tests.dashboard.dashboards import Dashboard, running

@@ -13,10 +13,12 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from starlette.requests import Request
 
+from dashboard.api.auth import GATEWAY, READ, WRITE, Auth, BearerTokens, Principal, TokenError, digest, new_token
 from dashboard.attempts import FailedAttempts, client_key
-from dashboard.auth import GATEWAY, READ, WRITE, Auth, BearerTokens, Principal, TokenError, digest, new_token
 from dashboard.errors import ApiError
-from dashboard.store import SQLiteStore, Store, open_store
+from dashboard.store import open_store
+from dashboard.store.model import Store
+from dashboard.store.sqlite import SQLiteStore
 from tests.conftest import FakeClock
 
 pytestmark = pytest.mark.anyio

@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dashboard.etcd import EtcdStore
-from dashboard.store import GatewayRecord, StoreError, VersionConflict, open_store
+from dashboard.store import open_store
+from dashboard.store.etcd import EtcdStore
+from dashboard.store.model import GatewayRecord, StoreError, VersionConflict
 from gateway.etcd import b64, key_of, prefix_end
 from tests.conftest import wait_until
 from tests.dashboard.test_store import mesh

@@ -16,9 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dashboard.prometheus import PrometheusSignals
-from dashboard.stats import SignalsError
-from dashboard.store import GatewayRecord, open_store
+from dashboard.signals.history import SignalsError
+from dashboard.signals.prometheus import PrometheusSignals
+from dashboard.store import open_store
+from dashboard.store.model import GatewayRecord
 from tests.conftest import Gateway, wait_for
 from tests.dashboard.dashboards import running
 from tests.e2e.test_prometheus import PROMETHEUS, Prometheus, free_port, start_prometheus  # noqa: F401 (fixture)

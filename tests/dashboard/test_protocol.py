@@ -1,4 +1,4 @@
-"""The dashboard's HTTP/1.1 limits (dashboard/protocol.py) on a real uvicorn socket: slow or endless heads and
+"""The dashboard's HTTP/1.1 limits (dashboard/guard.py) on a real uvicorn socket: slow or endless heads and
 stalled bodies are refused with 408 or 431 and the connection closed, instead of being held for ever."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dashboard.protocol import GuardedHttpProtocol
+from dashboard.guard import GuardedHttpProtocol
 from tests.conftest import raw_request
 from tests.dashboard.dashboards import Dashboard, running
 

@@ -17,12 +17,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from dashboard.api.auth import Auth, BearerTokens, new_token
 from dashboard.attempts import FAILURE_BURST, FAILURE_REFILL, FailedAttempts
-from dashboard.auth import Auth, BearerTokens, new_token
 from dashboard.errors import ApiError
 from dashboard.headers import SecurityHeaders
-from dashboard.sessions import COOKIE, SECURE_COOKIE, LoginError, Sessions, form_field
-from dashboard.store import Store, open_store
+from dashboard.store import open_store
+from dashboard.store.model import Store
+from dashboard.ui.sessions import COOKIE, SECURE_COOKIE, LoginError, Sessions, form_field
 from tests.conftest import FakeClock
 from tests.dashboard.dashboards import Dashboard
 

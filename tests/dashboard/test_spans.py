@@ -30,7 +30,8 @@ from google.protobuf import json_format  # type: ignore[import-untyped]
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 
-from dashboard.otlp import (
+from dashboard.settings import MAX_SPAN_BATCH
+from dashboard.spans.receiver import (
     DROPPED,
     JSON,
     MAX_REQUEST_BYTES,
@@ -41,9 +42,8 @@ from dashboard.otlp import (
     export_response,
     span_rows,
 )
-from dashboard.pagedata import hop_edge
-from dashboard.settings import MAX_SPAN_BATCH
-from dashboard.spans import DB_FILE, PRUNE_INTERVAL, SpanStore, TraceFilters, from_stored, row_size
+from dashboard.spans.store import DB_FILE, PRUNE_INTERVAL, SpanStore, TraceFilters, from_stored, row_size
+from dashboard.ui.pagedata import hop_edge
 from tests.conftest import wait_for
 from tests.dashboard.dashboards import Dashboard, routed_ipv4, running
 from tests.dashboard.otlp_requests import (

@@ -1,4 +1,5 @@
-"""The golden-signal arithmetic of `dashboard.stats`, on heartbeats built by hand with the gateway's own recorder.
+"""The golden-signal arithmetic of `dashboard.signals.history`,
+on heartbeats built by hand with the gateway's own recorder.
 
 Each heartbeat's `stats` is what a gateway sends: `gateway.telemetry.Metrics` records requests exactly as the hot
 path does, and `gateway.control.stats_json` encodes the snapshot, so the only hand-made parts are the times.
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dashboard.stats import (
+from dashboard.signals.history import (
     BOUNDS,
     FINE_FRAMES,
     MAX_POINTS,
@@ -23,7 +24,8 @@ from dashboard.stats import (
     histogram_quantile,
     parse_heartbeat,
 )
-from dashboard.store import GatewayRecord, Store, open_store
+from dashboard.store import open_store
+from dashboard.store.model import GatewayRecord, Store
 from gateway.control import stats_json
 from gateway.telemetry import BUCKETS, Metrics
 

@@ -18,17 +18,9 @@ from typing import Any
 import pytest
 
 from dashboard.datadir import sqlite_files
-from dashboard.store import (
-    _SCHEMA,
-    DB_FILE,
-    GatewayRecord,
-    SQLiteStore,
-    Store,
-    StoreError,
-    TokenRecord,
-    VersionConflict,
-    open_store,
-)
+from dashboard.store import open_store
+from dashboard.store.model import DB_FILE, GatewayRecord, Store, StoreError, TokenRecord, VersionConflict
+from dashboard.store.sqlite import _SCHEMA, SQLiteStore
 from gateway.config import ConfigError
 
 pytestmark = pytest.mark.anyio

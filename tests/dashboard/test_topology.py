@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from dashboard.mesh import Mesh
-from dashboard.stats import FIRST_BUCKET, REQUESTS, WIDTH, Key, Traffic, classify
-from dashboard.store import GatewayRecord
-from dashboard.topology import MIN_HEIGHT, MIN_WIDTH, Thresholds, build, canvas_size, layout, node_size
+from dashboard.signals.history import FIRST_BUCKET, REQUESTS, WIDTH, Key, Traffic, classify
+from dashboard.signals.topology import MIN_HEIGHT, MIN_WIDTH, Thresholds, build, canvas_size, layout, node_size
+from dashboard.store.model import GatewayRecord
 from tests.conftest import ROOT
 
 NOW = 10_000.0
@@ -238,7 +238,8 @@ def test_an_empty_mesh_has_an_empty_layout() -> None:
 def test_the_layout_does_not_depend_on_hashing() -> None:
     """Set and dict order varies with PYTHONHASHSEED between processes; the layout must not."""
     script = (
-        "import json; from tests.dashboard.test_topology import big_topology; from dashboard.topology import layout;"
+        "import json; from tests.dashboard.test_topology import big_topology;"
+        "from dashboard.signals.topology import layout;"
         "print(json.dumps(layout(big_topology(30)), sort_keys=True))"
     )
     answers = {

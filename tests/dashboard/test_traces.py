@@ -26,9 +26,9 @@ import httpx
 import pytest
 import yaml
 
-from dashboard.spans import DB_FILE, SpanStore, span_dict
-from dashboard.store import GatewayRecord
-from dashboard.traces import merge
+from dashboard.api.traces import merge
+from dashboard.spans.store import DB_FILE, SpanStore, span_dict
+from dashboard.store.model import GatewayRecord
 from tests.conftest import Gateway, listeners, wait_for
 from tests.dashboard.dashboards import Dashboard, running
 from tests.dashboard.jaeger_stub import JaegerStub, jaeger_span, jaeger_trace

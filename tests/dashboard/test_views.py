@@ -16,14 +16,14 @@ from typing import Any
 import httpx
 import pytest
 
-from dashboard import topology as topo
-from dashboard.charts import ARROW_ROOM, fmt, graph, line_chart, waterfall
 from dashboard.errors import ApiError
 from dashboard.mesh import Mesh
-from dashboard.spans import SpanStore
-from dashboard.stats import FIRST_BUCKET, REQUESTS, WIDTH, Traffic, classify
-from dashboard.store import GatewayRecord
-from dashboard.views import local_path, weights_from_form
+from dashboard.signals import topology as topo
+from dashboard.signals.history import FIRST_BUCKET, REQUESTS, WIDTH, Traffic, classify
+from dashboard.spans.store import SpanStore
+from dashboard.store.model import GatewayRecord
+from dashboard.ui.charts import ARROW_ROOM, fmt, graph, line_chart, waterfall
+from dashboard.ui.views import local_path, weights_from_form
 from tests.dashboard.dashboards import Dashboard, running
 from tests.dashboard.otlp_requests import app_span, export, hop_span, new_span_id, new_trace_id, post
 from tests.dashboard.test_sessions import login
@@ -400,7 +400,7 @@ def three_groups() -> dict[str, Any]:
 
 
 def requests(count: float, failed: float = 0.0, denied: float = 0.0) -> list[float]:
-    """Traffic counts (dashboard/stats.py's layout): `count` requests between 5 and 10 ms, some 5xx or denied."""
+    """Traffic counts (`history`'s layout): `count` requests between 5 and 10 ms, some 5xx or denied."""
     values = [0.0] * WIDTH
     classify(200, "v1", values, count - failed - denied)
     classify(503, "v1", values, failed)

@@ -1,7 +1,7 @@
 """Checking a deployment's command lines with the real CLI: each container's argv, run here with `--check`.
 
 A container runs `meshgate ...` or `python -m module ...`; `check_command` runs the same argv through this venv
-(`sys.executable -m dashboard.cli ...` / `sys.executable -m module ...`) with `--check` appended, after rewriting
+(`sys.executable -m meshgate.cli ...` / `sys.executable -m module ...`) with `--check` appended, after rewriting
 the container paths that fall under a mount to the host files the deployment mounts there. `--check` parses and
 validates the whole command line without serving, reaching the network or writing files: the run happens in an
 empty temporary directory that must still be empty afterwards.
@@ -57,7 +57,7 @@ def python_command(argv: Sequence[str]) -> list[str]:
         raise ValueError("an empty command")
     program = os.path.basename(argv[0])
     if program == "meshgate":
-        return [sys.executable, "-m", "dashboard.cli", *argv[1:]]
+        return [sys.executable, "-m", "meshgate.cli", *argv[1:]]
     if program in ("python", "python3") and len(argv) >= 3 and argv[1] == "-m":
         return [sys.executable, "-m", *argv[2:]]
     raise ValueError(f"not a meshgate or `python -m` command: {' '.join(argv)}")

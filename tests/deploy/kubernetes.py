@@ -265,7 +265,7 @@ def listeners(cluster: Cluster, pod: Pod, container: dict[str, Any]) -> dict[str
         found = {name: (address.host, address.port) for name in LISTENERS if (address := getattr(listen, name))}
     elif words[:2] == ["meshgate", "dashboard"]:
         found = {"https": host_port(flag_value(words, "--listen"))}
-    elif words[:3] == ["python", "-m", "dashboard.demoapps.shop"]:
+    elif words[:3] == ["python", "-m", "meshgate.demoapps.shop"]:
         found = {"http": (flag_value(words, "--host"), int(flag_value(words, "--port")))}
     return {name: address for name, address in found.items() if not is_loopback(address[0])}
 

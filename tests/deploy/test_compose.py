@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dashboard.auth import digest
+from dashboard.api.auth import digest
 from dashboard.mesh import Mesh
 from dashboard.store import open_store
 from gateway.config import Config, Listen
@@ -285,7 +285,7 @@ def check_apps(stack: Stack) -> None:
     with no other, and exports spans to Jaeger; mesh.yaml's DNS subsets name these app services and ports."""
     mesh = stack.mesh()
     gateways = stack.gateways()
-    apps = stack.named("python", "-m", "dashboard.demoapps.shop")
+    apps = stack.named("python", "-m", "meshgate.demoapps.shop")
     for app in apps:
         command = stack.command(app)
         service = command[3]
@@ -311,7 +311,7 @@ def check_apps(stack: Stack) -> None:
             assert stack.networks(app) & stack.networks(gateway), f"{gateway} cannot resolve or reach {app}"
             discovered.add(app)
     assert discovered == set(apps), "every app is in the mesh"
-    traffic = stack.command(stack.the("python", "-m", "dashboard.demoapps.traffic"))
+    traffic = stack.command(stack.the("python", "-m", "meshgate.demoapps.traffic"))
     edge = stack.gateway_listen(gateways["shop"]).edge
     assert edge is not None and url_host_port(flag_value(traffic, "--url")) == (gateways["shop"], edge.port)
     assert stack.networks("traffic") & stack.networks(gateways["shop"])
@@ -346,7 +346,7 @@ def check_ports(stack: Stack) -> None:
     for gateway in stack.gateways().values():
         listen = stack.gateway_listen(gateway)
         listening[gateway] = {a.port for a in (listen.inbound, listen.edge, listen.outbound, listen.metrics) if a}
-    for app in stack.named("python", "-m", "dashboard.demoapps.shop"):
+    for app in stack.named("python", "-m", "meshgate.demoapps.shop"):
         listening[app] = {int(flag_value(stack.command(app), "--port"))}
     for name, service in stack.services.items():
         for published in service.get("ports") or ():

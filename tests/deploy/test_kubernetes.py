@@ -37,11 +37,11 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from dashboard.demo import APPS, Ports, mesh_document
 from dashboard.mesh import Mesh
 from dashboard.settings import PROMETHEUS_SCRAPE_INTERVAL
 from gateway.config import ConfigError
 from gateway.units import is_wildcard, parse_duration
+from meshgate.demo import APPS, Ports, mesh_document
 from tests.deploy.commands import check_command, flag_value, flag_values, host_port
 from tests.deploy.kubernetes import (
     CLUSTER_DOMAIN,
@@ -578,7 +578,7 @@ def test_the_shop_is_the_demo_shop() -> None:
         for service in document["services"].values():
             service.pop("subsets")
     assert mesh == demo
-    apps = {pod.name: words for pod, _, words in loaded().programs("python", "-m", "dashboard.demoapps.shop")}
+    apps = {pod.name: words for pod, _, words in loaded().programs("python", "-m", "meshgate.demoapps.shop")}
     assert {app.name for app in APPS} == set(apps)
     for app in APPS:
         words = apps[app.name]

@@ -36,7 +36,7 @@ class Dashboard:
         ready = threading.Event()
         listen = "127.0.0.1:0" if not self.url else self.url.split("://", 1)[1]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dashboard.cli", "dashboard", "--listen", listen, "--data", str(self.data)]
+            [sys.executable, "-m", "meshgate.cli", "dashboard", "--listen", listen, "--data", str(self.data)]
             + list(self.args),
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -77,7 +77,7 @@ class Dashboard:
         if "--store" in self.args:
             args += ["--store", self.args[self.args.index("--store") + 1]]
         done = subprocess.run(
-            [sys.executable, "-m", "dashboard.cli", "dashboard", "token", "create", "--data", str(self.data), *args],
+            [sys.executable, "-m", "meshgate.cli", "dashboard", "token", "create", "--data", str(self.data), *args],
             cwd=ROOT,
             capture_output=True,
             text=True,

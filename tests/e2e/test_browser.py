@@ -22,9 +22,9 @@ import pytest
 import yaml
 from playwright.sync_api import Browser, Page, ViewportSize, sync_playwright
 
-from dashboard.charts import graph
-from dashboard.topology import Thresholds
-from dashboard.views import environment
+from dashboard.signals.topology import Thresholds
+from dashboard.ui.charts import graph
+from dashboard.ui.views import environment
 from tests.conftest import ROOT, Gateway, wait_for
 from tests.dashboard.test_views import thirty_services
 from tests.e2e.mesh import Dashboard, joined_gateway, wait_ready

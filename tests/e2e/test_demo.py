@@ -22,7 +22,7 @@ import httpx
 import psutil
 import pytest
 
-from dashboard.demo import Ports, first_busy
+from meshgate.demo import Ports, first_busy
 from tests.conftest import ROOT, wait_for
 
 BLOCK_TIMEOUT = 40.0  # seconds from the command to its printed block
@@ -52,7 +52,7 @@ class DemoRun:
 
     def __post_init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dashboard.cli", "demo", *self.args],
+            [sys.executable, "-m", "meshgate.cli", "demo", *self.args],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -226,7 +226,7 @@ def test_a_port_in_use_is_named_with_a_way_out_and_nothing_starts(start_demo: An
         taken.bind(("127.0.0.1", base + 80))
         taken.listen()
         done = subprocess.run(
-            [sys.executable, "-m", "dashboard.cli", "demo", "--port-base", str(base), "--duration", "5s"],
+            [sys.executable, "-m", "meshgate.cli", "demo", "--port-base", str(base), "--duration", "5s"],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -182,7 +182,7 @@ class Register:
     def __init__(self, etcd: str, address: str, *args: str) -> None:
         command = ["register", "--etcd", etcd, "--prefix", PREFIX, "--address", address, *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dashboard.cli", *command],
+            [sys.executable, "-m", "meshgate.cli", *command],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -239,7 +239,7 @@ def test_register_refuses_with_one_line(args: list[str], status: int, message: s
     (dead,) = free_ports(1)
     command = [arg.format(dead=dead) for arg in args]
     done = subprocess.run(
-        [sys.executable, "-m", "dashboard.cli", "register", "--prefix", PREFIX, "--address", "10.0.0.5:8080", *command],
+        [sys.executable, "-m", "meshgate.cli", "register", "--prefix", PREFIX, "--address", "10.0.0.5:8080", *command],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -54,7 +54,7 @@ def test_a_gateway_joins_an_https_dashboard_pinned_by_ca_hash(https_dashboard: D
 
 def meshgate(*args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "dashboard.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "meshgate.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -163,7 +163,7 @@ def test_the_command_line_refuses_plaintext_or_unpinned_control_beyond_loopback(
     url: str, extra: list[str], reason: str
 ) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "dashboard.cli", "gateway", "--control", url, "--group", "shop", "--token", "t", *extra],
+        [sys.executable, "-m", "meshgate.cli", "gateway", "--control", url, "--group", "shop", "--token", "t", *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -513,7 +513,7 @@ def test_wheel_carries_every_module(tmp_path: Path) -> None:
         for path in (source / package).rglob("*")
         if path.is_file()
     }
-    assert "gateway/server.py" in expected and "dashboard/cli.py" in expected
+    assert "gateway/server.py" in expected and "meshgate/cli.py" in expected
     assert expected - names == set()
     # Top-level static/ and templates/ are mapped into the package data: each file is in the wheel somewhere.
     for directory in ("static", "templates"):
@@ -523,4 +523,4 @@ def test_wheel_carries_every_module(tmp_path: Path) -> None:
                 assert any(name.endswith(relative) for name in names), relative
     entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
-        assert "meshgate = dashboard.cli:main" in archive.read(entry_points).decode()
+        assert "meshgate = meshgate.cli:main" in archive.read(entry_points).decode()

@@ -477,7 +477,7 @@ def flood(gw: Gateway, total: int, connections: int = 16, pipeline: int = 10) ->
 def test_slow_collector_drops_and_counts_spans_without_delaying_requests(
     start_gateway: StartGateway, start_upstream: StartUpstream, start_collector: StartCollector
 ) -> None:
-    from gateway.otlp import MAX_QUEUED  # the exporter's bound: more sampled spans than this must be dropped
+    from gateway.exporter import MAX_QUEUED  # the exporter's bound: more sampled spans than this must be dropped
 
     slow = start_collector(delay=3.0)
     upstream = start_upstream("v1")
@@ -666,7 +666,7 @@ def test_hung_collector_does_not_hold_up_shutdown(
     start_gateway: StartGateway, start_upstream: StartUpstream, start_collector: StartCollector
 ) -> None:
     """SIGTERM with `--drain-timeout 1s` while the collector accepts exports but never answers them."""
-    from gateway.otlp import TIMEOUT  # one export's timeout: the most a last flush may add to the drain
+    from gateway.exporter import TIMEOUT  # one export's timeout: the most a last flush may add to the drain
 
     hung = start_collector(delay=600.0)  # answers only when the test stops it
     upstream = start_upstream("v1")

@@ -35,7 +35,8 @@ import h11
 
 from gateway.config import Config
 from gateway.proxy import DownstreamProtocol, Listener
-from gateway.server import Runtime, data_listener
+from gateway.runtime import Runtime
+from gateway.server import data_listener
 from gateway.units import Address
 from gateway.upstream import Pool, UpstreamProtocol
 

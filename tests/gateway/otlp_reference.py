@@ -1,4 +1,4 @@
-"""The reference OTLP encoder: the gateway's encoder before `gateway.otlp.SpanEncoder`, kept verbatim.
+"""The reference OTLP encoder: the gateway's encoder before `gateway.exporter.SpanEncoder`, kept verbatim.
 
 It fills each hop into the official `opentelemetry-proto` message classes (~17 µs a span). The tests decode the
 SpanEncoder's bytes with the official classes and require exactly the message this builds from the same hops.
@@ -13,7 +13,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from gateway.tracing import HOP
+from gateway.hops import HOP
 
 Constants = dict[tuple[Any, ...], bytes]
 

@@ -4,7 +4,7 @@ import json
 from datetime import datetime
 
 from gateway.accesslog import line_of
-from gateway.tracing import hop_to_dict
+from gateway.hops import hop_to_dict
 
 START = 1795677880.4304104
 HOP = (

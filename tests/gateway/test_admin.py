@@ -10,8 +10,9 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admin import OPENMETRICS, PROMETHEUS, AdminState, admin_handler, wants_openmetrics
+from gateway.admin import OPENMETRICS, PROMETHEUS, admin_handler, wants_openmetrics
 from gateway.config import Config
+from gateway.runtime import AdminState
 from gateway.telemetry import merge
 
 HELLO = ("destination", "unknown", "hello", "v1", "default")

@@ -43,7 +43,7 @@ def meshgate(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) ->
     if env is not None:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("MESHGATE_")}, **env}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dashboard.cli", "gateway", *args],
+        [sys.executable, "-m", "meshgate.cli", "gateway", *args],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,

@@ -16,7 +16,7 @@ from typing import Any, cast
 import pytest
 
 from dashboard.identity import MeshCA
-from dashboard.store import Revision, Store
+from dashboard.store.model import Revision, Store
 from gateway import tls
 from gateway.config import Config, ConfigError
 from gateway.control import (
@@ -31,7 +31,7 @@ from gateway.control import (
     outage_backoff,
     stats_json,
 )
-from gateway.server import Peers, Runtime
+from gateway.runtime import Peers, Runtime
 from gateway.telemetry import merge
 from gateway.units import Address, Backoff
 from tests.conftest import FakeClock, wait_until

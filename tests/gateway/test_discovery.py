@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from gateway.admin import AdminState, admin_handler
+from gateway.admin import admin_handler
 from gateway.config import Config
 from gateway.discovery import Discovery
 from gateway.etcd import EtcdClient, b64
 from gateway.register import register
-from gateway.server import Peers
+from gateway.runtime import AdminState, Peers
 from gateway.telemetry import merge
 from gateway.units import Address
 from tests.dns import StartDns

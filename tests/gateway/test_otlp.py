@@ -25,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from gateway.control import JoinSettings, mesh_config
-from gateway.otlp import MAX_QUEUED, Exporter, SpanEncoder
+from gateway.exporter import MAX_QUEUED, Exporter, SpanEncoder
 from gateway.telemetry import Metrics
 from tests.gateway import otlp_reference
 from tests.gateway.test_tracing import make_hop

@@ -21,7 +21,8 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from gateway.telemetry import BUCKETS, SERIES_LABELS, Metrics, Series, Snapshot, SnapshotCollector, merge, snapshot
+from gateway.runtime import snapshot
+from gateway.telemetry import BUCKETS, SERIES_LABELS, Metrics, Series, Snapshot, SnapshotCollector, merge
 
 # DESIGN.md, Contracts.
 CONTRACT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

@@ -16,21 +16,8 @@ from typing import Any
 
 import pytest
 
-from gateway.tracing import (
-    B3_MULTI,
-    B3_SINGLE,
-    HOP,
-    HOP_FIELDS,
-    JAEGER,
-    W3C,
-    HopRing,
-    TraceContext,
-    extract,
-    hop_to_dict,
-    inject,
-    new_trace,
-    response_flags,
-)
+from gateway.hops import HOP, HOP_FIELDS, HopRing, hop_to_dict, response_flags
+from gateway.propagation import B3_MULTI, B3_SINGLE, JAEGER, W3C, TraceContext, extract, inject, new_trace
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"

@@ -1,0 +1,217 @@
+"""The dashboard's own metrics, on the registry it is given.
+
+- `meshgate_dashboard_request_duration_seconds{route,method,code}`: API latency by route template and status.
+- `meshgate_dashboard_store_duration_seconds{operation}`: store call latency (`TimedStore` wraps the store).
+- `meshgate_dashboard_sync_watchers`: gateways waiting in a /sync long-poll.
+- `meshgate_dashboard_auth_failures_total{via,answer}`: unknown or malformed bearer tokens (`via="token"`) and
+  failed logins (`via="login"`), answered 401, or 429 once the client's address is over its budget
+  (`dashboard.attempts`).
+- `meshgate_dashboard_config_version`, `meshgate_dashboard_tokens{role}`, `meshgate_dashboard_gateways{state}`:
+  read from the store when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dashboard.store.model import MAX_GATEWAYS_PER_GROUP, ROLES, AuditEntry, GatewayRecord, Revision, Store, TokenRecord
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class DashboardMetrics:
+    """The dashboard's metric families, registered once on `registry`.
+
+    >>> metrics = DashboardMetrics(CollectorRegistry())
+    >>> metrics.requests.labels("/api/v1/services", "GET", "200").observe(0.002)
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Histogram(
+            "meshgate_dashboard_request_duration_seconds",
+            "Dashboard HTTP request latency by route template, method and status code",
+            ["route", "method", "code"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.store = Histogram(
+            "meshgate_dashboard_store_duration_seconds",
+            "Latency of calls to the config store",
+            ["operation"],
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.watchers = Gauge(
+            "meshgate_dashboard_sync_watchers", "Gateways waiting in a /sync long-poll", registry=registry
+        )
+        self.auth_failures = Counter(
+            "meshgate_dashboard_auth_failures",
+            "Unknown or malformed bearer tokens and failed logins, by answer (401, or 429 over the address's budget)",
+            ["via", "answer"],
+            registry=registry,
+        )
+        for via in ("token", "login"):  # every series from the first scrape, so rate() sees the first failure
+            for answer in ("401", "429"):
+                self.auth_failures.labels(via, answer)
+        self.config_version = Gauge(
+            "meshgate_dashboard_config_version", "The current config version", registry=registry
+        )
+        self.tokens = Gauge("meshgate_dashboard_tokens", "API tokens by role", ["role"], registry=registry)
+        self.gateways = Gauge(
+            "meshgate_dashboard_gateways", "Gateways known from heartbeats, live or stale", ["state"], registry=registry
+        )
+
+
+class RequestMetrics:
+    """ASGI middleware: observes each request's latency under its route template (never the raw path)."""
+
+    def __init__(self, app: ASGIApp, metrics: DashboardMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = template(scope.get("route"))
+            self.metrics.requests.labels(route, scope["method"], str(status)).observe(time.perf_counter() - start)
+
+
+def template(route: BaseRoute | None) -> str:
+    return route.path if isinstance(route, Route) else "unmatched"
+
+
+class TimedStore:
+    """A `Store` that observes the latency of every call except the long wait for a change."""
+
+    def __init__(self, store: Store, metrics: DashboardMetrics) -> None:
+        self.inner = store
+        self.histogram = metrics.store
+
+    @asynccontextmanager
+    async def _timed(self, operation: str) -> AsyncIterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.histogram.labels(operation).observe(time.perf_counter() - start)
+
+    async def current(self) -> Revision:
+        async with self._timed("current"):
+            return await self.inner.current()
+
+    async def get(self, version: int) -> Revision | None:
+        async with self._timed("get"):
+            return await self.inner.get(version)
+
+    async def history(self, limit: int = 50, before: int | None = None) -> list[Revision]:
+        async with self._timed("history"):
+            return await self.inner.history(limit, before)
+
+    async def commit(
+        self,
+        mesh: Mapping[str, Any],
+        *,
+        author: str,
+        reason: str,
+        action: str,
+        target: str,
+        expect_version: int | None = None,
+    ) -> Revision:
+        async with self._timed("commit"):
+            return await self.inner.commit(
+                mesh, author=author, reason=reason, action=action, target=target, expect_version=expect_version
+            )
+
+    async def audit(self, limit: int = 100, before: int | None = None) -> list[AuditEntry]:
+        async with self._timed("audit"):
+            return await self.inner.audit(limit, before)
+
+    async def record_audit(
+        self, *, who: str, action: str, target: str, before: object, after: object, reason: str
+    ) -> AuditEntry:
+        async with self._timed("record_audit"):
+            return await self.inner.record_audit(
+                who=who, action=action, target=target, before=before, after=after, reason=reason
+            )
+
+    async def wait_for_change(self, after_version: int, timeout: float) -> Revision | None:
+        return await self.inner.wait_for_change(after_version, timeout)
+
+    async def add_token(self, record: TokenRecord) -> None:
+        async with self._timed("add_token"):
+            await self.inner.add_token(record)
+
+    async def find_token(self, digest: str) -> TokenRecord | None:
+        async with self._timed("find_token"):
+            return await self.inner.find_token(digest)
+
+    async def tokens(self) -> list[TokenRecord]:
+        async with self._timed("tokens"):
+            return await self.inner.tokens()
+
+    async def put_gateway(self, record: GatewayRecord, max_per_group: int = MAX_GATEWAYS_PER_GROUP) -> None:
+        async with self._timed("put_gateway"):
+            await self.inner.put_gateway(record, max_per_group)
+
+    async def gateways(self, stats: bool = False) -> list[GatewayRecord]:
+        async with self._timed("gateways"):
+            return await self.inner.gateways(stats)
+
+    async def forget_gateways(self, before: float) -> int:
+        async with self._timed("forget_gateways"):
+            return await self.inner.forget_gateways(before)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class MetricsEndpoint:
+    """`GET /metrics`: Prometheus text. Counts that live in the store are read at scrape time, not kept in sync."""
+
+    def __init__(self, metrics: DashboardMetrics, store: Store, stale_after: float) -> None:
+        self.metrics = metrics
+        self.store = store
+        self.stale_after = stale_after
+
+    async def endpoint(self, request: Request) -> Response:
+        """---
+        summary: The dashboard's own metrics (Prometheus text; no token needed, as for the gateways' /metrics)
+        tags: [meta]
+        security: []
+        responses:
+          "200": {description: Prometheus text exposition}
+        """
+        current = await self.store.current()
+        tokens = await self.store.tokens()
+        gateways = await self.store.gateways()
+        now = time.time()
+        self.metrics.config_version.set(current.version)
+        for role in ROLES:
+            self.metrics.tokens.labels(role).set(sum(token.role == role for token in tokens))
+        stale = sum(now - record.seen > self.stale_after for record in gateways)
+        self.metrics.gateways.labels("live").set(len(gateways) - stale)
+        self.metrics.gateways.labels("stale").set(stale)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,8 @@
+"""Golden signals over time: what the topology, the service pages and `/api/v1/signals` show.
+
+- `history`: the embedded history of the gateways' heartbeats (rates, errors, latency histograms, saturation),
+  and the `Signals` protocol both sources answer.
+- `prometheus`: the same answers read from Prometheus (`--prometheus URL`).
+- `topology`: the service graph built from the mesh, the traffic and the heartbeats, and its layout.
+- `api`: the JSON API over them (`/api/v1/topology`, `/api/v1/signals`).
+"""

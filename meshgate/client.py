@@ -1,0 +1,159 @@
+"""`meshgate apply FILE` and `meshgate get services|gateways|history`: the operator API from a terminal
+(arguments in `meshgate.cli`).
+
+The server and token come from `--server` and `--token-file` (or `--token`, which `ps` shows to every local user),
+or `MESHGATE_SERVER` and `MESHGATE_TOKEN`. A mesh file is validated locally first, so its errors name the file, the
+field and the value. Exit status: 0 done, 1 the dashboard could not be reached or refused the token, 2 bad input
+(the file, the arguments, or a 4xx about them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from dashboard.mesh import Mesh
+from gateway.config import ConfigError
+
+TIMEOUT = 30.0
+BAD_INPUT = frozenset({400, 404, 409, 413, 422})
+
+
+class CommandError(Exception):
+    """A failure to report on one line, with the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _client(args: argparse.Namespace) -> httpx.Client:
+    server: str = args.server  # the option's default is MESHGATE_SERVER's, else the local dashboard's
+    if args.token and args.token_file:
+        raise CommandError("--token-file: give the token once, not also with --token", 2)
+    token = args.token or (_read_token(args.token_file) if args.token_file else os.environ.get("MESHGATE_TOKEN"))
+    if not token:
+        raise CommandError("no token: pass --token-file FILE or --token, or set MESHGATE_TOKEN", 2)
+    if not server.startswith(("http://", "https://")):
+        raise CommandError(f"--server: expected an http:// or https:// URL, got {server!r}", 2)
+    return httpx.Client(base_url=server.rstrip("/"), headers={"authorization": f"Bearer {token}"}, timeout=TIMEOUT)
+
+
+def _read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            token = file.read().strip()
+    except OSError as err:
+        raise CommandError(f"--token-file {path}: {err.strerror or err}", 2) from None
+    if not token:
+        raise CommandError(f"--token-file {path}: the file is empty", 2)
+    return token
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
+    try:
+        answer = client.request(method, path, **kwargs)
+    except httpx.HTTPError as err:
+        raise CommandError(f"cannot reach the dashboard at {client.base_url}: {err or type(err).__name__}", 1) from None
+    if answer.status_code >= 400:
+        try:
+            reason = str(answer.json()["error"])
+        except (ValueError, KeyError, TypeError):
+            reason = f"HTTP {answer.status_code}"
+        status = 2 if answer.status_code in BAD_INPUT else 1
+        raise CommandError(f"{client.base_url}: {answer.status_code} {reason}", status)
+    return answer.json()
+
+
+def _command(body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return body(args)
+        except CommandError as err:
+            print(f"meshgate: {err}", file=sys.stderr)
+            return err.status
+
+    return run
+
+
+@_command
+def run_apply(args: argparse.Namespace) -> int:
+    try:
+        mesh = Mesh.load(args.file)
+    except ConfigError as err:
+        raise CommandError(str(err), 2) from None
+    reason = args.reason or f"meshgate apply {os.path.basename(args.file)}"
+    with _client(args) as client:
+        answer = _call(client, "PUT", "/api/v1/config", json={"mesh": mesh.to_dict(), "reason": reason})
+    if answer.get("changed"):
+        print(f"{args.file}: applied as config version {answer['version']}")
+    else:
+        print(f"{args.file}: no changes (config version {answer['version']})")
+    return 0
+
+
+@_command
+def run_get(args: argparse.Namespace) -> int:
+    path = {"services": "/api/v1/services", "gateways": "/api/v1/gateways", "history": "/api/v1/config/history"}
+    params = {"limit": str(args.limit)} if args.what == "history" else {}
+    with _client(args) as client:
+        answer = _call(client, "GET", path[args.what], params=params)
+    if args.output == "json":
+        print(json.dumps(answer, indent=2, ensure_ascii=False))
+        return 0
+    if args.what == "services":
+        rows = _services(answer)
+    else:
+        rows = _gateways(answer) if args.what == "gateways" else _history(answer)
+    print(_table(rows))
+    return 0
+
+
+def _services(answer: dict[str, Any]) -> list[list[str]]:
+    rows = [["NAME", "GROUP", "WEIGHTS", "ENDPOINTS"]]
+    for service in answer["services"]:
+        weights = " ".join(f"{subset}={weight}" for subset, weight in service["weights"].items())
+        endpoints = " ".join(f"{subset}:{','.join(items) or '-'}" for subset, items in service["subsets"].items())
+        rows.append([service["name"], service["group"], weights, endpoints])
+    return rows
+
+
+def _gateways(answer: list[dict[str, Any]]) -> list[list[str]]:
+    rows = [["GROUP", "INSTANCE", "VERSION", "CONFIG", "IN-SYNC", "STATE", "LAST-HEARTBEAT", "ADVERTISE"]]
+    for gateway in answer:
+        rows.append(
+            [
+                gateway["group"],
+                gateway["instance"][:8],
+                str(gateway.get("meshgate_version") or "-"),
+                str(gateway.get("config_version")),
+                "yes" if gateway["in_sync"] else "no",
+                "stale" if gateway["stale"] else "live",
+                f"{max(0.0, time.time() - gateway['last_heartbeat']):.0f}s ago",
+                gateway.get("advertise") or "-",
+            ]
+        )
+    return rows
+
+
+def _history(answer: list[dict[str, Any]]) -> list[list[str]]:
+    rows = [["VERSION", "TIME", "AUTHOR", "REASON", "CHANGES"]]
+    for revision in answer:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(revision["time"]))
+        diff = revision["diff"]
+        changes = "; ".join(diff[:3]) + (f"; +{len(diff) - 3} more" if len(diff) > 3 else "")
+        rows.append([str(revision["version"]), when, revision["author"], revision["reason"] or "-", changes or "-"])
+    return rows
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
