@@ -1,13 +1,20 @@
 """meshgate's data plane: the gateway, an HTTP/1.1 reverse proxy at the edge of each service group.
 
-Pieces and how a request flows through them:
-- `config`: the YAML model, parsed once into frozen dataclasses (`Config.load`).
-- `routing`: an immutable `RouteTable` snapshot built from a config: authority -> service -> route -> subset.
-- `balancer`: endpoint state (latency, ejection, health) and the picking policies.
-- `proxy`: the client side of each connection and the per-request `Exchange` (the hot path).
-- `upstream`: keep-alive pools and the response side.
-- `server`: listeners, the per-process `Runtime`, reload and drain; `supervisor` runs N worker processes.
-- `admin`, `health`, `errors`: admin endpoints, active health checks, and failures mapped to responses.
-- `control`, `tls`: joining a mesh (identity, config watch, heartbeats) and the mesh's mTLS contexts.
-- `cli`: `meshgate gateway`.
+Bottom to top (docs/architecture.md; pyproject.toml [tool.importlinter] enforces it, type-only imports included):
+- `units`, `propagation`: config values (addresses, durations, sizes), small shared helpers; trace context headers
+  and request IDs.
+- `config`, `errors`, `hops`, `http1`, `telemetry`, `deadlines`, `tls`, `etcd`: the YAML model (`Config.load`),
+  failures mapped to responses, hop records and their ring, HTTP/1.1 framing rules both sides share, the golden
+  signals, the timer wheel, the mesh's mTLS contexts, a small etcd v3 client.
+- `upstream`, `balancer`, `routing`: keep-alive pools and upstream connections; endpoints and picking policies; the
+  immutable `RouteTable` (authority -> service -> route -> subset).
+- `health`, `accesslog`, `exporter`: active health checks, the access log, OTLP span export.
+- `runtime`: the state one serving process keeps (`Runtime`, `AdminState`, `Peers`).
+- `exchange`, `admin`: one request through the mesh (the hot path); the admin endpoints.
+- `proxy`: one client connection: parsing, pipelining, timeouts, back-pressure.
+- `sources`, `control`, `discovery`: where config comes from: a file, the control server; endpoints from DNS/etcd.
+- `server`, `supervisor`, `cli`, `register`: one process, N workers, `meshgate gateway`, `meshgate register`.
+
+A lower layer talks upward only through Protocols or callables it defines (`runtime.Connection`,
+`upstream.ResponseSink`, `exchange.Downstream`).
 """

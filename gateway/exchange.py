@@ -33,8 +33,10 @@ from gateway.errors import (
     reason_phrase,
 )
 from gateway.exporter import SLOW
-from gateway.http1 import drop_headers
+from gateway.hops import hop_record
+from gateway.http1 import drop_headers, request_head
 from gateway.propagation import TraceContext, extract, inject, new_request_id, new_trace
+from gateway.routing import BUDGET_EXHAUSTED, RETRY
 from gateway.runtime import LocalHandler, Runtime
 from gateway.upstream import Pool, UpstreamProtocol
 
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 
 REPLAY_LIMIT = 64 * 1024  # request bodies up to this size are kept so an idempotent request can be retried
 BUFFER_LIMIT = 64 * 1024  # body bytes held while the upstream connection is being opened
-IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
 
 # Reasons a client connection's reading is paused; reading resumes when none is left.
 PAUSE_PEER, PAUSE_QUEUE, PAUSE_BUFFER, PAUSE_UPGRADE = 1, 2, 4, 8
@@ -293,26 +294,12 @@ class Exchange:
         trusted = downstream.trusted
         proto = self.forwarded_proto if trusted and self.forwarded_proto else downstream.listener.scheme
         forwarded_host = self.forwarded_host if trusted and self.forwarded_host else self.host
-        parts = [self.method, b" ", self.url, b" HTTP/1.1\r\nhost: ", self.host, b"\r\n"]
-        parts += self.headers
-        parts += (
-            b"x-forwarded-for: ",
-            forwarded_for,
-            b"\r\nx-forwarded-proto: ",
-            proto,
-            b"\r\nx-forwarded-host: ",
-            forwarded_host,
-            b"\r\nx-request-id: ",
-            self.request_id,
-            b"\r\n",
-        )
-        if self.chunked:
-            parts.append(b"transfer-encoding: chunked\r\n")  # we re-frame the chunks
-        if self.upgrade:
-            parts += (b"connection: upgrade\r\nupgrade: ", self.upgrade, b"\r\n")
         assert self.trace is not None
-        parts += (inject(self.trace), b"\r\n")
-        return b"".join(parts)
+        forwarded = (forwarded_for, proto, forwarded_host, self.request_id)
+        trace = inject(self.trace)
+        return request_head(
+            self.method, self.url, self.host, self.headers, forwarded, self.chunked, self.upgrade, trace
+        )
 
     def on_request_body(self, chunk: bytes) -> None:
         self.bytes_in += len(chunk)
@@ -503,27 +490,21 @@ class Exchange:
 
     def may_retry(self, condition: str, nothing_sent: bool) -> bool:
         service = self.service
-        if service is None or not condition or self.downstream.closed:
+        if service is None or self.downstream.closed:
             return False
-        retries = service.config.retries
-        if self.tries - self.failovers > retries.attempts or condition not in retries.on:
-            return False
-        if not nothing_sent and not (self.method in IDEMPOTENT and self.replayable):
-            return False
-        if monotonic() >= self.deadline:
-            return False
-        if service.load.may_retry(retries.budget):
-            return True
-        self.downstream.runtime.metrics.count("meshgate_retry_budget_exhausted_total", service.name)
-        return False
+        time_left = self.deadline - monotonic()
+        tries = self.tries - self.failovers
+        verdict = service.retry.decide(condition, tries, self.method, self.replayable, nothing_sent, time_left)
+        if verdict == BUDGET_EXHAUSTED:
+            self.downstream.runtime.metrics.count("meshgate_retry_budget_exhausted_total", service.name)
+        return verdict == RETRY
 
     def retry(self) -> None:
         service = self.service
         assert service is not None
         self.downstream.runtime.metrics.count("meshgate_retries_total", service.name)
         service.load.retries += 1
-        backoff = random() * min(0.25, 0.025 * (1 << (self.tries - self.failovers - 1)))
-        self.downstream.loop.call_later(backoff, self._retry_now)
+        self.downstream.loop.call_later(service.retry.backoff(self.tries - self.failovers), self._retry_now)
 
     def _retry_now(self) -> None:
         if not self.done:
@@ -561,7 +542,7 @@ class Exchange:
             return self.fail_local(
                 502, "upstream switched protocols without an upgrade request", close=True, error="protocol_error"
             )
-        if status >= 400 and self.may_retry(self.status_condition(status), nothing_sent=False):
+        if status >= 400 and self.may_retry(service.retry.condition(status), nothing_sent=False):
             self.upstream = None
             upstream.close()
             self.end_try(failed=True)
@@ -593,18 +574,6 @@ class Exchange:
             if self.method == b"HEAD":
                 upstream.reset_parser()
             self.on_response_complete(upstream)
-
-    def status_condition(self, status: int) -> str:
-        """The `retries.on` condition a response status satisfies, or "" when it is not retryable."""
-        assert self.service is not None
-        retries = self.service.config.retries
-        if status >= 500 and "5xx" in retries.on:
-            return "5xx"
-        if status in (502, 503, 504) and "gateway-error" in retries.on:
-            return "gateway-error"
-        if status in retries.statuses and "retriable-status" in retries.on:
-            return "retriable-status"
-        return ""
 
     def on_response_body(self, chunk: bytes) -> None:
         self.bytes_out += len(chunk)
@@ -770,44 +739,18 @@ class Exchange:
         runtime = downstream.runtime
         duration = monotonic() - self.start_time
         service, target, route, trace = self.service, self.target, self.route, self.trace
-        destination = service.name if service is not None else "unknown"
-        subset = target.name if target is not None else ""
-        route_name = route.name if route is not None else ""
         reporter = downstream.listener.reporter
         assert reporter is not None
-        metrics, key = runtime.metrics, (reporter, downstream.source, destination, subset, route_name)
+        destination = service.name if service is not None else "unknown"
+        key = (reporter, downstream.source, destination, target.name if target else "", route.name if route else "")
+        metrics = runtime.metrics
         series = metrics.series.get(key) or metrics.series_for(key)
         series.record(self.status, duration)
         if trace is None:
             trace = self.trace = new_trace()  # refused before it was routed
         status, error = self.status, self.error
         export = trace.sampled or status >= 500 or error != "" or duration >= SLOW
-        endpoint = self.endpoint
-        hop = (
-            runtime.wall_offset + self.start_time,
-            self.request_id,
-            trace.trace_id,
-            trace.span_id,
-            trace.parent_id,
-            export,
-            reporter,
-            downstream.source,
-            destination,
-            subset,
-            route_name,
-            endpoint.name if endpoint is not None else None,  # a str: hop records hold atomic values only
-            self.method,
-            self.url,
-            self.host,
-            status,
-            duration,
-            self.upstream_time,
-            self.tries,
-            self.bytes_in,
-            self.bytes_out,
-            error,
-            downstream.peer_ip,
-        )
+        hop = hop_record(self, key, downstream.peer_ip, runtime.wall_offset + self.start_time, duration, export)
         ring = runtime.ring
         if ring.size:  # HopRing.add(hop), inlined: this runs for every request
             young = ring.young

@@ -46,6 +46,81 @@ HOP = {name: index for index, name in enumerate(HOP_FIELDS)}
 RING_BLOCK = 1024  # hop records packed together in the ring, once every 1024 requests
 
 
+class _Trace(Protocol):
+    @property
+    def trace_id(self) -> bytes: ...
+
+    @property
+    def span_id(self) -> bytes: ...
+
+    @property
+    def parent_id(self) -> bytes: ...
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class HopSource(Protocol):
+    """A finished request as `hop_record` reads it (exchange.Exchange)."""
+
+    @property
+    def request_id(self) -> bytes: ...
+
+    @property
+    def trace(self) -> _Trace | None: ...
+
+    @property
+    def endpoint(self) -> _Named | None: ...
+
+    method: bytes
+    url: bytes
+    host: bytes
+    status: int
+    upstream_time: float
+    tries: int
+    bytes_in: int
+    bytes_out: int
+    error: str
+
+
+def hop_record(
+    request: HopSource,
+    key: tuple[str, str, str, str, str],
+    peer: bytes,
+    start: float,
+    duration: float,
+    export: bool,
+) -> tuple[Any, ...]:
+    """The hop record of a finished request, fields in HOP_FIELDS order. `key` is its golden signals' series
+    (reporter, source, destination, subset, route), `start` its wall-clock start, `export` whether the span goes
+    to the OTLP exporter. Atomic values only (the endpoint as a str), so the ring can pack it."""
+    trace, endpoint = request.trace, request.endpoint
+    assert trace is not None
+    return (
+        start,
+        request.request_id,
+        trace.trace_id,
+        trace.span_id,
+        trace.parent_id,
+        export,
+        *key,
+        endpoint.name if endpoint is not None else None,
+        request.method,
+        request.url,
+        request.host,
+        request.status,
+        duration,
+        request.upstream_time,
+        request.tries,
+        request.bytes_in,
+        request.bytes_out,
+        request.error,
+        peer,
+    )
+
+
 class HopRing:
     """The most recent `size` hop records, found by request ID. Bounded: the oldest are forgotten first.
 

@@ -61,3 +61,39 @@ def drop_headers(parts: list[bytes], names: list[bytes]) -> list[bytes]:
         if parts[i].lower() not in names:
             kept += parts[i : i + 4]
     return kept
+
+
+def request_head(
+    method: bytes,
+    url: bytes,
+    host: bytes,
+    headers: list[bytes],
+    forwarded: tuple[bytes, bytes, bytes, bytes],
+    chunked: bytes,
+    upgrade: bytes,
+    trace: bytes,
+) -> bytes:
+    """The head a gateway sends upstream. `headers` are the client's, rendered (`name, ": ", value, CRLF` each),
+    hop-by-hop ones already dropped; `forwarded` is (X-Forwarded-For, -Proto, -Host, x-request-id) as decided for
+    this request; `trace` the trace context lines (`propagation.inject`). A chunked body is re-framed by the
+    gateway, and an upgrade asked for again."""
+    forwarded_for, proto, forwarded_host, request_id = forwarded
+    parts = [method, b" ", url, b" HTTP/1.1\r\nhost: ", host, b"\r\n"]
+    parts += headers
+    parts += (
+        b"x-forwarded-for: ",
+        forwarded_for,
+        b"\r\nx-forwarded-proto: ",
+        proto,
+        b"\r\nx-forwarded-host: ",
+        forwarded_host,
+        b"\r\nx-request-id: ",
+        request_id,
+        b"\r\n",
+    )
+    if chunked:
+        parts.append(b"transfer-encoding: chunked\r\n")
+    if upgrade:
+        parts += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
+    parts += (trace, b"\r\n")
+    return b"".join(parts)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
+from random import random
 
 from gateway.balancer import Balancer, Endpoint
-from gateway.config import Config, Route, Service
+from gateway.config import Config, Retries, Route, Service
 from gateway.units import Address
 
 EndpointFactory = Callable[[str, Address], Endpoint]
@@ -82,6 +83,63 @@ class ServiceLoad:
         return self.retries - retries < allowance
 
 
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"))
+# What `RetryPolicy.decide` answers.
+RETRY, NO_RETRY, BUDGET_EXHAUSTED = "retry", "no", "budget"
+
+
+class RetryPolicy:
+    """Whether a failed try is tried again, and after how long: a service's `retries` and its retry budget.
+
+    Pure but for the budget, which counts the service's requests and retries (`ServiceLoad`). The exchange asks
+    `condition(status)` of a response and `decide(...)` of any failure, and counts the retry when it makes one.
+
+    >>> policy.condition(503)                    # "gateway-error" with the default `retries.on`
+    >>> policy.decide("gateway-error", tries=1, method=b"GET", replayable=True, nothing_sent=False, time_left=2.0)
+    'retry'
+    """
+
+    __slots__ = ("attempts", "on", "statuses", "budget", "load")
+
+    def __init__(self, retries: Retries, load: ServiceLoad) -> None:
+        self.attempts = retries.attempts
+        self.on = retries.on
+        self.statuses = retries.statuses
+        self.budget = retries.budget
+        self.load = load
+
+    def condition(self, status: int) -> str:
+        """The `retries.on` condition a response status satisfies, or "" when it is not retryable."""
+        on = self.on
+        if status >= 500 and "5xx" in on:
+            return "5xx"
+        if status in (502, 503, 504) and "gateway-error" in on:
+            return "gateway-error"
+        if status in self.statuses and "retriable-status" in on:
+            return "retriable-status"
+        return ""
+
+    def decide(
+        self, condition: str, tries: int, method: bytes, replayable: bool, nothing_sent: bool, time_left: float
+    ) -> str:
+        """RETRY, NO_RETRY, or BUDGET_EXHAUSTED (a retry the rules allow, refused by the budget).
+
+        `tries`: tries so far, not counting connect failovers. A request that may have reached the upstream is
+        retried only when its method is idempotent and its body is still held (`replayable`)."""
+        if not condition or tries > self.attempts or condition not in self.on:
+            return NO_RETRY
+        if not nothing_sent and not (method in IDEMPOTENT and replayable):
+            return NO_RETRY
+        if time_left <= 0:
+            return NO_RETRY
+        return RETRY if self.load.may_retry(self.budget) else BUDGET_EXHAUSTED
+
+    @staticmethod
+    def backoff(tries: int, rand: Callable[[], float] = random) -> float:
+        """Seconds before retry number `tries` (1, 2, ...): full jitter over 25 ms doubling, at most 250 ms."""
+        return rand() * min(0.25, 0.025 * (1 << (tries - 1)))
+
+
 class SubsetTarget:
     __slots__ = ("service", "name", "balancer")
 
@@ -117,11 +175,12 @@ class RouteEntry:
 class ServiceRoutes:
     """One service of the snapshot: its config, subsets and ordered routes."""
 
-    __slots__ = ("name", "load", "config", "subsets", "routes", "_catch_all", "needs_headers", "remote")
+    __slots__ = ("name", "load", "retry", "config", "subsets", "routes", "_catch_all", "needs_headers", "remote")
 
     def __init__(self, service: Service, endpoint: EndpointFactory, load: ServiceLoad, remote: bool = False) -> None:
         self.name = service.name
         self.load = load
+        self.retry = RetryPolicy(service.retries, load)
         self.remote = remote  # owned by another group: reached through its gateways, from the outbound listener only
         self.config = service
         self.subsets = {

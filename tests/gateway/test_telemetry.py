@@ -184,7 +184,7 @@ def test_snapshot_copies_recordings_and_reads_runtime_state() -> None:
             ("hello", "127.0.0.1:1"): SimpleNamespace(ejections=2),
             ("hello", "127.0.0.1:2"): SimpleNamespace(ejections=1),
         },
-        connections=[SimpleNamespace(listener=SimpleNamespace(kind=kind)) for kind in ("inbound", "inbound", "admin")],
+        connections=[SimpleNamespace(kind=kind) for kind in ("inbound", "inbound", "admin")],
         listener_kinds={"inbound", "outbound"},  # the data listeners this process serves
     )
     taken = snapshot(cast(Any, runtime))
