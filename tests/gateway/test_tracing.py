@@ -12,11 +12,12 @@ No I/O.
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from gateway.hops import HOP, HOP_FIELDS, HopRing, hop_to_dict, response_flags
+from gateway.hops import HOP, HOP_FIELDS, HopRing, hop_record, hop_to_dict, response_flags
 from gateway.propagation import B3_MULTI, B3_SINGLE, JAEGER, W3C, TraceContext, extract, inject, new_trace
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -501,3 +502,58 @@ def test_hop_to_dict_is_json_data_with_flags() -> None:
 )
 def test_response_flags(fields: dict[str, Any], flags: str) -> None:
     assert response_flags(make_hop(**fields)) == flags
+
+
+# --- hop_record -------------------------------------------------------------------------------------------------
+
+
+def test_a_hop_record_holds_the_requests_fields_in_hop_fields_order() -> None:
+    trace = SimpleNamespace(trace_id=b"a" * 32, span_id=b"b" * 16, parent_id=b"c" * 16)
+    request = SimpleNamespace(
+        request_id=b"req-1",
+        trace=trace,
+        endpoint=SimpleNamespace(name="127.0.0.1:9001"),
+        method=b"POST",
+        url=b"/pay",
+        host=b"payments",
+        status=503,
+        upstream_time=0.002,
+        tries=3,
+        bytes_in=10,
+        bytes_out=20,
+        error="upstream_reset",
+    )
+    key = ("destination", "shop", "payments", "v2", "default")
+    hop = hop_record(request, key, b"10.0.0.9", 1700000000.5, 0.004, True)
+    assert len(hop) == len(HOP_FIELDS)
+    as_dict = dict(zip(HOP_FIELDS, hop, strict=True))
+    assert as_dict == {
+        "start": 1700000000.5,
+        "request_id": b"req-1",
+        "trace_id": b"a" * 32,
+        "span_id": b"b" * 16,
+        "parent_span_id": b"c" * 16,
+        "sampled": True,
+        "reporter": "destination",
+        "source": "shop",
+        "destination": "payments",
+        "subset": "v2",
+        "route": "default",
+        "endpoint": "127.0.0.1:9001",
+        "method": b"POST",
+        "target": b"/pay",
+        "host": b"payments",
+        "status": 503,
+        "duration": 0.004,
+        "upstream_duration": 0.002,
+        "tries": 3,
+        "bytes_in": 10,
+        "bytes_out": 20,
+        "error": "upstream_reset",
+        "peer": b"10.0.0.9",
+    }
+    ring = HopRing(4)
+    ring.add(hop)
+    assert hop_to_dict(ring.get(b"req-1")[0])["endpoint"] == "127.0.0.1:9001"  # atomic values: the ring packs it
+    unrouted = hop_record(SimpleNamespace(**{**vars(request), "endpoint": None}), key, b"", 0.0, 0.0, False)
+    assert unrouted[HOP["endpoint"]] is None
