@@ -22,7 +22,8 @@ from gateway import register as register_cli
 from gateway.units import Address, parse_address, parse_size
 
 DEFAULT_DATA = "./meshgate-data"
-DEFAULT_SERVER = "http://127.0.0.1:9000"
+DEFAULT_LISTEN = "127.0.0.1:9000"  # the dashboard's
+DEFAULT_SERVER = f"http://{DEFAULT_LISTEN}"  # where `apply` and `get` find it
 MIN_CERT_LIFETIME = 10.0  # seconds: gateways renew at half-life and at most every 5 s (gateway.tls.renew_at)
 MIN_SPAN_STORE_SIZE = 1 << 20  # an empty span store's file takes about 40 KiB
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def add_dashboard_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("dashboard", help="run the control server (config store, CA, API)")
-    parser.add_argument("--listen", type=_address, default="127.0.0.1:9000", metavar="HOST:PORT")
+    parser.add_argument("--listen", type=_address, default=DEFAULT_LISTEN, metavar="HOST:PORT")
     _store_arguments(parser)
     parser.add_argument("--config", metavar="FILE", help="mesh YAML that seeds an empty store (ignored otherwise)")
     _trust_domain_argument(parser)
