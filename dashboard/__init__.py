@@ -1,6 +1,6 @@
 """meshgate's control server (`meshgate dashboard`): the mesh's config, identities, telemetry and pages.
 
-Bottom to top (docs/architecture.md; `.importlinter` enforces it):
+Bottom to top (docs/architecture.md; pyproject.toml [tool.importlinter] enforces it):
 - `errors`, `datadir`, `mesh`, `attempts`, `headers`: JSON errors, the private data directory, the mesh document
   (validated with the gateway's own config rules), the limit on failed logins and tokens, security headers.
 - `store/`: versioned config with history and audit, tokens and gateway heartbeats, in SQLite or etcd v3.

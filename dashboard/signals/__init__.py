@@ -4,5 +4,6 @@
   and the `Signals` protocol both sources answer.
 - `prometheus`: the same answers read from Prometheus (`--prometheus URL`).
 - `topology`: the service graph built from the mesh, the traffic and the heartbeats, and its layout.
-- `api`: the JSON API over them (`/api/v1/topology`, `/api/v1/signals`).
+
+Their HTTP API is `dashboard.api.signals`.
 """

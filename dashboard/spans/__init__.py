@@ -3,5 +3,6 @@
 - `receiver`: the OTLP/HTTP span receiver (decoding, bounds, who may send).
 - `store`: the bounded SQLite span store the receiver feeds.
 - `jaeger`: Jaeger's query API, read instead of the store when `--jaeger` is set.
-- `api`: trace lookup by request or trace ID (stored spans merged with the gateways' hop rings).
+
+Their HTTP API (lookup by request or trace ID, the OTLP intake) is `dashboard.api.traces`.
 """
