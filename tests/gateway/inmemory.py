@@ -411,7 +411,9 @@ class Run:
     runtime: Runtime
 
 
-class _Collect(logging.Handler):
+class ErrorLog(logging.Handler):
+    """Writes down every error the gateway logs (with where its exception was raised)."""
+
     def __init__(self, found: list[str]) -> None:
         super().__init__(logging.ERROR)
         self.found = found
@@ -439,8 +441,8 @@ class MemoryGateway:
     def run(self, data: bytes, step: int = 0, listener: str = "inbound") -> Run:
         loop = CountingLoop()
         escaped: list[str] = []
-        loop.set_exception_handler(lambda _, context: escaped.append(_describe(context)))
-        collect = _Collect(escaped)
+        loop.set_exception_handler(lambda _, context: escaped.append(describe_loop_error(context)))
+        collect = ErrorLog(escaped)
         logger = logging.getLogger("meshgate")
         logger.addHandler(collect)
         try:
@@ -495,7 +497,7 @@ class MemoryGateway:
         )
 
 
-def _describe(context: dict[str, Any]) -> str:
+def describe_loop_error(context: dict[str, Any]) -> str:
     exc = context.get("exception")
     return f"loop: {exc!r}{_where(exc)}" if exc is not None else f"loop: {context.get('message')}"
 
