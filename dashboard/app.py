@@ -3,7 +3,7 @@
 Requests pass `RequestMetrics` (latency by route template), `ErrorBoundary` (unexpected exception -> logged
 traceback and a one-line JSON 500) and `BodyLimit` (413), then reach the operator API (`dashboard.api.operator`), the
 gateway wire protocol (`dashboard.api.gateways`), /metrics, /healthz or the OpenAPI document. Store calls are timed by
-`TimedStore`.
+`TimedStore`. Every `DashboardError` a handler raises becomes its JSON answer in `on_dashboard_error`.
 """
 
 from __future__ import annotations
@@ -25,18 +25,13 @@ from dashboard.api.selfmetrics import DashboardMetrics, MetricsEndpoint, Request
 from dashboard.api.signals import SignalsApi
 from dashboard.api.traces import TraceApi
 from dashboard.attempts import FailedAttempts
-from dashboard.errors import ApiError, ErrorBoundary, error_response, log, on_api_error, on_http_exception
+from dashboard.errors import DashboardError, ErrorBoundary, on_dashboard_error, on_http_exception
 from dashboard.headers import SecurityHeaders
 from dashboard.settings import MAX_SPAN_BATCH, Settings
 from dashboard.store.model import StoreError
 from dashboard.ui.pagedata import PageData
 from dashboard.ui.sessions import Sessions
 from dashboard.ui.views import Views
-
-
-async def on_store_error(request: Request, exc: Exception) -> Response:
-    log.error("store unavailable during %s %s: %s", request.method, request.url.path, exc)
-    return error_response(503, f"the config store is unavailable: {exc}", {"retry-after": "1"})
 
 
 async def healthz(request: Request) -> Response:
@@ -100,7 +95,7 @@ def create_app(settings: Settings) -> Starlette:
                 paths={"/v1/traces": MAX_SPAN_BATCH, "/api/v1/heartbeat": MAX_HEARTBEAT},
             ),
         ],
-        exception_handlers={ApiError: on_api_error, HTTPException: on_http_exception, StoreError: on_store_error},
+        exception_handlers={DashboardError: on_dashboard_error, HTTPException: on_http_exception},
     )
     app.state.auth = auth  # for pages and login added by the UI, which authenticate the same way
     app.state.store = store

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509 import ExtensionType
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dashboard.errors import DashboardError
 from gateway.tls import spki_hash
 
 log = logging.getLogger("meshgate.identity")
@@ -50,8 +51,10 @@ CAKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 ExtensionT = TypeVar("ExtensionT", bound=ExtensionType)
 
 
-class IdentityError(Exception):
+class IdentityError(DashboardError):
     """A CA file, CSR or identity that cannot be used; the message is one line that says why."""
+
+    status = 422
 
 
 def check_trust_domain(trust_domain: str) -> None:

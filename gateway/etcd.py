@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-TIMEOUT = 5.0  # every request to etcd
+ETCD_REQUEST_TIMEOUT = 5.0  # seconds for every request to etcd
 WATCH_IDLE = 30.0  # an idle watch stream ends after this long, so a dead connection is noticed
 KV = dict[str, Any]
 
@@ -48,7 +48,7 @@ class EtcdClient:
     >>> kvs, revision = await etcd.range("/meshgate/endpoints/", prefix_end("/meshgate/endpoints/"))
     """
 
-    def __init__(self, endpoints: Sequence[str], timeout: float = TIMEOUT) -> None:
+    def __init__(self, endpoints: Sequence[str], timeout: float = ETCD_REQUEST_TIMEOUT) -> None:
         self.endpoints = [endpoint.rstrip("/") for endpoint in endpoints]
         self.timeout = timeout
         self.http = httpx.AsyncClient(timeout=timeout)

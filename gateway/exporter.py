@@ -39,7 +39,7 @@ log = logging.getLogger("meshgate.otlp")
 MAX_QUEUED = 8192
 BATCH = 2048
 INTERVAL = 1.0
-TIMEOUT = 5.0
+EXPORT_TIMEOUT = 5.0  # seconds for one OTLP export request
 SLOW = 1.0  # seconds: slower hops are exported whatever the sampling decision
 CHUNK = 128  # spans encoded between two yields to the event loop (~0.5 ms)
 HEADERS = {"content-type": "application/x-protobuf"}
@@ -76,7 +76,7 @@ class Exporter:
             self.wakeup.set()
 
     async def run(self) -> None:
-        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT, verify=self.verify) as client:
+        async with httpx.AsyncClient(trust_env=False, timeout=EXPORT_TIMEOUT, verify=self.verify) as client:
             while True:
                 with contextlib.suppress(TimeoutError):  # the interval passed: send what there is
                     await asyncio.wait_for(self.wakeup.wait(), INTERVAL)
@@ -85,7 +85,7 @@ class Exporter:
 
     async def flush(self) -> None:
         """Send what is queued (on shutdown), each batch within the export timeout."""
-        async with httpx.AsyncClient(trust_env=False, timeout=TIMEOUT, verify=self.verify) as client:
+        async with httpx.AsyncClient(trust_env=False, timeout=EXPORT_TIMEOUT, verify=self.verify) as client:
             await self.send_queued(client)
 
     async def send_queued(self, client: httpx.AsyncClient) -> None:

@@ -29,8 +29,7 @@ from gateway.accesslog import AccessLog
 from gateway.balancer import Endpoint
 from gateway.config import Config, Limits
 from gateway.deadlines import Deadlines
-from gateway.exporter import TIMEOUT as EXPORT_TIMEOUT
-from gateway.exporter import Exporter
+from gateway.exporter import EXPORT_TIMEOUT, Exporter
 from gateway.health import HealthChecks
 from gateway.hops import HopRing, hop_to_dict
 from gateway.routing import RouteTable, ServiceLoad

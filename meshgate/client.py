@@ -22,7 +22,7 @@ import httpx
 from dashboard.mesh import Mesh
 from gateway.config import ConfigError
 
-TIMEOUT = 30.0
+API_CLIENT_TIMEOUT = 30.0  # seconds for one request of the operator client to the dashboard API
 BAD_INPUT = frozenset({400, 404, 409, 413, 422})
 
 
@@ -43,7 +43,9 @@ def _client(args: argparse.Namespace) -> httpx.Client:
         raise CommandError("no token: pass --token-file FILE or --token, or set MESHGATE_TOKEN", 2)
     if not server.startswith(("http://", "https://")):
         raise CommandError(f"--server: expected an http:// or https:// URL, got {server!r}", 2)
-    return httpx.Client(base_url=server.rstrip("/"), headers={"authorization": f"Bearer {token}"}, timeout=TIMEOUT)
+    return httpx.Client(
+        base_url=server.rstrip("/"), headers={"authorization": f"Bearer {token}"}, timeout=API_CLIENT_TIMEOUT
+    )
 
 
 def _read_token(path: str) -> str:

@@ -23,7 +23,7 @@ from starlette.requests import Request
 
 from dashboard.api.selfmetrics import template
 from dashboard.attempts import FailedAttempts, client_address
-from dashboard.errors import ApiError
+from dashboard.errors import ApiError, DashboardError
 from dashboard.mesh import Mesh
 from dashboard.store.model import Store, TokenRecord
 from gateway.config import ConfigError
@@ -37,8 +37,10 @@ _TOKEN = re.compile(r"mg[ovj]_[A-Za-z0-9_-]{43}")
 _NAME = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9._@]{0,62})")
 
 
-class TokenError(ValueError):
+class TokenError(DashboardError, ValueError):
     """A token that cannot be made as asked (unknown role, missing or stray group, bad name)."""
+
+    status = 422
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Request bodies: the size limit (`BodyLimit`) and reading a JSON object with known keys (`read_object`).
+"""Request bodies: the size limit (`BodyLimit`), each body's one typed definition, and reading one (`read_body`).
+
+Each JSON body is a msgspec `Struct` (`WeightsBody`, `ServiceBody`, ...; the heartbeat's is in
+`dashboard.api.heartbeats`): the same definition validates the request and is the OpenAPI schema
+(`dashboard.api.openapi`). `read_body` answers 400 for what is not JSON and 422, one line naming the field, for
+JSON that does not fit; a field's `Meta(extra={"expected": ...})` is what that line says it expected.
 
 The limit holds whatever the client claims: a `Content-Length` over it is refused before the app runs, and a
 chunked or under-declared body is counted as it arrives, so no handler ever holds more than `limit` bytes.
@@ -15,19 +20,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Annotated, Any, TypeVar
 
+import msgspec
+import msgspec.inspect
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dashboard.errors import ApiError, error_response
 
-MAX_REASON = 500  # characters in an operator's reason for a change
+MAX_OPERATOR_REASON = 500  # characters in an operator's reason for a change
+MAX_CSR = 16 * 1024  # characters of a PEM certificate request sent to /join
 DRAIN_TIME = 2.0  # seconds a refused body is read and dropped before the connection closes (the gateway's LINGER)
 DRAIN_BYTES = 64 << 20  # bytes of it, at most; a larger declared body is answered at once
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Python's `$` also matches before a final newline: the lookahead refuses it (JSON Schema's regexes read it too).
+ONE_LINE = r"^[^\x00-\x1f\x7f]*$(?!\n)"
+SUBSET_SOURCES = ("endpoints", "dns", "srv", "etcd")  # a subset's endpoints: listed, or where to discover them
+_AT = re.compile(r"(?P<message>.*?)(?: - at (?:`key` in )?`\$(?P<path>[^`]*)`)?", re.DOTALL)
+_MISSING = re.compile(r"Object missing required field `(?P<name>[^`]*)`")
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<name>[^`]*)`")
+_Body = TypeVar("_Body", bound=msgspec.Struct)
 
 
 class BodyTooLarge(ApiError):
@@ -105,49 +120,194 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def read_object(
-    request: Request, allowed: Collection[str] | None, required: Collection[str] = ()
-) -> dict[str, object]:
-    """The body as a JSON object with every `required` key and only `allowed` ones (None: any), or 400/422."""
+def expected(description: str) -> dict[str, str]:
+    """`Meta(extra=...)` for a field whose 422 should say what it expected rather than msgspec's type words."""
+    return {"expected": description}
+
+
+Reason = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=MAX_OPERATOR_REASON,
+        pattern=ONE_LINE,
+        description="why: recorded in the history and the audit log",
+        extra=expected(f"one line of text of at most {MAX_OPERATOR_REASON} characters, without control characters"),
+    ),
+]
+AnyObject = dict[str, Any]  # checked by the mesh model (`dashboard.mesh`), whose reasons name the exact part
+
+
+class ReasonBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):  # kw_only: required fields may follow
+    """Why a change is made; a DELETE may send it as a body (or as `?reason=`)."""
+
+    reason: Reason = ""
+
+
+class WeightsBody(ReasonBody, forbid_unknown_fields=True):
+    """The split of a service's catch-all route."""
+
+    weights: Annotated[
+        AnyObject,
+        msgspec.Meta(
+            extra_json_schema={"additionalProperties": {"type": "integer", "minimum": 0}, "example": {"v1": 90}},
+            extra=expected('an object such as {"v1": 90, "v2": 10}'),
+        ),
+    ]
+
+
+class ServiceBody(ReasonBody, forbid_unknown_fields=True):
+    """A service's spec, as in gateway YAML, and the group that owns it."""
+
+    group: Annotated[str, msgspec.Meta(extra=expected("a group name"))]
+    spec: AnyObject
+
+
+class RoutesBody(ReasonBody, forbid_unknown_fields=True):
+    """A service's routes: first match wins, the last one is the catch-all."""
+
+    routes: list[AnyObject]
+
+
+class SubsetBody(ReasonBody, forbid_unknown_fields=True):
+    """A subset's endpoints: one of `endpoints`, `dns`, `srv` or `etcd` (an empty subset is `"endpoints": []`)."""
+
+    endpoints: list[str] | msgspec.UnsetType = msgspec.UNSET
+    dns: Annotated[str, msgspec.Meta(description="host:port; its A and AAAA records")] | msgspec.UnsetType = (
+        msgspec.UNSET
+    )
+    srv: Annotated[str, msgspec.Meta(description="a name whose SRV records give hosts and ports")] | (
+        msgspec.UnsetType
+    ) = msgspec.UNSET
+    etcd: Annotated[str, msgspec.Meta(description="a key prefix; its keys are named host:port")] | (
+        msgspec.UnsetType
+    ) = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        if not self.spec():  # the mesh model refuses more than one
+            raise ValueError(f"expected one of: {', '.join(SUBSET_SOURCES)}")
+
+    def spec(self) -> dict[str, object]:
+        return {key: value for key in SUBSET_SOURCES if (value := getattr(self, key)) is not msgspec.UNSET}
+
+
+class EndpointBody(ReasonBody, forbid_unknown_fields=True):
+    """One endpoint to add to a subset."""
+
+    address: Annotated[str, msgspec.Meta(extra=expected("a host:port string"))]
+
+
+class ConfigBody(ReasonBody, forbid_unknown_fields=True):
+    """The whole mesh document (what `meshgate apply` sends)."""
+
+    mesh: AnyObject
+
+
+class RevertBody(ReasonBody, forbid_unknown_fields=True):
+    """The older version whose mesh becomes the new one."""
+
+    version: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1, extra=expected("a config version (an integer >= 1)"))]
+
+
+class JoinBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A gateway's CSR, for its group's X.509-SVID."""
+
+    group: str
+    csr: Annotated[
+        str,
+        msgspec.Meta(max_length=MAX_CSR, extra=expected(f"a PEM certificate request of at most {MAX_CSR} characters")),
+    ]
+
+
+OPERATOR_BODIES = (WeightsBody, ServiceBody, RoutesBody, SubsetBody, EndpointBody, ConfigBody, RevertBody, JoinBody)
+
+
+async def read_json(request: Request) -> object:
+    """The body as JSON (any value), or 400."""
     raw = await request.body()
     if not raw.strip():
         raise ApiError(400, "expected a JSON object body")
     try:
-        body = json.loads(raw, parse_constant=_not_json)
-    except ValueError as err:  # also bad UTF-8, and integers too long to convert
+        return msgspec.json.decode(raw)  # refuses NaN and Infinity, which are not JSON
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:  # also bad UTF-8, and numbers out of range
         raise ApiError(400, f"invalid JSON body: {err}") from None
     except RecursionError:
         raise ApiError(400, "invalid JSON body: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise ApiError(422, f"expected a JSON object body, got {type(body).__name__}")
-    unknown = [key for key in body if allowed is not None and key not in allowed]
-    if unknown and allowed is not None:
-        raise ApiError(422, f"{unknown[0]}: unknown key (expected one of: {', '.join(allowed)})")
-    for key in required:
-        if key not in body:
-            raise ApiError(422, f"{key}: required key is missing")
-    return body
 
 
-def _not_json(constant: str) -> object:
-    """Python's json reads NaN and Infinity, which are not JSON and which no answer could carry back."""
-    raise ValueError(f"{constant} is not JSON")
+async def read_body(request: Request, model: type[_Body]) -> _Body:
+    """The body as a `model`, or 400 (not JSON) or 422 (one line naming the field)."""
+    return convert_body(await read_json(request), model)
 
 
-def text_field(body: dict[str, object], key: str, max_length: int, default: str = "") -> str:
-    """A one-line text field of at most `max_length` characters, or 422."""
-    value = body.get(key, default)
-    if not isinstance(value, str):
-        raise ApiError(422, f"{key}: expected a string, got {value!r}")
-    if len(value) > max_length:
-        raise ApiError(422, f"{key}: expected at most {max_length} characters, got {len(value)}")
-    if _CONTROL.search(value):
-        raise ApiError(422, f"{key}: expected one line of text without control characters")
-    return value
+def convert_body(data: object, model: type[_Body]) -> _Body:
+    """Decoded JSON as a `model`, or 422 with one line naming the field."""
+    if not isinstance(data, dict):
+        raise ApiError(422, f"expected a JSON object body, got {type(data).__name__}")
+    try:
+        return msgspec.convert(data, model)
+    except msgspec.ValidationError as err:
+        raise ApiError(422, field_reason(str(err), model)) from None
 
 
-def reason_of(body: dict[str, object], request: Request | None = None) -> str:
-    """The operator's reason for a change: `reason` in the body, else the `reason` query parameter."""
-    if "reason" not in body and request is not None and "reason" in request.query_params:
-        return text_field({"reason": request.query_params["reason"]}, "reason", MAX_REASON)
-    return text_field(body, "reason", MAX_REASON)
+def field_reason(error: str, model: type[msgspec.Struct]) -> str:
+    """msgspec's `Expected ... - at `$.stats.series`` as `stats.series: expected ...`, with the field's own words."""
+    match = _AT.fullmatch(error)
+    assert match is not None  # the pattern matches any text
+    message, path = match["message"], match["path"] or ""
+    field = path.lstrip(".").split("[", 1)[0]  # items and keys of a field are reported as the field
+    if missing := _MISSING.fullmatch(message):
+        return f"{_joined(field, missing['name'])}: required key is missing"
+    if unknown := _UNKNOWN.fullmatch(message):
+        allowed = ", ".join(f.encode_name for f in msgspec.structs.fields(model))
+        return f"{_joined(field, unknown['name'])}: unknown key (expected one of: {allowed})"
+    if description := _expectations(model).get(field):
+        return f"{field}: expected {description}"
+    message = message[:1].lower() + message[1:]
+    return f"{field}: {message}" if field else message
+
+
+def _joined(field: str, name: str) -> str:
+    return f"{field}.{name}" if field else name
+
+
+@functools.cache
+def _expectations(model: type[msgspec.Struct]) -> dict[str, str]:
+    """Each field's `extra["expected"]`, by dotted path (`stats.series`), nested structs included."""
+    found: dict[str, str] = {}
+
+    def walk(struct: msgspec.inspect.StructType, prefix: str) -> None:
+        for field in struct.fields:
+            path = prefix + field.encode_name
+            for part in _parts(field.type):
+                if isinstance(part, msgspec.inspect.Metadata) and part.extra and "expected" in part.extra:
+                    found[path] = part.extra["expected"]
+                elif isinstance(part, msgspec.inspect.StructType):
+                    walk(part, path + ".")
+
+    info = msgspec.inspect.type_info(model)
+    assert isinstance(info, msgspec.inspect.StructType)
+    walk(info, "")
+    return found
+
+
+def _parts(info: msgspec.inspect.Type) -> Iterator[msgspec.inspect.Type]:
+    yield info
+    if isinstance(info, msgspec.inspect.Metadata):
+        yield from _parts(info.type)
+    elif isinstance(info, msgspec.inspect.UnionType):
+        for member in info.types:
+            yield from _parts(member)
+
+
+def operator_reason(text: str) -> str:
+    """An operator's reason given as text (`?reason=`, a form field), checked as the bodies' `reason` is."""
+    return convert_body({"reason": text}, ReasonBody).reason
+
+
+async def optional_reason(request: Request) -> str:
+    """A DELETE's reason: `{"reason": ...}` in the body, else `?reason=`."""
+    if (await request.body()).strip():
+        body = await read_body(request, ReasonBody)
+        if body.reason or "reason" not in request.query_params:
+            return body.reason
+    return operator_reason(request.query_params.get("reason", ""))

@@ -24,8 +24,8 @@ from starlette.routing import Route
 from starlette.types import Receive
 
 from dashboard.api.auth import GATEWAY, READ, Auth, check_group
-from dashboard.api.bodies import read_object
-from dashboard.api.heartbeats import heartbeat_record
+from dashboard.api.bodies import JoinBody, convert_body, read_json
+from dashboard.api.heartbeats import Heartbeat
 from dashboard.api.operator import json_response
 from dashboard.api.selfmetrics import DashboardMetrics
 from dashboard.errors import HEADERS, ApiError
@@ -33,7 +33,6 @@ from dashboard.identity import IdentityError, MeshCA
 from dashboard.settings import Settings
 from dashboard.store.model import ChangeSignal, GatewayRecord, Store
 
-MAX_CSR = 16 * 1024
 DEFAULT_WAIT = 30.0
 MAX_HEARD = 4096  # instances remembered to notice membership changes; stale ones are dropped past this
 FORGET_EVERY = 60.0  # seconds between looks for gateways silent for longer than Settings.forget_after
@@ -92,6 +91,10 @@ async def first_of(*waits: Awaitable[object], timeout: float) -> None:
             raise error
 
 
+def _group_of(data: object) -> object:
+    return data.get("group") if isinstance(data, dict) else None
+
+
 async def disconnected(receive: Receive) -> None:
     """Returns when the client goes away (the request body, if any, has been read already)."""
     while (await receive())["type"] != "http.disconnect":
@@ -145,21 +148,18 @@ class GatewayApi:
         responses:
           "200": {description: "`{certificate, ca, spiffe_id, not_after}`: leaf + intermediate PEM, root PEM"}
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "413": {$ref: "#/components/responses/Error"}
           "422": {$ref: "#/components/responses/Error"}
         """
         principal = await self.auth.require(request, GATEWAY)
-        body = await read_object(request, ("group", "csr"), required=("group", "csr"))
-        group, csr = body["group"], body["csr"]
-        check_group(principal, group)
-        assert isinstance(group, str)  # equal to the token's group
-        if not isinstance(csr, str) or len(csr) > MAX_CSR:
-            raise ApiError(422, f"csr: expected a PEM certificate request of at most {MAX_CSR} characters")
+        data = await read_json(request)
+        check_group(principal, _group_of(data))  # another group's token is 403 whatever else is wrong
+        body = convert_body(data, JoinBody)
+        group = body.group
         try:
-            issued = self.ca.sign_csr(csr.encode(), group, self.settings.cert_lifetime)
-        except IdentityError as err:
+            issued = self.ca.sign_csr(body.csr.encode(), group, self.settings.cert_lifetime)
+        except IdentityError as err:  # which field was wrong, for the one-line reason
             raise ApiError(422, f"csr: {err}") from None
         issued_record = {"spiffe_id": issued.spiffe_id, "serial": f"{issued.serial:x}", "not_after": issued.not_after}
         await self.store.record_audit(
@@ -193,7 +193,6 @@ class GatewayApi:
           "200": {description: "`{etag, version, group, services, remote: {service: {group, gateways}}}`"}
           "304": {description: nothing this group sees changed within `wait`}
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "503": {$ref: "#/components/responses/Error"}
         """
@@ -258,16 +257,15 @@ class GatewayApi:
         responses:
           "200": {description: "`{interval}`: seconds until the next heartbeat is due"}
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "413": {$ref: "#/components/responses/Error"}
           "422": {$ref: "#/components/responses/Error"}
         """
         principal = await self.auth.require(request, GATEWAY)
-        body = await read_object(request, None, required=("instance", "group"))  # newer gateways may send more
-        check_group(principal, body["group"])
+        data = await read_json(request)
+        check_group(principal, _group_of(data))  # another group's token is 403 whatever else is wrong
         now = time.time()
-        record = heartbeat_record(body, now)  # the known fields, each within its limit; the rest is dropped
+        record = convert_body(data, Heartbeat).record(now)  # the known fields, each within its limit; the rest dropped
         heard = self._heard if self._heard is not None else await self._heard_before()  # before this one is stored
         await self.store.put_gateway(record)
         await self.forget_silent(now)
@@ -309,7 +307,6 @@ class GatewayApi:
             description: >-
               `[{instance, group, spiffe_id, meshgate_version, config_version, in_sync, last_heartbeat, stale,
               cert_not_after, advertise, listeners, uptime}]`
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
         """
         await self.auth.require(request, READ)
@@ -356,7 +353,6 @@ class GatewayApi:
         tags: [gateways]
         responses:
           "200": {description: "`[{name, services, gateways: {live, stale}}]`"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
         """
         await self.auth.require(request, READ)

@@ -1,46 +1,62 @@
 """The OpenAPI document at /api/v1/openapi.json, built by Starlette's `SchemaGenerator` from endpoint docstrings.
 
 Each endpoint's docstring ends in its OpenAPI operation after `---`. `responses: write` is shorthand for the
-answers every config write can give, expanded here so the contract is written once.
+answers every config write can give, and every operation that needs a token gets its 401, both added here so each
+is written once. The body schemas are generated from the msgspec Structs that validate the bodies
+(`dashboard.api.bodies`, `dashboard.api.heartbeats`), so the document and the checks cannot disagree.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 from starlette.schemas import SchemaGenerator
 
-from dashboard.api.heartbeats import (
-    MAX_ADDRESS,
-    MAX_HEARTBEAT,
-    MAX_LISTENERS,
-    MAX_STATS_ENTRIES,
-    MAX_TEXT,
-    STATS_LISTS,
-    STATS_NUMBERS,
-)
+from dashboard.api.bodies import OPERATOR_BODIES, Reason
+from dashboard.api.heartbeats import MAX_HEARTBEAT, Heartbeat
 from dashboard.errors import HEADERS
 
+REF = "#/components/schemas/{name}"
 _ERROR = {"$ref": "#/components/responses/Error"}
 WRITE_RESPONSES: dict[str, Any] = {
     "200": {
         "description": "`{version, changed}`: the new config version (or the current one when nothing changed)",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Version"}}},
+        "content": {"application/json": {"schema": {"$ref": REF.format(name="Version")}}},
     },
     **{code: _ERROR for code in ("400", "401", "403", "404", "409", "413", "422")},
 }
 
 
-def _body(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+class Error(msgspec.Struct, forbid_unknown_fields=True):
+    """Every error answer: one line saying what was wrong."""
+
+    error: str
 
 
-_REASON = {"type": "string", "maxLength": 500, "description": "why: recorded in the history and the audit log"}
-_WEIGHTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}, "example": {"v1": 90}}
-_ANY_OBJECT = {"type": "object"}
+class Version(msgspec.Struct, forbid_unknown_fields=True):
+    """The config version a write left live, and whether the write changed it."""
+
+    version: int
+    changed: bool = False
+
+
+def schemas() -> dict[str, Any]:
+    """The components for every body and answer, from the Structs that validate them (one definition each)."""
+    _, components = msgspec.json.schema_components([Error, Version, *OPERATOR_BODIES, Heartbeat], ref_template=REF)
+    components["Heartbeat"]["description"] = (
+        f"At most {MAX_HEARTBEAT} bytes. " + components["Heartbeat"].get("description", "")
+    ).strip()
+    return components
+
+
+def _schema_of(annotation: object) -> dict[str, Any]:
+    (schema,), _ = msgspec.json.schema_components([annotation], ref_template=REF)
+    return dict(schema)
+
 
 BASE: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -51,7 +67,7 @@ BASE: dict[str, Any] = {
         "responses": {
             "Error": {
                 "description": "`{error}`: one line saying what was wrong",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+                "content": {"application/json": {"schema": {"$ref": REF.format(name="Error")}}},
             }
         },
         "parameters": {
@@ -71,62 +87,21 @@ BASE: dict[str, Any] = {
                 "schema": {"type": "string"},
                 "description": "the config version the edit is based on; 409 if it is no longer current",
             },
-            "reason": {"name": "reason", "in": "query", "schema": _REASON},
+            "reason": {"name": "reason", "in": "query", "schema": _schema_of(Reason)},
             "limit": {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
             "before": {"name": "before", "in": "query", "schema": {"type": "integer", "minimum": 0}},
         },
-        "schemas": {
-            "Error": _body({"error": {"type": "string"}}, ["error"]),
-            "Version": _body({"version": {"type": "integer"}, "changed": {"type": "boolean"}}, ["version"]),
-            "WeightsBody": _body({"weights": _WEIGHTS, "reason": _REASON}, ["weights"]),
-            "ServiceBody": _body(
-                {"group": {"type": "string"}, "spec": _ANY_OBJECT, "reason": _REASON}, ["group", "spec"]
-            ),
-            "RoutesBody": _body({"routes": {"type": "array", "items": _ANY_OBJECT}, "reason": _REASON}, ["routes"]),
-            "SubsetBody": _body(  # one of endpoints, dns, srv or etcd
-                {
-                    "endpoints": {"type": "array", "items": {"type": "string"}},
-                    "dns": {"type": "string", "description": "host:port; its A and AAAA records"},
-                    "srv": {"type": "string", "description": "a name whose SRV records give hosts and ports"},
-                    "etcd": {"type": "string", "description": "a key prefix; its keys are named host:port"},
-                    "reason": _REASON,
-                },
-                [],
-            ),
-            "EndpointBody": _body({"address": {"type": "string"}, "reason": _REASON}, ["address"]),
-            "ConfigBody": _body({"mesh": _ANY_OBJECT, "reason": _REASON}, ["mesh"]),
-            "RevertBody": _body({"version": {"type": "integer", "minimum": 1}, "reason": _REASON}, ["version"]),
-            "JoinBody": _body({"group": {"type": "string"}, "csr": {"type": "string"}}, ["group", "csr"]),
-            "Heartbeat": {
-                "type": "object",
-                "description": f"At most {MAX_HEARTBEAT} bytes. Other fields are dropped (newer gateways send more).",
-                "required": ["instance", "group"],
-                "properties": {
-                    "instance": {"type": "string", "format": "uuid"},
-                    "group": {"type": "string"},
-                    "meshgate_version": {"type": "string", "maxLength": MAX_TEXT},
-                    "config_version": {"type": "integer", "minimum": 0},
-                    "etag": {"type": "string", "maxLength": MAX_TEXT},
-                    "started": {"type": ["number", "null"]},
-                    "advertise": {"type": ["string", "null"], "maxLength": MAX_ADDRESS},
-                    "listeners": {
-                        "type": "object",
-                        "maxProperties": MAX_LISTENERS,
-                        "additionalProperties": {"type": "string", "maxLength": MAX_ADDRESS},
-                    },
-                    "cert_not_after": {"type": ["number", "null"]},
-                    "stats": {
-                        "type": "object",
-                        "properties": {
-                            **{key: {"type": "array", "maxItems": MAX_STATS_ENTRIES} for key in STATS_LISTS},
-                            **{key: {"type": "number"} for key in STATS_NUMBERS},
-                        },
-                    },
-                },
-            },
-        },
+        "schemas": schemas(),
     },
 }
+
+
+def _expand(operation: dict[str, Any]) -> None:
+    """`responses: write` becomes the write answers; every operation that needs a token can answer 401."""
+    if operation.get("responses") == "write":
+        operation["responses"] = WRITE_RESPONSES
+    elif operation.get("security") != []:
+        operation["responses"] = {**operation.get("responses", {}), "401": _ERROR}
 
 
 class OpenAPI:
@@ -141,8 +116,7 @@ class OpenAPI:
             document = SchemaGenerator(BASE).get_schema(self.routes)
             for operations in document["paths"].values():
                 for operation in operations.values():
-                    if operation.get("responses") == "write":
-                        operation["responses"] = WRITE_RESPONSES
+                    _expand(operation)
             self.document = document
         return self.document
 

@@ -22,15 +22,24 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from dashboard.api.auth import READ, WRITE, Auth, Principal
-from dashboard.api.bodies import read_object, reason_of
-from dashboard.errors import HEADERS, ApiError, log
+from dashboard.api.bodies import (
+    ConfigBody,
+    EndpointBody,
+    RevertBody,
+    RoutesBody,
+    ServiceBody,
+    SubsetBody,
+    WeightsBody,
+    optional_reason,
+    read_body,
+)
+from dashboard.errors import HEADERS, ApiError, DashboardError, log
 from dashboard.mesh import Mesh, NotFound
 from dashboard.store.model import AuditEntry, Revision, Store, VersionConflict
 from gateway.config import ConfigError
 
 COMMIT_ATTEMPTS = 5  # read-modify-write tries without If-Match (racing other replicas) before a 409
 MAX_LIMIT = 500
-SUBSET_SOURCES = ("endpoints", "dns", "srv", "etcd")  # a subset's endpoints: listed, or where to discover them
 _DIGITS = re.compile(r"[0-9]{1,18}")  # fits SQLite's and etcd's 64-bit integers
 _IF_MATCH = re.compile(r'\s*(?:W/)?"?([0-9]{1,18})"?\s*')
 
@@ -215,7 +224,6 @@ class OperatorApi:
         responses:
           "200": {description: "`{version, services: [{name, group, subsets, weights, routes, signals}]}`; signals are
             `{rps, error_rate, p99_ms, subsets: {...}}` over the last 5 minutes"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
         """
         revision, mesh = await self._read(request)
@@ -234,7 +242,6 @@ class OperatorApi:
         parameters: [{$ref: "#/components/parameters/name"}]
         responses:
           "200": {description: "`{name, group, version, subsets, weights, routes, signals, spec}`"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "404": {$ref: "#/components/responses/Error"}
         """
@@ -258,7 +265,7 @@ class OperatorApi:
             return {}
         try:
             return await self.signals()
-        except ApiError as err:
+        except DashboardError as err:
             log.warning("services listed without golden signals: %s", err)
             return {}
 
@@ -274,17 +281,14 @@ class OperatorApi:
         """
         principal = await self.auth.require(request, WRITE)
         name = request.path_params["name"]
-        body = await read_object(request, ("group", "spec", "reason"), required=("group", "spec"))
-        group, spec = body["group"], body["spec"]
-        if not isinstance(group, str):
-            raise ApiError(422, f"group: expected a group name, got {group!r}")
+        body = await read_body(request, ServiceBody)
         return await self.commit(
             principal,
             request,
-            lambda mesh: mesh.with_service(name, group, spec),
+            lambda mesh: mesh.with_service(name, body.group, body.spec),
             action="service.put",
             target=f"services/{name}",
-            reason=reason_of(body),
+            reason=body.reason,
         )
 
     async def delete_service(self, request: Request) -> Response:
@@ -305,7 +309,7 @@ class OperatorApi:
             lambda mesh: mesh.without_service(name),
             action="service.delete",
             target=f"services/{name}",
-            reason=await self._optional_reason(request),
+            reason=await optional_reason(request),
         )
 
     async def put_weights(self, request: Request) -> Response:
@@ -323,8 +327,8 @@ class OperatorApi:
         """
         principal = await self.auth.require(request, WRITE)
         name = request.path_params["name"]
-        body = await read_object(request, ("weights", "reason"), required=("weights",))
-        return (await self.set_weights(principal, request, name, body["weights"], reason_of(body))).response()
+        body = await read_body(request, WeightsBody)
+        return (await self.set_weights(principal, request, name, body.weights, body.reason)).response()
 
     async def put_routes(self, request: Request) -> Response:
         """---
@@ -338,15 +342,14 @@ class OperatorApi:
         """
         principal = await self.auth.require(request, WRITE)
         name = request.path_params["name"]
-        body = await read_object(request, ("routes", "reason"), required=("routes",))
-        routes = body["routes"]
+        body = await read_body(request, RoutesBody)
         return await self.commit(
             principal,
             request,
-            lambda mesh: mesh.with_routes(name, routes),
+            lambda mesh: mesh.with_routes(name, body.routes),
             action="routes.set",
             target=f"services/{name}/routes",
-            reason=reason_of(body),
+            reason=body.reason,
         )
 
     async def put_subset(self, request: Request) -> Response:
@@ -364,17 +367,14 @@ class OperatorApi:
         """
         principal = await self.auth.require(request, WRITE)
         name, subset = request.path_params["name"], request.path_params["subset"]
-        body = await read_object(request, (*SUBSET_SOURCES, "reason"))
-        spec = {key: body[key] for key in SUBSET_SOURCES if key in body}
-        if not spec:  # the mesh model refuses more than one; an empty subset is made with `"endpoints": []`
-            raise ApiError(422, f"expected one of: {', '.join(SUBSET_SOURCES)}")
+        body = await read_body(request, SubsetBody)
         return await self.commit(
             principal,
             request,
-            lambda mesh: mesh.with_subset(name, subset, spec),
+            lambda mesh: mesh.with_subset(name, subset, body.spec()),
             action="subset.put",
             target=f"services/{name}/subsets/{subset}",
-            reason=reason_of(body),
+            reason=body.reason,
         )
 
     async def delete_subset(self, request: Request) -> Response:
@@ -396,7 +396,7 @@ class OperatorApi:
             lambda mesh: mesh.without_subset(name, subset),
             action="subset.delete",
             target=f"services/{name}/subsets/{subset}",
-            reason=await self._optional_reason(request),
+            reason=await optional_reason(request),
         )
 
     async def add_endpoint(self, request: Request) -> Response:
@@ -414,10 +414,8 @@ class OperatorApi:
         """
         principal = await self.auth.require(request, WRITE)
         name, subset = request.path_params["name"], request.path_params["subset"]
-        body = await read_object(request, ("address", "reason"), required=("address",))
-        address = body["address"]
-        if not isinstance(address, str):
-            raise ApiError(422, f"address: expected a host:port string, got {address!r}")
+        body = await read_body(request, EndpointBody)
+        address = body.address
 
         def edit(mesh: Mesh) -> Mesh:
             return mesh if _has_endpoint(mesh, name, subset, address) else mesh.with_endpoint(name, subset, address)
@@ -428,7 +426,7 @@ class OperatorApi:
             edit,
             action="endpoint.add",
             target=f"services/{name}/subsets/{subset}",
-            reason=reason_of(body),
+            reason=body.reason,
         )
 
     async def delete_endpoint(self, request: Request) -> Response:
@@ -452,7 +450,7 @@ class OperatorApi:
             lambda mesh: mesh.without_endpoint(name, subset, address),
             action="endpoint.delete",
             target=f"services/{name}/subsets/{subset}",
-            reason=await self._optional_reason(request),
+            reason=await optional_reason(request),
         )
 
     # The whole config
@@ -463,7 +461,6 @@ class OperatorApi:
         tags: [config]
         responses:
           "200": {description: "`{version, mesh}`; the ETag header carries the version"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
         """
         revision, mesh = await self._read(request)
@@ -481,15 +478,14 @@ class OperatorApi:
         responses: write
         """
         principal = await self.auth.require(request, WRITE)
-        body = await read_object(request, ("mesh", "reason"), required=("mesh",))
-        data = body["mesh"]
+        body = await read_body(request, ConfigBody)
         return await self.commit(
             principal,
             request,
-            lambda _: Mesh.parse(data, source="mesh"),
+            lambda _: Mesh.parse(body.mesh, source="mesh"),
             action="config.put",
             target="mesh",
-            reason=reason_of(body),
+            reason=body.reason,
         )
 
     async def history(self, request: Request) -> Response:
@@ -500,7 +496,6 @@ class OperatorApi:
         responses:
           "200": {description: "`[{version, author, reason, time, diff}]`"}
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
         """
         await self.auth.require(request, READ)
@@ -516,7 +511,6 @@ class OperatorApi:
         parameters: [{$ref: "#/components/parameters/version"}]
         responses:
           "200": {description: "`{version, author, reason, time, diff, mesh}`"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "404": {$ref: "#/components/responses/Error"}
         """
@@ -541,14 +535,12 @@ class OperatorApi:
         responses: write
         """
         principal = await self.auth.require(request, WRITE)
-        body = await read_object(request, ("version", "reason"), required=("version",))
-        version = body["version"]
-        if type(version) is not int or not 1 <= version < 2**63:
-            raise ApiError(422, f"version: expected a config version (an integer >= 1), got {version!r}")
+        body = await read_body(request, RevertBody)
+        version = body.version
         old = await self.store.get(version)
         if old is None:
             raise ApiError(404, f"no config version {version}")
-        reason = reason_of(body) or f"revert to version {version}"
+        reason = body.reason or f"revert to version {version}"
         return await self.commit(
             principal,
             request,
@@ -566,7 +558,6 @@ class OperatorApi:
         responses:
           "200": {description: "`[{id, time, who, action, target, before, after, reason, version}]`"}
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
         """
         await self.auth.require(request, READ)
@@ -574,12 +565,6 @@ class OperatorApi:
         assert limit is not None
         entries = await self.store.audit(limit, int_param(request, "before", None, 0))
         return json_response([_entry(entry) for entry in entries])
-
-    async def _optional_reason(self, request: Request) -> str:
-        """DELETE may carry `{"reason": ...}` or `?reason=`."""
-        if not (await request.body()).strip():
-            return reason_of({}, request)
-        return reason_of(await read_object(request, ("reason",)), request)
 
 
 def _has_endpoint(mesh: Mesh, name: str, subset: str, address: str) -> bool:

@@ -27,7 +27,7 @@ from dashboard.api.operator import json_response
 from dashboard.errors import ApiError
 from dashboard.mesh import Mesh
 from dashboard.settings import Settings
-from dashboard.signals.history import Key, Point, Signals, SignalsError, Stats, Totals, Traffic
+from dashboard.signals.history import Key, Point, Signals, Stats, Totals, Traffic
 from dashboard.signals.prometheus import PrometheusSignals
 from dashboard.signals.topology import EXTERNAL, UNKNOWN_DESTINATION, UNKNOWN_SOURCE, Thresholds, build, layout
 from dashboard.store.model import Revision, Store
@@ -134,11 +134,9 @@ class SignalsApi:
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[None]:
-        """An unavailable source (Prometheus down) is a one-line 503; a window or name it cannot take, a 400."""
+        """A window or name the source cannot take is a 400 (an unavailable source raises SignalsError: 503)."""
         try:
             yield
-        except SignalsError as exc:
-            raise ApiError(503, str(exc), {"retry-after": "5"}) from None
         except ValueError as exc:  # a window beyond the source's reach, or a label Prometheus must not see
             raise ApiError(400, str(exc)) from None
 
@@ -263,7 +261,6 @@ class SignalsApi:
               `{window, nodes: [{id, kind, name, group?, subsets?, weights?, health, ...}], edges: [{source,
               destination, rps, error_rate, p50_ms, p99_ms, mtls, denied}]}`
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "503": {$ref: "#/components/responses/Error"}
         """
@@ -281,7 +278,6 @@ class SignalsApi:
         responses:
           "200": {description: "`{source, destination, window, totals, points, subsets: {subset: points}}`"}
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "503": {$ref: "#/components/responses/Error"}
         """
@@ -301,7 +297,6 @@ class SignalsApi:
             description: >-
               `{service, group, window, totals, points, subsets: {subset: {weight, totals, points}}, callers}`
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "404": {$ref: "#/components/responses/Error"}
           "503": {$ref: "#/components/responses/Error"}
@@ -320,7 +315,6 @@ class SignalsApi:
         responses:
           "200": {description: "`{instance, group, window, stale, served, sent, latest, points}`"}
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "404": {$ref: "#/components/responses/Error"}
           "503": {$ref: "#/components/responses/Error"}

@@ -449,7 +449,6 @@ class TraceApi:
         responses:
           "200": {description: "ExportTraceServiceResponse, with partial_success when spans were not taken"}
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "404": {$ref: "#/components/responses/Error"}
           "413": {$ref: "#/components/responses/Error"}
           "415": {$ref: "#/components/responses/Error"}
@@ -512,7 +511,6 @@ class TraceApi:
               without: `{traces: [{trace_id, request_id, name, service, destination, start, duration_ms, status,
               error, spans}]}`
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "404": {$ref: "#/components/responses/Error"}
           "502": {$ref: "#/components/responses/Error"}
@@ -528,8 +526,6 @@ class TraceApi:
             result = await self.traces.lookup_request(request_id)
         except ValueError as err:
             raise ApiError(400, str(err)) from None
-        except JaegerError as err:  # the recent list has nowhere else to come from
-            raise ApiError(502, str(err)) from None
         if not result.spans:
             raise ApiError(404, not_found(result, f"request ID {request_id}"))
         return json_response(result.to_dict())
@@ -542,7 +538,6 @@ class TraceApi:
         responses:
           "200": {description: "`{trace_id, trace_ids, request_id, spans, gateways_asked, unreachable}`"}
           "400": {$ref: "#/components/responses/Error"}
-          "401": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "404": {$ref: "#/components/responses/Error"}
         """

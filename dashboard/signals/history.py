@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dashboard.errors import DashboardError
 from dashboard.store.model import GatewayRecord, Store, StoreError
 from gateway.telemetry import BUCKETS
 
@@ -70,8 +71,11 @@ Key = tuple[str, str, str]  # (source, destination, subset)
 Counts = Sequence[float]  # WIDTH numbers: REQUESTS, ERRORS, CLIENT_ERRORS, DENIED, then per-bucket counts
 
 
-class SignalsError(Exception):
+class SignalsError(DashboardError):
     """Signals cannot be read now (Prometheus down, or refusing a query). `str(err)` is one line."""
+
+    status = 503
+    headers = {"retry-after": "5"}
 
 
 def histogram_quantile(q: float, buckets: Sequence[float], bounds: Sequence[float] = BOUNDS) -> float | None:

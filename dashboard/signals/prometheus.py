@@ -44,7 +44,7 @@ from dashboard.signals.history import (
 from dashboard.store.model import GatewayRecord, Store
 from gateway.units import is_wildcard, parse_address
 
-TIMEOUT = 5.0
+PROMETHEUS_QUERY_TIMEOUT = 5.0  # seconds for one Prometheus query
 MAX_WINDOW = 31 * 86400.0
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
 _BY = "reporter, source, destination, subset"
@@ -112,7 +112,7 @@ class PrometheusSignals:
         url: str,
         store: Store,
         scrape_interval: float = 15.0,
-        timeout: float = TIMEOUT,
+        timeout: float = PROMETHEUS_QUERY_TIMEOUT,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not scrape_interval > 0:
@@ -298,7 +298,7 @@ def _targets(record: GatewayRecord) -> list[str]:
     advertise = record.data.get("advertise")
     hosts = []
     if isinstance(advertise, str):
-        with contextlib.suppress(ValueError):  # wire.py checked it on arrival; an odd one only costs a candidate
+        with contextlib.suppress(ValueError):  # checked on arrival (api/heartbeats.py); an odd one costs a candidate
             hosts.append(parse_address(advertise).host)
     targets = []
     for kind in ("metrics", "admin"):

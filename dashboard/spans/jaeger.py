@@ -20,14 +20,17 @@ from typing import Any
 
 import httpx
 
+from dashboard.errors import DashboardError
 from dashboard.spans.store import integer, span_dict, text
 
-TIMEOUT = 5.0
+JAEGER_QUERY_TIMEOUT = 5.0  # seconds for one request to Jaeger's query API
 _HEX = re.compile(r"[0-9a-f]{1,32}")
 
 
-class JaegerError(Exception):
+class JaegerError(DashboardError):
     """Jaeger could not be asked, or did not answer as its API says; `str(err)` is one line."""
+
+    status = 502
 
 
 class JaegerQuery:
@@ -38,7 +41,7 @@ class JaegerQuery:
     >>> trace = await jaeger.trace("0af7651916cd43dd8448eb211c80319c")   # None when Jaeger has no such trace
     """
 
-    def __init__(self, url: str, timeout: float = TIMEOUT) -> None:
+    def __init__(self, url: str, timeout: float = JAEGER_QUERY_TIMEOUT) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"--jaeger: expected an http:// or https:// URL, got {url!r}")
         self.url = url.rstrip("/")

@@ -48,7 +48,7 @@ from dashboard.store.model import (
     split_stats,
     wait_for_version,
 )
-from gateway.etcd import TIMEOUT, EtcdClient, EtcdError, b64, key_of, prefix_end, value_of
+from gateway.etcd import ETCD_REQUEST_TIMEOUT, EtcdClient, EtcdError, b64, key_of, prefix_end, value_of
 from gateway.units import Backoff, parse_address
 
 log = logging.getLogger("meshgate.store")
@@ -114,7 +114,7 @@ class EtcdStore:
     >>> store = EtcdStore.from_url("etcd://10.0.0.5:2379,10.0.0.6:2379")   # doctest: +SKIP
     """
 
-    def __init__(self, endpoints: list[str], timeout: float = TIMEOUT) -> None:
+    def __init__(self, endpoints: list[str], timeout: float = ETCD_REQUEST_TIMEOUT) -> None:
         self._etcd = EtcdClient(endpoints, timeout)
         self._changes = ChangeSignal()
         self._watcher: asyncio.Task[None] | None = None

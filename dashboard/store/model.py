@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from dashboard.errors import DashboardError
 from dashboard.mesh import EMPTY, Mesh
 
 _T = TypeVar("_T")
@@ -29,12 +30,21 @@ ROLES = ("operator", "viewer", "gateway")
 MAX_GATEWAYS_PER_GROUP = 1024  # records a group keeps; a new gateway beyond that replaces the least recently heard
 
 
-class StoreError(Exception):
+class StoreError(DashboardError):
     """The store cannot be reached or used (etcd down, unreadable database). `str(err)` is one line."""
 
+    status = 503
+    headers = {"retry-after": "1"}
 
-class VersionConflict(Exception):
+    @property
+    def reason(self) -> str:
+        return f"the config store is unavailable: {self}"
+
+
+class VersionConflict(DashboardError):
     """A commit said which version it edits (`expect_version`, from If-Match) and that is no longer current."""
+
+    status = 409
 
     def __init__(self, expected: int, current: int) -> None:
         super().__init__(f"config version {expected} is not current (current is {current})")

@@ -21,7 +21,6 @@ from dashboard.api.traces import TraceResult, Traces, not_found
 from dashboard.errors import ApiError
 from dashboard.mesh import Mesh
 from dashboard.signals import topology as topo
-from dashboard.signals.history import SignalsError
 from dashboard.spans.jaeger import JaegerError
 from dashboard.spans.store import TraceFilters
 from dashboard.store.model import Revision, Store
@@ -314,11 +313,9 @@ class PageData:
 
 
 async def _signals(call: Awaitable[_T]) -> _T:
-    """A signals call; an unavailable source (Prometheus down) or a window it cannot answer is a one-line error."""
+    """A signals call; a window the source cannot answer is a 400 (an unavailable one raises SignalsError: 503)."""
     try:
         return await call
-    except SignalsError as exc:
-        raise ApiError(503, str(exc), {"retry-after": "5"}) from None
     except ValueError as exc:
         raise ApiError(400, str(exc)) from None
 

@@ -34,7 +34,7 @@ from starlette.responses import Response
 
 from dashboard.api.auth import READ, Principal, digest
 from dashboard.attempts import FailedAttempts
-from dashboard.errors import ApiError
+from dashboard.errors import ApiError, DashboardError
 from dashboard.store.model import Store
 
 COOKIE = "meshgate_session"
@@ -50,13 +50,15 @@ MAX_FORM = 64 * 1024  # bytes of a form body searched for the CSRF field
 _TOKEN_SHAPE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
-class LoginError(ValueError):
+class LoginError(DashboardError, ValueError):
     """A login the dashboard refuses; `str(err)` is one line a person can read. `retry_after` is set (seconds)
-    when the client's address is over its budget of failed attempts: answer 429."""
+    when the client's address is over its budget of failed attempts: 429."""
 
     def __init__(self, reason: str, retry_after: int = 0) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        self.status = 429 if retry_after else 401
+        self.headers = {"retry-after": str(retry_after)} if retry_after else {}
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,11 +33,10 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from dashboard.api.auth import READ, WRITE, Auth, Principal
-from dashboard.api.bodies import reason_of
+from dashboard.api.bodies import operator_reason
 from dashboard.api.operator import OperatorApi
 from dashboard.attempts import client_address
-from dashboard.errors import ApiError, one_line
-from dashboard.store.model import StoreError
+from dashboard.errors import ApiError, DashboardError, one_line
 from dashboard.ui.charts import clock, fmt
 from dashboard.ui.pagedata import WINDOWS, PageData, short_id
 from dashboard.ui.sessions import CSRF_HEADER, LoginError, Sessions, form_field
@@ -216,10 +215,8 @@ class Views:
         async def wrapped(request: Request) -> Response:
             try:
                 return await handler(request)
-            except ApiError as err:
+            except DashboardError as err:
                 return self._error(request, err.status, err.reason, err.headers)
-            except StoreError as err:
-                return self._error(request, 503, f"the config store is unavailable: {err}", {"retry-after": "1"})
 
         wrapped.__name__ = handler.__name__
         wrapped.__doc__ = handler.__doc__
@@ -287,9 +284,8 @@ class Views:
         try:
             session_id, _ = await self.sessions.login(form_field(body, "token") or "", client_address(request))
         except LoginError as err:
-            refused = await self.login_form(request, str(err), 429 if err.retry_after else 401, next_path)
-            if err.retry_after:
-                refused.headers["retry-after"] = str(err.retry_after)
+            refused = await self.login_form(request, err.reason, err.status, next_path)
+            refused.headers.update(err.headers)
             return refused
         response = RedirectResponse(next_path, 303)
         self.sessions.set_cookie(response, request, session_id)
@@ -372,7 +368,7 @@ class Views:
         fields = await self._form(request)
         subsets = await self.data.subsets_of(name)
         weights = weights_from_form(fields, subsets)
-        reason = reason_of({"reason": fields.get("reason", "")})
+        reason = operator_reason(fields.get("reason", ""))
         return await self._commit_weights(request, principal, name, weights, reason)
 
     async def revert_weights(self, request: Request) -> Response:
@@ -384,7 +380,7 @@ class Views:
         if not re.fullmatch(r"[0-9]{1,18}", text):
             raise ApiError(422, f"version: expected a config version, got {text!r}")
         weights = await self.data.weights_before(name, int(text))
-        reason = reason_of({"reason": fields.get("reason", "")}) or f"revert the weights change of version {text}"
+        reason = operator_reason(fields.get("reason", "")) or f"revert the weights change of version {text}"
         return await self._commit_weights(request, principal, name, weights, reason)
 
     async def _commit_weights(

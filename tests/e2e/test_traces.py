@@ -666,7 +666,7 @@ def test_hung_collector_does_not_hold_up_shutdown(
     start_gateway: StartGateway, start_upstream: StartUpstream, start_collector: StartCollector
 ) -> None:
     """SIGTERM with `--drain-timeout 1s` while the collector accepts exports but never answers them."""
-    from gateway.exporter import TIMEOUT  # one export's timeout: the most a last flush may add to the drain
+    from gateway.exporter import EXPORT_TIMEOUT  # one export's timeout: the most a last flush may add to the drain
 
     hung = start_collector(delay=600.0)  # answers only when the test stops it
     upstream = start_upstream("v1")
@@ -680,7 +680,7 @@ def test_hung_collector_does_not_hold_up_shutdown(
     code = gw.stop(timeout=60)
     took = time.monotonic() - started
     assert code == 0
-    assert took < 1 + TIMEOUT + 3, f"SIGTERM took {took:.1f}s with a hung collector (drain timeout 1s)"
+    assert took < 1 + EXPORT_TIMEOUT + 3, f"SIGTERM took {took:.1f}s with a hung collector (drain timeout 1s)"
 
 
 # --- the dashboard's receiver, from beyond loopback -----------------------------------------------------------
