@@ -267,7 +267,22 @@ class Exchange:
         self.deadline = self.start_time + service.config.timeouts.request if not self.has_body else math.inf
         if self.connection_tokens:
             self.headers = drop_headers(self.headers, self.connection_tokens)
-        self.head = self.render_head()
+        # The head sent upstream: X-Forwarded-* from a trusted sender are kept, else they say what this hop saw.
+        peer = downstream.peer_ip
+        forwarded_for = self.forwarded_for + b", " + peer if self.forwarded_for else peer
+        trusted = downstream.trusted
+        proto = self.forwarded_proto if trusted and self.forwarded_proto else listener.scheme
+        forwarded_host = self.forwarded_host if trusted and self.forwarded_host else self.host
+        self.head = request_head(
+            self.method,
+            self.url,
+            self.host,
+            self.headers,
+            (forwarded_for, proto, forwarded_host, self.request_id),
+            self.chunked,
+            self.upgrade,
+            inject(trace),
+        )
         self.attempt()
 
     def absolute_form(self, kind: str) -> bool:
@@ -287,19 +302,6 @@ class Exchange:
     def header_map(self) -> dict[bytes, bytes]:
         headers = self.headers
         return {headers[i].lower(): headers[i + 2] for i in range(0, len(headers), 4)}
-
-    def render_head(self) -> bytes:
-        downstream = self.downstream
-        forwarded_for = self.forwarded_for + b", " + downstream.peer_ip if self.forwarded_for else downstream.peer_ip
-        trusted = downstream.trusted
-        proto = self.forwarded_proto if trusted and self.forwarded_proto else downstream.listener.scheme
-        forwarded_host = self.forwarded_host if trusted and self.forwarded_host else self.host
-        assert self.trace is not None
-        forwarded = (forwarded_for, proto, forwarded_host, self.request_id)
-        trace = inject(self.trace)
-        return request_head(
-            self.method, self.url, self.host, self.headers, forwarded, self.chunked, self.upgrade, trace
-        )
 
     def on_request_body(self, chunk: bytes) -> None:
         self.bytes_in += len(chunk)
@@ -429,7 +431,8 @@ class Exchange:
             self.downstream.resume(PAUSE_BUFFER)
 
     def arm(self, when: float) -> None:
-        self.disarm()
+        if self.timer is not None:  # checked before calling: a call costs more than the check, per request
+            self.disarm()
         self.timer, self.timer_index = self.downstream.runtime.deadlines.add(when, self)
 
     def disarm(self) -> None:
@@ -511,7 +514,8 @@ class Exchange:
             self.attempt()
 
     def end_try(self, failed: bool) -> None:
-        self.disarm()
+        if self.timer is not None:
+            self.disarm()
         if not self.trying:
             return
         self.trying = False
@@ -547,7 +551,8 @@ class Exchange:
             upstream.close()
             self.end_try(failed=True)
             return self.retry()
-        self.disarm()
+        if self.timer is not None:
+            self.disarm()
         self.status = status
         downstream = self.downstream
         close = not self.keep_alive or downstream.closing or (self.has_body and not self.request_done and status != 101)
@@ -742,7 +747,8 @@ class Exchange:
         reporter = downstream.listener.reporter
         assert reporter is not None
         destination = service.name if service is not None else "unknown"
-        key = (reporter, downstream.source, destination, target.name if target else "", route.name if route else "")
+        subset, route_name = target.name if target else "", route.name if route else ""
+        key = (reporter, downstream.source, destination, subset, route_name)
         metrics = runtime.metrics
         series = metrics.series.get(key) or metrics.series_for(key)
         series.record(self.status, duration)
@@ -750,7 +756,8 @@ class Exchange:
             trace = self.trace = new_trace()  # refused before it was routed
         status, error = self.status, self.error
         export = trace.sampled or status >= 500 or error != "" or duration >= SLOW
-        hop = hop_record(self, key, downstream.peer_ip, runtime.wall_offset + self.start_time, duration, export)
+        start = runtime.wall_offset + self.start_time
+        hop = hop_record(self, trace, key, downstream.peer_ip, start, duration, export)
         ring = runtime.ring
         if ring.size:  # HopRing.add(hop), inlined: this runs for every request
             young = ring.young

@@ -46,7 +46,7 @@ HOP = {name: index for index, name in enumerate(HOP_FIELDS)}
 RING_BLOCK = 1024  # hop records packed together in the ring, once every 1024 requests
 
 
-class _Trace(Protocol):
+class _Trace(Protocol):  # propagation.TraceContext
     @property
     def trace_id(self) -> bytes: ...
 
@@ -69,9 +69,6 @@ class HopSource(Protocol):
     def request_id(self) -> bytes: ...
 
     @property
-    def trace(self) -> _Trace | None: ...
-
-    @property
     def endpoint(self) -> _Named | None: ...
 
     method: bytes
@@ -87,6 +84,7 @@ class HopSource(Protocol):
 
 def hop_record(
     request: HopSource,
+    trace: _Trace,
     key: tuple[str, str, str, str, str],
     peer: bytes,
     start: float,
@@ -96,8 +94,8 @@ def hop_record(
     """The hop record of a finished request, fields in HOP_FIELDS order. `key` is its golden signals' series
     (reporter, source, destination, subset, route), `start` its wall-clock start, `export` whether the span goes
     to the OTLP exporter. Atomic values only (the endpoint as a str), so the ring can pack it."""
-    trace, endpoint = request.trace, request.endpoint
-    assert trace is not None
+    endpoint = request.endpoint
+    reporter, source, destination, subset, route = key
     return (
         start,
         request.request_id,
@@ -105,7 +103,11 @@ def hop_record(
         trace.span_id,
         trace.parent_id,
         export,
-        *key,
+        reporter,
+        source,
+        destination,
+        subset,
+        route,
         endpoint.name if endpoint is not None else None,
         request.method,
         request.url,

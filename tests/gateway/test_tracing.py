@@ -511,7 +511,6 @@ def test_a_hop_record_holds_the_requests_fields_in_hop_fields_order() -> None:
     trace = SimpleNamespace(trace_id=b"a" * 32, span_id=b"b" * 16, parent_id=b"c" * 16)
     request = SimpleNamespace(
         request_id=b"req-1",
-        trace=trace,
         endpoint=SimpleNamespace(name="127.0.0.1:9001"),
         method=b"POST",
         url=b"/pay",
@@ -524,7 +523,7 @@ def test_a_hop_record_holds_the_requests_fields_in_hop_fields_order() -> None:
         error="upstream_reset",
     )
     key = ("destination", "shop", "payments", "v2", "default")
-    hop = hop_record(request, key, b"10.0.0.9", 1700000000.5, 0.004, True)
+    hop = hop_record(request, trace, key, b"10.0.0.9", 1700000000.5, 0.004, True)
     assert len(hop) == len(HOP_FIELDS)
     as_dict = dict(zip(HOP_FIELDS, hop, strict=True))
     assert as_dict == {
@@ -555,5 +554,5 @@ def test_a_hop_record_holds_the_requests_fields_in_hop_fields_order() -> None:
     ring = HopRing(4)
     ring.add(hop)
     assert hop_to_dict(ring.get(b"req-1")[0])["endpoint"] == "127.0.0.1:9001"  # atomic values: the ring packs it
-    unrouted = hop_record(SimpleNamespace(**{**vars(request), "endpoint": None}), key, b"", 0.0, 0.0, False)
+    unrouted = hop_record(SimpleNamespace(**{**vars(request), "endpoint": None}), trace, key, b"", 0.0, 0.0, False)
     assert unrouted[HOP["endpoint"]] is None
