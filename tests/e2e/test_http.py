@@ -7,13 +7,16 @@ absolute-form and the gateway's own routing-error replies. Bodies, headers and U
 Clients are raw sockets (`Wire`, tests/e2e/wire.py) where the exact bytes matter, httpx elsewhere. Upstreams are
 the shared `upstream_app` (via `start_upstream`, or `hello_upstream` behind `hello_gateway`) or a
 `ScriptedUpstream` (tests/e2e/servers.py) for behaviour the shared app lacks.
+
+Each rule is tested alone, without sockets, in the unit tier (tests/gateway/test_exchange.py, test_proxy.py,
+test_upstream.py); the tests here keep one end-to-end check per behaviour on a real process.
 """
 
 from __future__ import annotations
 
 from tests.conftest import Connect, Gateway, assert_uuid4, is_one_line_reason
 from tests.e2e.upstream_app import UpstreamServer
-from tests.e2e.wire import Wire, chunked, request
+from tests.e2e.wire import Wire, request
 
 # --- keep-alive ------------------------------------------------------------------------------------------
 
@@ -71,42 +74,7 @@ def test_http10_client_without_keep_alive_gets_body_then_close(hello_wire: Wire)
     hello_wire.expect_eof()
 
 
-def test_http10_client_gets_chunked_upstream_body_unchunked(hello_wire: Wire) -> None:
-    hello_wire.send(request("GET", "/chunked/4", version="1.0"))
-    response = hello_wire.read_response()
-    assert response.status == 200
-    assert response.header("transfer-encoding") is None, "HTTP/1.0 clients do not understand chunked"
-    assert response.body == b"chunk-0\nchunk-1\nchunk-2\nchunk-3\n"
-    assert response.header("connection") == "close"
-
-
 # --- pipelining ------------------------------------------------------------------------------------------
-
-
-def test_pipelined_requests_answered_in_order(hello_upstream: UpstreamServer, hello_wire: Wire) -> None:
-    batch = [
-        request("GET", "/delay/150"),  # the slowest first: answers must still come back in request order
-        request("POST", "/echo/two", body=b"abcde"),
-        request("GET", "/chunked/2"),
-        request("POST", "/count", headers=[("Transfer-Encoding", "chunked")]) + chunked(b"12345", b"678"),
-        request("GET", "/bytes/10"),
-        request("GET", "/echo/six?q=1"),
-    ]
-    hello_wire.send(b"".join(batch))
-    responses = [hello_wire.read_response() for _ in batch]
-    assert [r.status for r in responses] == [200] * 6
-    assert responses[0].json()["path"] == "/delay/150"
-    assert responses[1].json()["path"] == "/echo/two" and responses[1].json()["body"] == 5
-    assert responses[2].body == b"chunk-0\nchunk-1\n"
-    assert responses[3].body == b"8"
-    assert responses[4].body == b"x" * 10
-    assert responses[5].json()["path"] == "/echo/six?q=1"
-    ids = [r.header("x-request-id") for r in responses]
-    assert len(set(ids)) == 6
-    # Still the same, usable client connection.
-    hello_wire.send(request("GET", "/echo/after"))
-    assert hello_wire.read_response().json()["path"] == "/echo/after"
-    assert hello_upstream.connections == 1
 
 
 # --- outbound listener, routing errors -------------------------------------------------------------------
@@ -135,15 +103,3 @@ def test_inbound_refuses_absolute_form(hello_upstream: UpstreamServer, hello_wir
     assert is_one_line_reason(refused.body) and b"absolute-form" in refused.body, refused.body
     assert_uuid4(refused.header("x-request-id"))
     assert hello_upstream.requests == 0
-
-
-def test_unknown_service_gets_404_naming_the_host(hello_upstream: UpstreamServer, hello_wire: Wire) -> None:
-    hello_wire.send(request("GET", "/echo", host="nope.example"))
-    missing = hello_wire.read_response()
-    assert missing.status == 404
-    assert is_one_line_reason(missing.body), missing.body
-    assert b"nope.example" in missing.body
-    assert_uuid4(missing.header("x-request-id"))
-    hello_wire.send(request("GET", "/echo/still-open"))
-    assert hello_wire.read_response().status == 200
-    assert hello_upstream.requests == 1

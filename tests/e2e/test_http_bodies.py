@@ -2,6 +2,9 @@
 HEAD, 204, 304 and 100-continue.
 
 Large bodies are the deterministic `pattern` (tests/e2e/servers.py), checked by size and SHA-256 on the far side.
+
+Each rule is tested alone, without sockets, in the unit tier (tests/gateway/test_exchange.py, test_proxy.py,
+test_upstream.py); the tests here keep one end-to-end check per behaviour on a real process.
 """
 
 from __future__ import annotations
@@ -44,25 +47,6 @@ def assert_not_buffered(gw: Gateway, baseline_kib: int, size: int) -> None:
 # --- bodies ----------------------------------------------------------------------------------------------
 
 
-def test_content_length_upload(hello_gateway: Gateway) -> None:
-    with http_client(hello_gateway) as client:
-        response = client.post("/count", content=b"u" * 300_000)
-    assert response.status_code == 200 and response.text == "300000"
-
-
-def test_raw_chunked_upload(hello_wire: Wire) -> None:
-    hello_wire.send(request("POST", "/echo/up", headers=[("Transfer-Encoding", "chunked")]))
-    hello_wire.send(b"5;ext=1\r\nhello\r\n1000\r\n" + b"a" * 2048)  # a chunk split across writes
-    hello_wire.send(b"a" * 2048 + b"\r\n")
-    hello_wire.send(b"3\r\nend\r\n0\r\n\r\n")
-    response = hello_wire.read_response()
-    assert response.status == 200
-    echo = response.json()
-    assert echo["body"] == 5 + 4096 + 3
-    assert echo["headers"]["transfer-encoding"] == ["chunked"]
-    assert "content-length" not in echo["headers"]
-
-
 def test_generator_upload_streams_chunked(start_gateway: StartGateway, scripted: Scripted) -> None:
     upstream = scripted()
     gw = start_gateway(gateway_config(hello(upstream.address)))
@@ -73,25 +57,6 @@ def test_generator_upload_streams_chunked(start_gateway: StartGateway, scripted:
     echo = response.json()
     assert echo["size"] == size and echo["sha256"] == pattern_sha256(size)
     assert echo["headers"]["transfer-encoding"] == ["chunked"]
-
-
-def test_chunked_response_relayed(hello_gateway: Gateway, hello_wire: Wire) -> None:
-    hello_wire.send(request("GET", "/chunked/50"))
-    response = hello_wire.read_response()
-    assert response.status == 200
-    assert response.values("transfer-encoding") == ["chunked"]
-    assert response.header("content-length") is None
-    assert response.body == b"".join(b"chunk-%d\n" % i for i in range(50))
-    with http_client(hello_gateway) as client:
-        assert client.get("/chunked/7").content == b"".join(b"chunk-%d\n" % i for i in range(7))
-
-
-def test_content_length_response_relayed(hello_wire: Wire) -> None:
-    hello_wire.send(request("GET", "/bytes/100000"))
-    response = hello_wire.read_response()
-    assert response.header("content-length") == "100000"
-    assert response.header("transfer-encoding") is None
-    assert response.body == b"x" * 100000
 
 
 def test_close_delimited_response_relayed_fully(
