@@ -509,7 +509,7 @@ def test_wheel_carries_every_module(tmp_path: Path) -> None:
     # What the wheel must hold is judged on the copy, so files others add or remove meanwhile do not matter.
     expected = {
         path.relative_to(source).as_posix()
-        for package in ("gateway", "dashboard")
+        for package in ("meshgate", "gateway", "dashboard")
         for path in (source / package).rglob("*")
         if path.is_file()
     }
