@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-log = logging.getLogger("dashboard.api.operator")
+log = logging.getLogger("meshgate.dashboard")
 
 MAX_ERROR_TEXT = 300  # characters of an error's one-line reason in an answer; longer ones are cut with an ellipsis
 HEADERS = {"x-content-type-options": "nosniff", "cache-control": "no-store"}

@@ -40,7 +40,7 @@ from dashboard.errors import DashboardError
 from dashboard.store.model import GatewayRecord, Store, StoreError
 from gateway.telemetry import BUCKETS
 
-log = logging.getLogger("dashboard.signals.history")
+log = logging.getLogger("meshgate.signals")
 
 BOUNDS: tuple[float, ...] = (*(float(bound) for bound in BUCKETS), math.inf)
 REQUESTS, ERRORS, CLIENT_ERRORS, DENIED = range(4)
