@@ -50,7 +50,7 @@ ETCD_REGISTER = "etcd --data-dir ./etcd-data --logger zap --log-level error & PI
 ETCDCTL = "LEASE=$(etcdctl lease grant 10 | awk '{print $2}')"
 SEVERAL_HOSTS_DASHBOARD = "meshgate dashboard --listen 0.0.0.0:9000 --san dashboard.internal"
 SEVERAL_HOSTS_GATEWAY = "meshgate gateway --control https://dashboard.internal:9000 --group catalog"
-APT = "sudo apt-get install"
+APT = "sudo apt-get update && sudo apt-get install"
 TEST_COMMAND = "python3 -m venv .venv && .venv/bin/pip install -e '.[dev]' && .venv/bin/pytest"
 
 # The start of a block's first line -> the test in this file that runs it.
