@@ -1,6 +1,7 @@
 """The gateway's Python cost per request, without sockets: `python bench/hotpath.py [--requests N]`.
 
-A client connection and a pooled upstream connection are wired to in-memory transports, so one loop iteration is
+A client connection and a pooled upstream connection are wired to in-memory transports (`keepalive_pair` in
+tests/gateway/inmemory.py, the harness the unit tier uses), so one loop iteration is
 exactly the hot path's Python work for a keep-alive request: parse the request, route, pick, render and "write"
 the upstream head, parse the response, relay it, record it (golden signals, the hop record in the ring of recent
 requests). The kernel's share (system calls, loopback TCP) is measured by `bench/proxy.py`; this isolates what
@@ -23,19 +24,24 @@ import argparse
 import asyncio
 import gc
 import random
+import sys
 import time
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
-import callgrind  # bench/, beside this script
-import uvloop
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))  # `tests.gateway.inmemory`; PYTHONPATH still chooses the gateway package
 
-from gateway.config import Config
-from gateway.proxy import DownstreamProtocol
-from gateway.runtime import Runtime
-from gateway.server import data_listener
-from gateway.units import Address
-from gateway.upstream import UpstreamProtocol
+import callgrind  # noqa: E402  # bench/, beside this script
+import uvloop  # noqa: E402
+
+from gateway.config import Config  # noqa: E402
+from gateway.proxy import DownstreamProtocol  # noqa: E402
+from gateway.units import Address  # noqa: E402
+from gateway.upstream import UpstreamProtocol  # noqa: E402
+from tests.gateway.inmemory import keepalive_pair  # noqa: E402  # the in-memory harness the unit tier uses
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"  # what wrk sends
 PATH_REQUEST = b"GET /catalog/items/%d?view=full HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -45,31 +51,6 @@ RESPONSE = (  # what nginx answers
     b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%s"
     % (len(BODY), BODY)
 )
-
-
-class MemoryTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = 0
-        self._reading = True
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += 1
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def is_reading(self) -> bool:
-        return self._reading
-
-    def pause_reading(self) -> None:
-        self._reading = False
-
-    def resume_reading(self) -> None:
-        self._reading = True
-
-    def close(self) -> None:
-        pass
 
 
 def build(loop: asyncio.AbstractEventLoop, ring: int | None = None) -> tuple[DownstreamProtocol, UpstreamProtocol]:
@@ -82,15 +63,7 @@ def build(loop: asyncio.AbstractEventLoop, ring: int | None = None) -> tuple[Dow
             "services": {"bench": {"subsets": {"v1": {"endpoints": ["127.0.0.1:9"]}}}},
         }
     )
-    runtime = Runtime(config)
-    runtime.apply(config, 1)
-    downstream = DownstreamProtocol(data_listener("inbound", runtime, None), loop)
-    downstream.connection_made(MemoryTransport())
-    pool = runtime.pools[Address("127.0.0.1", 9)]
-    upstream = UpstreamProtocol(pool)
-    upstream.connection_made(MemoryTransport())
-    pool.release(upstream, loop.time())
-    return downstream, upstream
+    return keepalive_pair(config, loop, Address("127.0.0.1", 9))
 
 
 async def measure(requests: int, ring: int | None = None, warmup: int = 1000) -> float:

@@ -10,7 +10,9 @@ import socket
 import pytest
 import uvloop
 
-from tests.gateway.inmemory import CountingLoop, MemoryGateway, MemoryTransport
+from gateway.config import Config
+from gateway.units import Address
+from tests.gateway.inmemory import CountingLoop, MemoryGateway, MemoryTransport, keepalive_pair
 
 # Steps on a transport, and what each gives: a method's result, or the name of the exception it raised.
 # "lost" waits until the protocol has been told the connection is lost.
@@ -122,3 +124,22 @@ def test_a_request_goes_through_and_back() -> None:
     assert forwarded.values(b"x-forwarded-for") == [b"127.0.0.1"]
     assert run.client_output.startswith(b"HTTP/1.1 200 ") and run.client_output.endswith(b"upstream 0")
     assert run.escaped == [] and run.client_closed is False and run.runtime.connections == set()
+
+
+def test_the_keepalive_pair_carries_one_exchange_per_read_on_one_upstream_connection() -> None:
+    """What bench/hotpath.py measures is a real exchange: forwarded, answered, relayed and recorded."""
+    config = Config.parse({"services": {"bench": {"subsets": {"v1": {"endpoints": ["127.0.0.1:9"]}}}}})
+
+    async def exchanges() -> None:
+        downstream, upstream = keepalive_pair(config, asyncio.get_running_loop(), Address("127.0.0.1", 9))
+        for n in range(1, 4):
+            downstream.data_received(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            assert upstream.transport.written == n  # type: ignore[attr-defined]  # the request head, once
+            assert downstream.transport.written == n  # type: ignore[attr-defined]  # the response, in one write
+        runtime = downstream.runtime
+        assert runtime.pools[Address("127.0.0.1", 9)].idle == [upstream]  # kept alive, back in its pool
+        (series,) = runtime.metrics.series.values()
+        assert dict(series.codes) == {200: 3}
+
+    asyncio.run(exchanges())
