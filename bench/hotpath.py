@@ -1,7 +1,7 @@
 """The gateway's Python cost per request, without sockets: `python bench/hotpath.py [--requests N]`.
 
 A client connection and a pooled upstream connection are wired to in-memory transports (`keepalive_pair` in
-tests/gateway/inmemory.py, the harness the unit tier uses), so one loop iteration is
+tests/gateway/wiring.py, the wiring the unit tier's harness uses), so one loop iteration is
 exactly the hot path's Python work for a keep-alive request: parse the request, route, pick, render and "write"
 the upstream head, parse the response, relay it, record it (golden signals, the hop record in the ring of recent
 requests). The kernel's share (system calls, loopback TCP) is measured by `bench/proxy.py`; this isolates what
@@ -32,7 +32,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
-    sys.path.append(str(REPO))  # `tests.gateway.inmemory`; PYTHONPATH still chooses the gateway package
+    sys.path.append(str(REPO))  # `tests.gateway.wiring`; PYTHONPATH still chooses the gateway package
 
 import callgrind  # noqa: E402  # bench/, beside this script
 import uvloop  # noqa: E402
@@ -41,7 +41,7 @@ from gateway.config import Config  # noqa: E402
 from gateway.proxy import DownstreamProtocol  # noqa: E402
 from gateway.units import Address  # noqa: E402
 from gateway.upstream import UpstreamProtocol  # noqa: E402
-from tests.gateway.inmemory import keepalive_pair  # noqa: E402  # the in-memory harness the unit tier uses
+from tests.gateway.wiring import keepalive_pair  # noqa: E402  # the in-memory wiring the unit tier uses
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"  # what wrk sends
 PATH_REQUEST = b"GET /catalog/items/%d?view=full HTTP/1.1\r\nHost: bench\r\n\r\n"

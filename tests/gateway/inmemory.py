@@ -10,8 +10,8 @@ upstream.py share the work between them.
 - `H11Upstream` is the server at the far end of each upstream connection: h11, an HTTP/1.1 parser independent of
   the gateway's httptools, reads what the gateway sent and answers every complete request with a small fixed
   response numbered by arrival (`x-upstream-seq`).
-- `SinkTransport` and `keepalive_pair()` are the bare wiring `bench/hotpath.py` measures: writes only counted, the
-  protocols fed directly, one keep-alive exchange at a time.
+- The bare wiring `bench/hotpath.py` measures (`wiring.keepalive_pair`: writes only counted, the protocols fed
+  directly) is in wiring.py, which imports nothing beyond the gateway, so the benchmark counts the gateway alone.
 - `MemoryGateway.run(data)` builds a fresh runtime (its pools are `MemoryPool`s, seeded into `runtime.pools`
   before the config is applied, so every connection the gateway opens is an `H11Upstream`), sends `data` from a
   client, lets the loop settle, ends the client's input, and returns a `Run`: what the client got, what the
@@ -41,9 +41,9 @@ from gateway.runtime import Runtime
 from gateway.server import data_listener
 from gateway.units import Address
 from gateway.upstream import Pool, UpstreamProtocol
+from tests.gateway.wiring import CLIENT_PEER
 
 UPSTREAMS = (Address("127.0.0.1", 9001), Address("127.0.0.1", 9002))
-CLIENT_PEER = ("127.0.0.1", 40000)
 MAX_EVENT = 1 << 20  # h11's limit on a head it buffers; above the gateway's own header limits
 SETTLE_LIMIT = 100_000  # loop iterations one settle may take before the run counts as a livelock
 
@@ -224,53 +224,6 @@ class MemoryTransport(asyncio.Transport):
             self.lost = True
             self.reading = False
             self.protocol.connection_lost(exc)
-
-
-class SinkTransport(asyncio.Transport):
-    """A transport that only counts writes and keeps the reading flag: what `bench/hotpath.py` runs the gateway on,
-    so that none of the harness's own buffering and delivery enters the gateway's cost per request. The caller
-    feeds the protocol directly (`data_received`), one read at a time."""
-
-    def __init__(self, peer: tuple[str, int] = CLIENT_PEER) -> None:
-        super().__init__()
-        self.written = 0
-        self.peer = peer
-        self._reading = True
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += 1
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.peer if name == "peername" else default
-
-    def is_reading(self) -> bool:
-        return self._reading
-
-    def pause_reading(self) -> None:
-        self._reading = False
-
-    def resume_reading(self) -> None:
-        self._reading = True
-
-    def close(self) -> None:
-        pass
-
-
-def keepalive_pair(
-    config: Config, loop: asyncio.AbstractEventLoop, address: Address
-) -> tuple[DownstreamProtocol, UpstreamProtocol]:
-    """A runtime serving `config`, one client connection on its inbound listener and one keep-alive upstream
-    connection to `address` idle in its pool, both on `SinkTransport`s: a request fed to the client and a response
-    fed to the upstream make one keep-alive exchange, the hot path and nothing else."""
-    runtime = Runtime(config)
-    runtime.apply(config, 1)
-    downstream = DownstreamProtocol(data_listener("inbound", runtime, None), loop)
-    downstream.connection_made(SinkTransport())
-    pool = runtime.pools[address]
-    upstream = UpstreamProtocol(pool)
-    upstream.connection_made(SinkTransport((address.host, address.port)))
-    pool.release(upstream, loop.time())
-    return downstream, upstream
 
 
 @dataclass

@@ -48,7 +48,8 @@ from gateway.runtime import Runtime
 from gateway.server import data_listener
 from gateway.units import Address
 from gateway.upstream import Pool, UpstreamProtocol
-from tests.gateway.inmemory import CLIENT_PEER, CountingLoop, ErrorLog, MemoryTransport, describe_loop_error
+from tests.gateway.inmemory import CountingLoop, ErrorLog, MemoryTransport, describe_loop_error
+from tests.gateway.wiring import CLIENT_PEER
 
 START = 1000.0  # the virtual clock's first reading
 # Stepping onto a timer's due time lands just after it: the deadline wheel rounds `time / 0.01` down, and a float

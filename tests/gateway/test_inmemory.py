@@ -12,7 +12,8 @@ import uvloop
 
 from gateway.config import Config
 from gateway.units import Address
-from tests.gateway.inmemory import CountingLoop, MemoryGateway, MemoryTransport, keepalive_pair
+from tests.gateway.inmemory import CountingLoop, MemoryGateway, MemoryTransport
+from tests.gateway.wiring import keepalive_pair
 
 # Steps on a transport, and what each gives: a method's result, or the name of the exception it raised.
 # "lost" waits until the protocol has been told the connection is lost.
