@@ -532,8 +532,9 @@ class Exchange:
 
     def on_response_head(self, upstream: UpstreamProtocol, status: int) -> None:
         if 100 <= status < 200 and status != 101:
-            if self.version == "1.1" and not self.out:
-                self.downstream.transport.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, upstream.reason))
+            if self.version == "1.1" and not self.out:  # relayed with its fields: 103's Link is its whole point
+                head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, upstream.reason, b"".join(upstream.headers))
+                self.downstream.transport.write(head)
             return
         service = self.service
         assert service is not None

@@ -406,6 +406,20 @@ def test_a_chunked_response_is_relayed_with_its_trailers() -> None:
         assert not upstream.closed and not client.closed  # both kept alive
 
 
+def test_an_interim_response_is_relayed_with_its_headers_before_the_final_one() -> None:
+    """103 Early Hints exists for its Link headers (RFC 8297): relayed without them it tells the client nothing."""
+    with Playbook(one_subset()) as pb:
+        client = pb.connect()
+        client.send(GET)
+        upstream = pb.next_upstream()
+        upstream.answer(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\nConnection: x-hop\r\n\r\n")
+        assert client.read() == b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+        upstream.answer(reply(200, b"ok"))
+        (response,) = client.responses()
+        assert (response.status, response.body) == (200, b"ok")
+        assert response.header(b"link") is None  # the hint was the interim response's, not the final one's
+
+
 def test_an_unrequested_switch_of_protocols_is_refused_with_502() -> None:
     with Playbook(one_subset()) as pb:
         client = pb.connect()
