@@ -103,11 +103,9 @@ class Pool:
         return None
 
     async def connect(self, timeout: float) -> UpstreamProtocol:
-        loop = asyncio.get_running_loop()
-        host, port = self.address
         try:
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(lambda: UpstreamProtocol(self), host, port, ssl=self.tls)
+                conn = await self.dial()
         except TimeoutError as exc:
             raise ConnectFailed(f"connect to {self.address} timed out after {timeout:g}s") from exc
         except OSError as exc:  # ssl.SSLError included: a peer whose certificate the mesh CA did not sign
@@ -117,6 +115,14 @@ class Pool:
             if peer_id != self.peer_id:
                 conn.close()
                 raise ConnectFailed(f"{self.address} presented identity {peer_id}, expected {self.peer_id}")
+        return conn
+
+    async def dial(self) -> UpstreamProtocol:
+        """Open one connection (TLS to a peer gateway); `connect` bounds it in time and names its failures. The
+        socket-free tests replace only this."""
+        host, port = self.address
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: UpstreamProtocol(self), host, port, ssl=self.tls)
         return conn
 
     def release(self, conn: UpstreamProtocol, now: float) -> None:

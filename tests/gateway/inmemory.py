@@ -376,7 +376,7 @@ class MemoryPool(Pool):
         super().__init__(address)
         self.state = state
 
-    async def connect(self, timeout: float) -> UpstreamProtocol:
+    async def dial(self) -> UpstreamProtocol:
         await asyncio.sleep(0)  # a connect takes at least one loop iteration: the client's bytes may arrive meanwhile
         return self.state.open_upstream(self.address).protocol
 

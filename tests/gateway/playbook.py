@@ -42,7 +42,6 @@ import h11
 import gateway.exchange
 import gateway.proxy
 from gateway.config import Config
-from gateway.errors import ConnectFailed
 from gateway.proxy import DownstreamProtocol
 from gateway.runtime import Runtime
 from gateway.server import data_listener
@@ -141,20 +140,24 @@ class BufferedTransport(MemoryTransport):
             self.protocol.resume_writing()
 
 
-@dataclass
-class Request:
-    """One request as h11 read it off an upstream connection: what the gateway forwarded."""
-
-    method: bytes
-    target: bytes
+class _Fields:
     headers: list[tuple[bytes, bytes]]  # names lower-cased
-    body: bytes = b""
-    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def header(self, name: bytes) -> bytes | None:
         values = [value for key, value in self.headers if key == name]
         assert len(values) <= 1, f"{name!r} appears {len(values)} times"
         return values[0] if values else None
+
+
+@dataclass
+class Request(_Fields):
+    """One request as h11 read it off an upstream connection: what the gateway forwarded."""
+
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes = b""
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
     def names(self) -> set[bytes]:
         return {name for name, _ in self.headers}
@@ -187,18 +190,13 @@ def parse_requests(data: bytes) -> list[Request]:
 
 
 @dataclass
-class Response:
+class Response(_Fields):
     """One response as h11 (not the gateway's parser) read it off the client's connection."""
 
     status: int
-    headers: list[tuple[bytes, bytes]]  # names lower-cased
+    headers: list[tuple[bytes, bytes]]
     body: bytes = b""
     trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
-
-    def header(self, name: bytes) -> bytes | None:
-        values = [value for key, value in self.headers if key == name]
-        assert len(values) <= 1, f"{name!r} appears {len(values)} times"
-        return values[0] if values else None
 
 
 def parse_responses(data: bytes, eof: bool, methods: list[bytes] | None = None) -> list[Response]:
@@ -365,16 +363,10 @@ class ScriptedPool(Pool):
         super().__init__(address)
         self.playbook = playbook
 
-    async def connect(self, timeout: float) -> UpstreamProtocol:
+    async def dial(self) -> UpstreamProtocol:  # Pool.connect bounds it and turns a refusal into ConnectFailed
         upstream = Upstream(self.playbook, self)
         self.playbook.upstreams.append(upstream)
-        try:
-            async with asyncio.timeout(timeout):
-                await upstream.accepted
-        except TimeoutError as exc:  # Pool.connect's own messages
-            raise ConnectFailed(f"connect to {self.address} timed out after {timeout:g}s") from exc
-        except OSError as exc:
-            raise ConnectFailed(f"connect to {self.address} failed: {exc.strerror or exc}") from exc
+        await upstream.accepted
         return upstream.protocol
 
 
