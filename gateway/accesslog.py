@@ -103,7 +103,7 @@ _LINE = (
     '{"request_id":"%s","trace_id":"%s","span_id":"%s","parent_span_id":"%s","reporter":"%s","source":"%s",'
     '"destination":"%s","subset":"%s","route":"%s","endpoint":%s,"method":"%s","target":%s,"host":%s,"status":%d,'
     '"duration":%r,"upstream_duration":%r,"tries":%d,"bytes_in":%d,"bytes_out":%d,"error":"%s","peer":"%s",'
-    '"flags":"%s","time":"%s.%03d+00:00","retries":%d}\n'
+    '"grpc_status":%s,"flags":"%s","time":"%s.%03d+00:00","retries":%d}\n'
 )
 
 
@@ -112,7 +112,7 @@ def line_of(hop: tuple[Any, ...]) -> str:
     everything else is a validated token, a config name, an address or a number (3x faster than json.dumps of
     the whole record, measured here)."""
     (start, request_id, trace_id, span_id, parent, _, reporter, source, destination, subset, route, endpoint) = hop[:12]
-    (method, target, host, status, duration, upstream, tries, bytes_in, bytes_out, error, peer) = hop[12:]
+    (method, target, host, status, duration, upstream, tries, bytes_in, bytes_out, error, peer, grpc_status) = hop[12:]
     seconds = int(start)
     return _LINE % (
         request_id.decode("latin-1"),
@@ -136,6 +136,7 @@ def line_of(hop: tuple[Any, ...]) -> str:
         bytes_out,
         error,
         peer.decode("latin-1"),
+        grpc_status if grpc_status >= 0 else "null",
         response_flags(hop),
         _second(seconds),
         int((start - seconds) * 1000),

@@ -198,6 +198,8 @@ _access_log = _rule(  # YAML 1.1 reads a bare `off` as false
     "expected off, stdout or a file path", _is_file_name, lambda value: "off" if value is False else value
 )
 _url = _rule("expected an http:// or https:// URL", _is_http_url)
+PROTOCOLS = ("http1", "h2c", "grpc")  # what a service's endpoints speak; grpc implies h2c
+_protocol = _rule(f"expected one of: {', '.join(PROTOCOLS)}", lambda value: value in PROTOCOLS)
 _duration = _rule("expected a positive duration like 250ms, 2s or 1m", lambda seconds: seconds > 0, parse_duration)
 _percent = _rule("expected a percentage from 0% to 100% (or a ratio from 0 to 1)", lambda _: True, parse_percent)
 _header_bytes = _rule("expected a size of at least 1KiB, like 60KiB or 65536", lambda size: size >= 1024, parse_size)
@@ -393,6 +395,7 @@ class Subset:
     dns: Address | None = _key(None, _optional(_address(min_port=1)), str)
     srv: str | None = _key(None, _optional(_rule("expected a DNS name such as _http._tcp.catalog.example", _is_srv)))
     etcd: str | None = _key(None, _optional(_rule("expected a key prefix starting with /", _is_key_prefix)))
+    protocol: str | None = _key(None, _optional(_protocol))  # None: the service's
 
     @property
     def discovered(self) -> bool:
@@ -498,6 +501,7 @@ class Service:
     subsets: tuple[Subset, ...]
     routes: tuple[Route, ...]
     lb: LoadBalancer = _key(LoadBalancer(), _lb, str)
+    protocol: str = _key("http1", _protocol)
     timeouts: Timeouts = _nested(Timeouts)
     retries: Retries = _nested(Retries)
     health: Health | None = _key(None, _optional(_section(Health)), _dump)

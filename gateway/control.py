@@ -41,7 +41,7 @@ from prometheus_client.registry import Collector
 from gateway import tls
 from gateway.config import Config, ConfigError
 from gateway.runtime import AdminState, Peers, Publish, Spawn
-from gateway.telemetry import Snapshot
+from gateway.telemetry import Code, Snapshot
 from gateway.units import Address, Backoff, format_duration, is_loopback, is_wildcard, parse_address, write_private
 
 log = logging.getLogger("meshgate.control")
@@ -194,6 +194,7 @@ class Identity:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
         self.server = tls.mesh_context(server=True)
         self.client = tls.mesh_context(server=False)
+        self.client_h2 = tls.mesh_context(server=False, h2=True)  # multiplexed HTTP/2 to peers (h2client.py)
         self.received = 0.0  # when this certificate came from the dashboard (its file's time, when loaded)
         self.not_after = 0.0
         self.trust_domain = ""  # from our own SPIFFE ID; peers must be of the same trust domain
@@ -225,7 +226,7 @@ class Identity:
         write_private(self.ca_path, ca_pem)
 
     def _install(self, key_pem: bytes, chain_pem: bytes, ca_pem: bytes) -> None:
-        for context in (self.server, self.client):
+        for context in (self.server, self.client, self.client_h2):
             tls.install(context, chain_pem, key_pem, ca_pem)
         self.not_after = tls.not_after(chain_pem)
         self.trust_domain = tls.trust_domain_of(chain_pem)
@@ -248,14 +249,33 @@ def _instance_id(data_dir: str) -> str:
         return instance
 
 
+def http_codes(codes: dict[Code, int]) -> dict[str, int]:
+    """Counts by HTTP status; a gRPC call counts under its HTTP status here, and under its code in "grpc"."""
+    found: dict[str, int] = {}
+    for code, count in codes.items():
+        key = str(code if isinstance(code, int) else code[0])
+        found[key] = found.get(key, 0) + count
+    return found
+
+
+def grpc_codes(codes: dict[Code, int]) -> dict[str, dict[str, int]]:
+    """{"grpc": counts by grpc-status} for a series with gRPC calls, else nothing."""
+    found: dict[str, int] = {}
+    for code, count in codes.items():
+        if isinstance(code, tuple):
+            found[str(code[1])] = found.get(str(code[1]), 0) + count
+    return {"grpc": found} if found else {}
+
+
 def stats_json(snapshot: Snapshot) -> dict[str, Any]:
     """A metrics snapshot in JSON form (its dict keys are tuples), for the heartbeat."""
     series = [
         {
             "labels": list(key),
-            "codes": {str(code): count for code, count in codes.items()},
+            "codes": http_codes(codes),
             "buckets": buckets,
             "sum": s,
+            **grpc_codes(codes),
         }
         for key, (codes, buckets, s) in snapshot["series"].items()
     ]
@@ -535,6 +555,7 @@ class ControlSource:
         self.identity = Identity(settings.data_dir)
         self.server_tls: ssl.SSLContext | None = self.identity.server
         self.client_tls: ssl.SSLContext | None = self.identity.client
+        self.client_tls_h2: ssl.SSLContext | None = self.identity.client_h2
         self.identity_changed: Callable[[], None] = lambda: None
 
     def start(self, state: AdminState, publish: Publish, addresses: dict[str, Address], spawn: Spawn) -> None:

@@ -18,7 +18,7 @@ import re
 from collections.abc import Awaitable
 from random import random
 from time import monotonic
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 from httptools import HttpParserError
@@ -38,7 +38,7 @@ from gateway.http1 import drop_headers, request_head
 from gateway.propagation import TraceContext, extract, inject, new_request_id, new_trace
 from gateway.routing import BUDGET_EXHAUSTED, RETRY
 from gateway.runtime import LocalHandler, Runtime
-from gateway.upstream import Pool, UpstreamProtocol
+from gateway.upstream import H2Request, Multiplexed, Pool, UpstreamProtocol
 
 if TYPE_CHECKING:
     from gateway.balancer import Endpoint
@@ -107,6 +107,10 @@ class Downstream(Protocol):
 class Exchange:
     """One proxied request: routing decision, tries, and the response relayed to the client."""
 
+    # Whether requests to another group's gateways ride HTTP/2: yes for HTTP/2 clients (gRPC needs it end to end),
+    # no for HTTP/1.1 ones, which keep the pooled HTTP/1.1 mTLS connections.
+    peer_h2 = False
+
     __slots__ = (
         "downstream",
         "method",
@@ -132,6 +136,7 @@ class Exchange:
         "endpoint",
         "upstream",
         "head",
+        "fields",
         "body",
         "body_size",
         "replayable",
@@ -151,7 +156,9 @@ class Exchange:
         "start_time",
         "try_start",
         "deadline",
+        "limit",
         "status",
+        "grpc_status",
         "resp_chunked",
         "resp_close_delimited",
         "resp_done",
@@ -187,7 +194,9 @@ class Exchange:
         self.endpoint: Endpoint | None = None
         self.upstream: UpstreamProtocol | None = None
         self.head = b""
-        self.body: list[bytes] = []
+        # The upstream speaks HTTP/2 (h2client.py): the head as fields instead of `head`, and the body unframed.
+        self.fields: list[tuple[bytes, bytes]] | None = None
+        self.body: list[bytes] = []  # request body data kept to send once connected, or to replay
         self.body_size = 0
         self.replayable = True
         self.request_done = False
@@ -205,7 +214,9 @@ class Exchange:
         self.upstream_time = 0.0
         self.try_start = 0.0
         self.deadline = 0.0
+        self.limit = math.inf  # a deadline the client set (gRPC's grpc-timeout), which no timeout extends
         self.status = 0  # the status sent to the client; 0 until the response is committed
+        self.grpc_status = -1  # a gRPC call's outcome (rpc.py); -1 for other requests
         self.resp_chunked = False
         self.resp_close_delimited = False
         self.resp_done = False
@@ -265,6 +276,8 @@ class Exchange:
         service.load.requests += 1
         # Like Envoy's, the timeouts count from the end of the request: an upload may take as long as it takes.
         self.deadline = self.start_time + service.config.timeouts.request if not self.has_body else math.inf
+        if self.limit != math.inf:
+            self.deadline = min(self.deadline, self.limit)
         if self.connection_tokens:
             self.headers = drop_headers(self.headers, self.connection_tokens)
         # The head sent upstream: X-Forwarded-* from a trusted sender are kept, else they say what this hop saw.
@@ -273,17 +286,20 @@ class Exchange:
         trusted = downstream.trusted
         proto = self.forwarded_proto if trusted and self.forwarded_proto else listener.scheme
         forwarded_host = self.forwarded_host if trusted and self.forwarded_host else self.host
-        self.head = request_head(
-            self.method,
-            self.url,
-            self.host,
-            self.headers,
-            (forwarded_for, proto, forwarded_host, self.request_id),
-            self.chunked,
-            self.upgrade,
-            inject(trace),
-        )
+        forwarded = (forwarded_for, proto, forwarded_host, self.request_id)
+        if self.peer_h2 if service.remote else self.target.h2:
+            self.fields = self.request_fields(forwarded, inject(trace))
+            self.upgrade = b""  # HTTP/2 has no Upgrade: the request goes as a plain one
+        else:
+            self.head = request_head(
+                self.method, self.url, self.host, self.headers, forwarded, self.chunked, self.upgrade, inject(trace)
+            )
         self.attempt()
+
+    def request_fields(self, forwarded: tuple[bytes, bytes, bytes, bytes], trace: bytes) -> list[tuple[bytes, bytes]]:
+        from gateway.h2client import request_fields  # the HTTP/2 codec is loaded only when a request needs it
+
+        return request_fields(self.method, self.url, self.host, self.headers, forwarded, trace, b"http")
 
     def absolute_form(self, kind: str) -> bool:
         """Turn an absolute-form target (an app using HTTP_PROXY) into origin form plus Host."""
@@ -305,11 +321,11 @@ class Exchange:
 
     def on_request_body(self, chunk: bytes) -> None:
         self.bytes_in += len(chunk)
-        if self.chunked:
-            chunk = b"%x\r\n%s\r\n" % (len(chunk), chunk)
         upstream = self.upstream
         if upstream is not None:
-            upstream.transport.write(chunk)
+            upstream.transport.write(
+                b"%x\r\n%s\r\n" % (len(chunk), chunk) if self.chunked and not self.fields else chunk
+            )
             if self.replayable:
                 self._keep_for_replay(chunk)
             return
@@ -320,17 +336,16 @@ class Exchange:
         if self.body_size > BUFFER_LIMIT:
             self.downstream.pause(PAUSE_BUFFER)
 
-    def end_chunked_body(self) -> None:
-        """The last chunk, with the trailers that may be forwarded (proxy.py's `on_trailer` chose them)."""
-        last = b"0\r\n\r\n" if self.trailers is None else b"".join((b"0\r\n", *self.trailers, b"\r\n"))
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.transport.write(last)
-            if self.replayable:
-                self._keep_for_replay(last)
-        elif not self.done:
-            self.body.append(last)
-            self.body_size += len(last)
+    def last_chunk(self) -> bytes:
+        """The end of a chunked body, with the trailers that may be forwarded (proxy.py's `on_trailer` chose them)."""
+        return b"0\r\n\r\n" if self.trailers is None else b"".join((b"0\r\n", *self.trailers, b"\r\n"))
+
+    def framed_body(self) -> bytes:
+        """The body kept so far as it goes to an HTTP/1.1 upstream: chunked again when it came chunked."""
+        if not self.chunked:
+            return b"".join(self.body)
+        framed = b"".join([b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in self.body])
+        return framed + self.last_chunk() if self.request_done else framed
 
     def _keep_for_replay(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
@@ -347,8 +362,12 @@ class Exchange:
 
     def on_request_complete(self) -> None:
         self.request_done = True
-        if self.chunked:
-            self.end_chunked_body()
+        upstream = self.upstream
+        if upstream is not None:  # else send() ends the request when it is connected
+            if self.fields is not None:
+                cast(H2Request, upstream).end_request(self.trailers)
+            elif self.chunked:
+                upstream.transport.write(self.last_chunk())
         if self.done:
             if self.downstream.exchange is self:
                 self.downstream.exchange_done(self)
@@ -359,7 +378,7 @@ class Exchange:
         assert self.service is not None
         timeouts = self.service.config.timeouts
         now = monotonic()
-        self.deadline = now + timeouts.request
+        self.deadline = min(now + timeouts.request, self.limit)
         if self.trying and self.status == 0 and self.timer is None:
             self.arm(min(now + timeouts.per_try, self.deadline))
 
@@ -387,8 +406,12 @@ class Exchange:
         self.try_start = now
         timeouts = service.config.timeouts
         if self.deadline != math.inf:
-            self.arm(min(now + timeouts.per_try, self.deadline))
-        upstream = endpoint.pool.acquire()
+            # While a body streams in, only the client's own deadline runs; the per-try one starts at its end.
+            self.arm(
+                min(now + timeouts.per_try, self.deadline) if self.request_done or not self.has_body else self.deadline
+            )
+        pool: Pool | Multiplexed = endpoint.pool if self.fields is None else self.h2_pool(endpoint.pool)
+        upstream = pool.acquire()
         if upstream is not None:
             return self.send(upstream)
         limits = service.config.limits
@@ -398,9 +421,20 @@ class Exchange:
                 503, f"circuit breaker open: {limits.max_pending} requests pending", error="overflow"
             )
         service.load.pending += 1
-        self.downstream.runtime.spawn(self.connect(endpoint.pool, self.attempt_id, timeouts.connect))
+        self.downstream.runtime.spawn(self.connect(pool, self.attempt_id, timeouts.connect))
 
-    async def connect(self, pool: Pool, attempt_id: int, timeout: float) -> None:
+    def h2_pool(self, pool: Pool) -> Multiplexed:
+        """The HTTP/2 connections to the pool's address, made on first use (for a peer gateway, mTLS with ALPN h2)."""
+        multiplexed = pool.h2
+        if multiplexed is None:
+            from gateway.h2client import H2Pool
+
+            tls = self.downstream.runtime.peer_tls_h2 if pool.tls else None
+            h2pool = H2Pool(pool.address, tls, pool.peer_id, self.downstream.max_head, self.downstream.max_headers)
+            multiplexed = pool.h2 = cast(Multiplexed, h2pool)  # its streams have UpstreamProtocol's surface
+        return multiplexed
+
+    async def connect(self, pool: Pool | Multiplexed, attempt_id: int, timeout: float) -> None:
         service = self.service
         assert service is not None
         try:
@@ -421,10 +455,15 @@ class Exchange:
         upstream.exchange = self
         if self.downstream.write_paused:
             upstream.transport.pause_reading()
-        if not self.body:
+        if self.fields is not None:
+            cast(H2Request, upstream).send_request(
+                self.fields, self.body, self.trailers if self.request_done else None, self.request_done
+            )
+        elif not self.body and not (self.chunked and self.request_done):
             upstream.transport.write(self.head)
         else:
-            upstream.transport.write(self.head + b"".join(self.body))
+            upstream.transport.write(self.head + self.framed_body())
+        if self.body:
             if self.body_size > REPLAY_LIMIT or not self.replayable:
                 self.replayable = False
                 self.body = []
@@ -451,6 +490,8 @@ class Exchange:
         if self.done or self.status:
             return
         if monotonic() >= self.deadline - 0.001:
+            if self.deadline == self.limit:
+                return self.try_failed(RequestTimeout("the call's deadline (grpc-timeout) passed"))
             timeout = self.service.config.timeouts.request if self.service else 0.0
             return self.try_failed(RequestTimeout(f"upstream did not answer within the {timeout:g}s request timeout"))
         per_try = self.service.config.timeouts.per_try if self.service else 0.0
@@ -532,10 +573,7 @@ class Exchange:
 
     def on_response_head(self, upstream: UpstreamProtocol, status: int) -> None:
         if 100 <= status < 200 and status != 101:
-            if self.version == "1.1" and not self.out:  # relayed with its fields: 103's Link is its whole point
-                head = b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, upstream.reason, b"".join(upstream.headers))
-                self.downstream.transport.write(head)
-            return
+            return self.interim(upstream, status)
         service = self.service
         assert service is not None
         if status == 101 and not self.upgrade:
@@ -555,9 +593,13 @@ class Exchange:
         if self.timer is not None:
             self.disarm()
         self.status = status
+        self.begin_response(upstream, status)
+
+    def begin_response(self, upstream: UpstreamProtocol, status: int) -> None:
+        """The response head goes to the client (only gathered here: written once the upstream's read is done)."""
         downstream = self.downstream
         close = not self.keep_alive or downstream.closing or (self.has_body and not self.request_done and status != 101)
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, upstream.reason)]
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, upstream.reason or reason_phrase(status))]
         parts += upstream.headers
         parts += (b"x-request-id: ", self.request_id, b"\r\n")
         bodiless = self.method == b"HEAD" or status in (204, 304) or status == 101
@@ -580,6 +622,12 @@ class Exchange:
             if self.method == b"HEAD":
                 upstream.reset_parser()
             self.on_response_complete(upstream)
+
+    def interim(self, upstream: UpstreamProtocol, status: int) -> None:
+        """An interim (1xx) response, relayed with its fields: 103's Link is its whole point."""
+        if self.version == "1.1" and not self.out:
+            reason = upstream.reason or reason_phrase(status)
+            self.downstream.transport.write(b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(upstream.headers)))
 
     def on_response_body(self, chunk: bytes) -> None:
         self.bytes_out += len(chunk)
@@ -689,12 +737,15 @@ class Exchange:
             self.error = error
         if close or (self.has_body and not self.request_done):
             self.keep_alive = False
+        self.reply_local(status, reason)
+        self.finish()
+
+    def reply_local(self, status: int, reason: str) -> None:
         request_id = self.request_id or new_request_id()
         reply = local_reply(status, reason, request_id, self.keep_alive, head_only=self.method == b"HEAD")
         self.bytes_out += len(reply) - reply.index(b"\r\n\r\n") - 4
         self.out.append(reply)
         self.flush()
-        self.finish()
 
     def answer_locally(self, handler: LocalHandler) -> None:
         answer = handler(self.method, self.url, self.downstream.peer_ip, self.header_map())
@@ -729,7 +780,7 @@ class Exchange:
             return
         self.done = True
         service = self.service
-        if service is not None and self.head:
+        if service is not None and (self.head or self.fields is not None):  # counted in `active` by start()
             service.load.active -= 1
         downstream = self.downstream
         if downstream.listener.reporter is not None:
@@ -752,7 +803,7 @@ class Exchange:
         key = (reporter, downstream.source, destination, subset, route_name)
         metrics = runtime.metrics
         series = metrics.series.get(key) or metrics.series_for(key)
-        series.record(self.status, duration)
+        series.record(self.status if self.grpc_status < 0 else (self.status, self.grpc_status), duration)
         if trace is None:
             trace = self.trace = new_trace()  # refused before it was routed
         status, error = self.status, self.error

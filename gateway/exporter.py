@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from gateway.hops import HOP
+from gateway.rpc import DEFAULT_FAILURE_CODES, NAMES
 
 if TYPE_CHECKING:
     from gateway.telemetry import Metrics
@@ -242,7 +243,7 @@ class SpanEncoder:
     def span(self, hop: tuple[Any, ...]) -> bytes:
         (
             start, request_id, trace_id, span_id, parent, _, reporter, source, destination, subset, route, endpoint,
-            method, target, host, status, duration, upstream, tries, _, _, error, peer,
+            method, target, host, status, duration, upstream, tries, _, _, error, peer, grpc_status,
         ) = hop  # fmt: skip
         constant = self.routes.get((method, host, reporter, source, destination, subset, route))
         if constant is None:
@@ -281,7 +282,21 @@ class SpanEncoder:
             endpoint_name,
             _error(error, status) if error or status >= 500 else b"",
         )
+        if grpc_status >= 0:
+            body += self.rpc(path, grpc_status, not error and status < 500)
         return b"\x12" + _length(len(body)) + body
+
+    @staticmethod
+    def rpc(path: bytes, code: int, status_unset: bool) -> bytes:
+        """OpenTelemetry's RPC attributes of a gRPC call (`/package.Service/Method`); a failing code is the span's
+        error when the HTTP side did not already set one."""
+        service, _, method = path.lstrip(b"/").partition(b"/")
+        attributes = _string_attribute(_key("rpc.system"), b"grpc")
+        attributes += _string_attribute(_key("rpc.service"), service) + _string_attribute(_key("rpc.method"), method)
+        attributes += _int_attribute(_key("rpc.grpc.status_code"), code)
+        if code in DEFAULT_FAILURE_CODES and status_unset:
+            attributes += _string_attribute(_ERROR_TYPE, NAMES[code].encode()) + _STATUS_ERROR
+        return attributes
 
     def _route(self, method: bytes, host: bytes, *labels: str) -> bytes:
         """Name, kind and the attributes every request of this route shares, encoded once."""

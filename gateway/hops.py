@@ -41,6 +41,7 @@ HOP_FIELDS = (
     "bytes_out",
     "error",
     "peer",
+    "grpc_status",  # a gRPC call's outcome (rpc.py); -1 for other requests
 )
 HOP = {name: index for index, name in enumerate(HOP_FIELDS)}
 RING_BLOCK = 1024  # hop records packed together in the ring, once every 1024 requests
@@ -80,6 +81,7 @@ class HopSource(Protocol):
     bytes_in: int
     bytes_out: int
     error: str
+    grpc_status: int
 
 
 def hop_record(
@@ -120,6 +122,7 @@ def hop_record(
         request.bytes_out,
         request.error,
         peer,
+        request.grpc_status,
     )
 
 
@@ -348,6 +351,8 @@ def hop_to_dict(hop: tuple[Any, ...]) -> dict[str, Any]:
     for name, value in record.items():
         if isinstance(value, bytes):
             record[name] = value.decode("latin-1")
+    if record["grpc_status"] < 0:
+        record["grpc_status"] = None
     record["flags"] = response_flags(hop)
     return record
 

@@ -11,6 +11,8 @@ from gateway.propagation import TRACE_HEADERS
 # Framing bytes a chunked body may carry per chunk besides its data: the size line (at most 16 hex digits) and
 # CRLFs. Extensions and trailers beyond that share the header limit (`framing_exceeds`).
 CHUNK_FRAMING = 24
+# What an HTTP/2 client sends first (RFC 9113 §3.4): a connection starting with it is handed to h2server.py.
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_LINE = 8 * 1024  # a request target, or a status line, besides the header limit
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade"))
 # Connection options, and fields a Connection header may not make hop-by-hop: dropping the framing of a message
@@ -31,6 +33,37 @@ FORBIDDEN_TRAILERS = frozenset(
         *(b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-request-id"),
     )
 )
+
+# What a client connection does with a request header (proxy.py for HTTP/1.1, h2server.py for HTTP/2).
+(
+    REQ_DROP,
+    REQ_HOST,
+    REQ_CONNECTION,
+    REQ_TRANSFER_ENCODING,
+    REQ_UPGRADE,
+    REQ_CONTENT_LENGTH,
+    REQ_REQUEST_ID,
+    REQ_XFF,
+    REQ_XFP,
+    REQ_XFH,
+    REQ_TRACE,
+) = range(1, 12)
+REQUEST_FIELDS = {
+    **dict.fromkeys(TRACE_HEADERS, REQ_TRACE),  # read into the trace context, written again by inject()
+    b"host": REQ_HOST,
+    b"connection": REQ_CONNECTION,
+    b"keep-alive": REQ_DROP,
+    b"te": REQ_DROP,
+    b"trailer": REQ_DROP,
+    b"http2-settings": REQ_DROP,  # only meaningful with `Upgrade: h2c`, which is never forwarded
+    b"transfer-encoding": REQ_TRANSFER_ENCODING,
+    b"upgrade": REQ_UPGRADE,
+    b"content-length": REQ_CONTENT_LENGTH,
+    b"x-request-id": REQ_REQUEST_ID,
+    b"x-forwarded-for": REQ_XFF,
+    b"x-forwarded-proto": REQ_XFP,
+    b"x-forwarded-host": REQ_XFH,
+}
 
 
 def forwardable_trailer(lname: bytes) -> bool:

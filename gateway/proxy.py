@@ -21,8 +21,25 @@ from gateway.admin import requests_handler
 from gateway.config import IPNetwork, Limits
 from gateway.errors import UpstreamStalled, local_reply
 from gateway.exchange import PAUSE_PEER, PAUSE_QUEUE, PAUSE_UPGRADE, Exchange
-from gateway.http1 import MAX_LINE, connection_options, forwardable_trailer, framing_exceeds
-from gateway.propagation import TRACE_HEADERS, new_request_id
+from gateway.http1 import (
+    MAX_LINE,
+    PREFACE,
+    REQ_CONNECTION,
+    REQ_CONTENT_LENGTH,
+    REQ_HOST,
+    REQ_REQUEST_ID,
+    REQ_TRACE,
+    REQ_TRANSFER_ENCODING,
+    REQ_UPGRADE,
+    REQ_XFF,
+    REQ_XFH,
+    REQ_XFP,
+    REQUEST_FIELDS,
+    connection_options,
+    forwardable_trailer,
+    framing_exceeds,
+)
+from gateway.propagation import new_request_id
 from gateway.runtime import LocalHandler, Runtime
 from gateway.tls import group_of, peer_spiffe_id
 from gateway.units import parse_ip
@@ -32,27 +49,6 @@ log = logging.getLogger("meshgate.proxy")
 MAX_QUEUED = 16  # pipelined requests held while an earlier one is answered
 # A refused client may go on sending this long after our answer and FIN (nginx: lingering_timeout 5 s).
 LINGER = 2.0
-
-# What on_header does with a request header.
-_DROP, _HOST, _CONNECTION, _TRANSFER_ENCODING, _UPGRADE, _CONTENT_LENGTH, _REQUEST_ID, _XFF, _XFP, _XFH, _TRACE = range(
-    1, 12
-)
-_REQUEST_SPECIAL = {
-    **dict.fromkeys(TRACE_HEADERS, _TRACE),  # read into the trace context, written again by inject()
-    b"host": _HOST,
-    b"connection": _CONNECTION,
-    b"keep-alive": _DROP,
-    b"te": _DROP,
-    b"trailer": _DROP,
-    b"http2-settings": _DROP,  # only meaningful with `Upgrade: h2c`, which is never forwarded
-    b"transfer-encoding": _TRANSFER_ENCODING,
-    b"upgrade": _UPGRADE,
-    b"content-length": _CONTENT_LENGTH,
-    b"x-request-id": _REQUEST_ID,
-    b"x-forwarded-for": _XFF,
-    b"x-forwarded-proto": _XFP,
-    b"x-forwarded-host": _XFH,
-}
 
 
 class Closed(Exception):
@@ -79,6 +75,7 @@ class Listener:
     trusted: bool = False  # its clients' X-Forwarded-*, trace sampling and request IDs are believed
     local: LocalHandler | None = None  # admin and metrics listeners answer locally
     reporter: str | None = None  # the `reporter` label of what this listener records: "source" or "destination"
+    h2c: bool = False  # HTTP/2 with prior knowledge is taken too, told apart by its preface
 
 
 class DownstreamProtocol(asyncio.Protocol):
@@ -115,6 +112,7 @@ class DownstreamProtocol(asyncio.Protocol):
         "max_head",
         "max_headers",
         "local",
+        "sniff",
     )
 
     def __init__(self, listener: Listener, loop: asyncio.AbstractEventLoop) -> None:
@@ -149,6 +147,7 @@ class DownstreamProtocol(asyncio.Protocol):
         self.max_head = limits.max_header_bytes
         self.max_headers = limits.max_headers
         self.local = listener.local  # answers without forwarding: admin listeners, and the dashboard's lookups
+        self.sniff = b"" if listener.h2c else None  # the first bytes, until they show HTTP/2's preface or not
 
     # connection events
 
@@ -172,6 +171,17 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.listener.kind == "edge" and not self.trusted:
             self.keep_request_id = gateway.preserve_request_id
         self.runtime.connections.add(self)
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            self.become_h2(b"")
+
+    def become_h2(self, data: bytes) -> None:
+        """Hand the connection to h2server.py (loaded now: HTTP/1.1-only gateways never load the codec)."""
+        from gateway.h2server import H2Downstream
+
+        self.runtime.connections.discard(self)
+        self.closed = True  # this protocol object is done; the transport is H2Downstream's
+        identity = (self.peer_ip, self.source, self.trusted, self.keep_request_id, self.local)
+        H2Downstream(self.listener, self.runtime, self.transport, identity).take_over(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -187,6 +197,14 @@ class DownstreamProtocol(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
+        if self.sniff is not None:
+            data = self.sniff + data
+            if PREFACE.startswith(data):  # not yet telling: wait for more
+                self.sniff = data
+                return
+            self.sniff = None
+            if data.startswith(PREFACE):
+                return self.become_h2(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
@@ -403,36 +421,36 @@ class DownstreamProtocol(asyncio.Protocol):
         exchange = self.parsing
         assert exchange is not None
         lname = name.lower()
-        kind = _REQUEST_SPECIAL.get(lname)
+        kind = REQUEST_FIELDS.get(lname)
         if kind is None:
             if not lname.startswith(b"proxy-"):
                 exchange.headers += (name, b": ", value, b"\r\n")
-        elif kind == _HOST:
+        elif kind == REQ_HOST:
             if exchange.host_seen:
                 raise Reject(400, "more than one Host header")
             exchange.host_seen = True
             exchange.host = value
-        elif kind == _CONTENT_LENGTH:
+        elif kind == REQ_CONTENT_LENGTH:
             exchange.has_body = value != b"0"
             exchange.headers += (name, b": ", value, b"\r\n")
-        elif kind == _TRANSFER_ENCODING:
+        elif kind == REQ_TRANSFER_ENCODING:
             exchange.chunked = value if not exchange.chunked else exchange.chunked + b", " + value
             exchange.has_body = True
-        elif kind == _CONNECTION:
+        elif kind == REQ_CONNECTION:
             listed = connection_options(value)
             if listed:
                 exchange.connection_tokens = (exchange.connection_tokens or []) + listed
-        elif kind == _UPGRADE:
+        elif kind == REQ_UPGRADE:
             exchange.upgrade = value
-        elif kind == _REQUEST_ID:
+        elif kind == REQ_REQUEST_ID:
             exchange.request_id = value
-        elif kind == _XFF:
+        elif kind == REQ_XFF:
             exchange.forwarded_for = exchange.forwarded_for + b", " + value if exchange.forwarded_for else value
-        elif kind == _XFP:
+        elif kind == REQ_XFP:
             exchange.forwarded_proto = value
-        elif kind == _XFH:
+        elif kind == REQ_XFH:
             exchange.forwarded_host = value
-        elif kind == _TRACE:
+        elif kind == REQ_TRACE:
             if exchange.trace_headers is None:
                 exchange.trace_headers = {}
             exchange.trace_headers[lname] = value
@@ -448,7 +466,7 @@ class DownstreamProtocol(asyncio.Protocol):
         exchange = self.parsing
         assert exchange is not None
         lname = name.lower()
-        if forwardable_trailer(lname) and lname not in _REQUEST_SPECIAL:
+        if forwardable_trailer(lname) and lname not in REQUEST_FIELDS:
             exchange.add_trailer(name, value)
 
     def on_headers_complete(self) -> None:

@@ -141,12 +141,14 @@ class RetryPolicy:
 
 
 class SubsetTarget:
-    __slots__ = ("service", "name", "balancer")
+    __slots__ = ("service", "name", "balancer", "protocol", "h2")
 
-    def __init__(self, service: ServiceRoutes, name: str, balancer: Balancer) -> None:
+    def __init__(self, service: ServiceRoutes, name: str, balancer: Balancer, protocol: str = "http1") -> None:
         self.service = service
         self.name = name
         self.balancer = balancer
+        self.protocol = protocol  # what its endpoints speak: http1, h2c or grpc
+        self.h2 = protocol != "http1"
 
 
 class RouteEntry:
@@ -193,6 +195,7 @@ class ServiceRoutes:
                     service.outlier,
                     service.lb.hash_header,
                 ),
+                subset.protocol or service.protocol,
             )
             for subset in service.subsets
         }

@@ -163,6 +163,7 @@ class Runtime:
         # `mesh_lookup` with one that asks its supervisor, which asks every worker.
         self.mesh_lookup: Callable[[bytes], Hops | Awaitable[Hops]] = self.lookup
         self.peer_tls: ssl.SSLContext | None = None
+        self.peer_tls_h2: ssl.SSLContext | None = None  # the same identity, offering ALPN h2 (h2client.py)
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Start a background task, keep a reference until it ends, and log it if it fails."""

@@ -54,10 +54,11 @@ def listener_addresses(config: Config) -> dict[str, Address]:
 def data_listener(kind: str, runtime: Runtime, tls: ssl.SSLContext | None) -> Listener:
     group = runtime.config.gateway.group
     if kind == "edge":  # trust follows `trusted_proxies` and `preserve_request_id`, decided per connection
-        return Listener(kind, runtime, "external", reporter="destination")
+        return Listener(kind, runtime, "external", reporter="destination", h2c=True)
     if kind == "outbound":
-        return Listener(kind, runtime, group, trusted=True, reporter="source")
-    return Listener(kind, runtime, "unknown", scheme=b"https" if tls else b"http", reporter="destination")
+        return Listener(kind, runtime, group, trusted=True, reporter="source", h2c=True)
+    # The mTLS inbound listener negotiates HTTP/2 by ALPN; a plaintext one takes it with prior knowledge.
+    return Listener(kind, runtime, "unknown", scheme=b"https" if tls else b"http", reporter="destination", h2c=not tls)
 
 
 async def start_listener(
@@ -84,7 +85,7 @@ async def serve(config: Config, drain_timeout: float, source: Source) -> None:
     runtime = Runtime(config)
     state = AdminState(config=config, stats=runtime.stats, lookup=runtime.lookup)
     sockets = {kind: bind_socket(address, reuse_port=False) for kind, address in listener_addresses(config).items()}
-    runtime.peer_tls = source.client_tls
+    runtime.peer_tls, runtime.peer_tls_h2 = source.client_tls, source.client_tls_h2
     addresses = {kind: Address(*sock.getsockname()[:2]) for kind, sock in sockets.items()}
     discovery = Discovery(state, runtime.apply, runtime.spawn)
     source.start(state, discovery.publish, addresses, runtime.spawn)

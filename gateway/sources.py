@@ -29,6 +29,7 @@ class Source(Protocol):
 
     server_tls: ssl.SSLContext | None  # the inbound listener's, made before any config arrives
     client_tls: ssl.SSLContext | None  # for dialing peer gateways
+    client_tls_h2: ssl.SSLContext | None  # the same, offering ALPN h2
 
     def start(self, state: AdminState, publish: Publish, addresses: dict[str, Address], spawn: Spawn) -> None:
         """Publish the first config if there is one, and keep publishing changes (and `state.ready`)."""
@@ -115,6 +116,7 @@ class FileSource:
         self.file = ConfigFile(path, advertise)
         self.server_tls = server_tls(config)
         self.client_tls: ssl.SSLContext | None = None  # standalone gateways dial no peers
+        self.client_tls_h2: ssl.SSLContext | None = None
 
     def start(self, state: AdminState, publish: Publish, addresses: dict[str, Address], spawn: Spawn) -> None:
         state.version = 1

@@ -266,7 +266,7 @@ async def _worker(
     identity = Identity(data) if data is not None else None
     if identity is not None:
         identity.load()
-        runtime.peer_tls = identity.client
+        runtime.peer_tls, runtime.peer_tls_h2 = identity.client, identity.client_h2
     if version is not None:  # None: joined and still waiting for a first config, so answer 503 until one comes
         runtime.apply(config, version, peers)
     tls = identity.server if identity is not None else server_tls(config)

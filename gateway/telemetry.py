@@ -27,6 +27,7 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 SERIES_LABELS = ("reporter", "source", "destination", "subset", "route")
 Snapshot = dict[str, Any]
 SeriesKey = tuple[str, str, str, str, str]
+Code = int | tuple[int, int]  # the HTTP status, or (HTTP status, grpc-status) for a gRPC call
 Exemplars = dict[int, tuple[bytes, bytes, float, float]]  # bucket -> (trace id, request id, seconds, when)
 EXEMPLAR_LABELS_LIMIT = 128  # OpenMetrics: label names and values of an exemplar, in characters; Prometheus enforces
 
@@ -40,12 +41,12 @@ class Series:
     __slots__ = ("codes", "buckets", "sum", "exemplars")
 
     def __init__(self) -> None:
-        self.codes: dict[int, int] = {}
+        self.codes: dict[Code, int] = {}
         self.buckets = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
         self.sum = 0.0
         self.exemplars: Exemplars = {}
 
-    def record(self, code: int, seconds: float) -> None:
+    def record(self, code: Code, seconds: float) -> None:
         codes = self.codes
         codes[code] = codes.get(code, 0) + 1
         self.buckets[bisect_left(BUCKETS, seconds)] += 1
@@ -154,14 +155,17 @@ class SnapshotCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         data = self.source()
-        requests = CounterMetricFamily("meshgate_requests", "Requests answered", labels=(*SERIES_LABELS, "code"))
+        requests = CounterMetricFamily(
+            "meshgate_requests", "Requests answered", labels=(*SERIES_LABELS, "code", "grpc_status")
+        )
         durations = HistogramMetricFamily(
             "meshgate_request_duration_seconds", "Time to answer a request", labels=SERIES_LABELS
         )
         exemplars = data.get("exemplars", {})
         for key, (codes, buckets, seconds) in sorted(data["series"].items()):
-            for code, count in sorted(codes.items()):
-                requests.add_metric((*key, str(code)), count)
+            for code, count in sorted(codes.items(), key=_code_order):
+                labels = (str(code), "") if isinstance(code, int) else (str(code[0]), str(code[1]))
+                requests.add_metric((*key, *labels), count)
             durations.add_metric(key, _cumulative(buckets, exemplars.get(key, {})), seconds)
         yield requests
         yield durations
@@ -180,6 +184,11 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily("meshgate_event_loop_lag_seconds", "Worst event-loop lag", data["loop_lag"])
         yield CounterMetricFamily("meshgate_process_cpu_seconds", "CPU time of the gateway processes", data["cpu"])
         yield GaugeMetricFamily("meshgate_process_resident_memory_bytes", "RSS of the gateway processes", data["rss"])
+
+
+def _code_order(item: tuple[Code, int]) -> tuple[int, int]:
+    code = item[0]
+    return (code, -1) if isinstance(code, int) else code
 
 
 def _cumulative(buckets: list[int], exemplars: Exemplars) -> list[Any]:

@@ -89,14 +89,19 @@ def mesh_client_context(chain_pem: bytes, key_pem: bytes, ca_pem: bytes) -> ssl.
     return context
 
 
-def mesh_context(server: bool) -> ssl.SSLContext:
-    """A mesh context with no identity yet (handshakes fail until `install`), for listeners made before joining."""
+def mesh_context(server: bool, h2: bool = False) -> ssl.SSLContext:
+    """A mesh context with no identity yet (handshakes fail until `install`), for listeners made before joining.
+    A server offers ALPN h2 and http/1.1; a client asks for h2 only with `h2` (HTTP/1.1 pools offer no ALPN)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.maximum_version = ssl.TLSVersion.TLSv1_3
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
     context.verify_flags |= ssl.VERIFY_X509_STRICT
+    if server:
+        context.set_alpn_protocols(["h2", "http/1.1"])
+    elif h2:
+        context.set_alpn_protocols(["h2"])
     return context
 
 

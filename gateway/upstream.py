@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -73,6 +74,58 @@ _RESPONSE_SPECIAL = {
 }
 
 
+class Multiplexed(Protocol):
+    """HTTP/2 connections to the same address (h2client.H2Pool), made when a request first needs them. Their
+    streams (h2client.H2Stream) have the surface of `UpstreamProtocol` that an exchange uses, plus `H2Request`."""
+
+    def acquire(self) -> UpstreamProtocol | None: ...
+
+    async def connect(self, timeout: float) -> UpstreamProtocol: ...
+
+    def release(self, conn: UpstreamProtocol, now: float) -> None: ...
+
+    def expire(self, deadline: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class H2Request(Protocol):
+    """How an exchange sends a request on an HTTP/2 stream: the head as fields, the body unframed."""
+
+    def send_request(
+        self, fields: list[tuple[bytes, bytes]], body: list[bytes], trailers: list[bytes] | None, end: bool
+    ) -> None: ...
+
+    def end_request(self, trailers: list[bytes] | None) -> None: ...
+
+
+class _Dialed(Protocol):
+    transport: asyncio.Transport
+
+
+_Conn = TypeVar("_Conn", bound=_Dialed)
+
+
+async def open_connection(
+    address: Address, peer_id: str | None, timeout: float, dial: Callable[[], Awaitable[_Conn]]
+) -> _Conn:
+    """`dial()` within `timeout`; with `peer_id`, the peer's certificate must carry that SPIFFE ID. Every failure
+    is a `ConnectFailed` naming the address (HTTP/1.1 pools and HTTP/2 ones alike)."""
+    try:
+        async with asyncio.timeout(timeout):
+            conn = await dial()
+    except TimeoutError as exc:
+        raise ConnectFailed(f"connect to {address} timed out after {timeout:g}s") from exc
+    except OSError as exc:  # ssl.SSLError included: a peer whose certificate the mesh CA did not sign
+        raise ConnectFailed(f"connect to {address} failed: {exc.strerror or exc}") from exc
+    if peer_id is not None:
+        found = peer_spiffe_id(conn.transport.get_extra_info("ssl_object"))
+        if found != peer_id:
+            conn.transport.close()
+            raise ConnectFailed(f"{address} presented identity {found}, expected {peer_id}")
+    return conn
+
+
 class TooLarge(Exception):
     """Raised in a parser callback: the response's head or trailers are over the gateway's limits."""
 
@@ -85,7 +138,7 @@ class Pool:
     >>> pool.release(conn)
     """
 
-    __slots__ = ("address", "idle", "retired", "tls", "peer_id")
+    __slots__ = ("address", "idle", "retired", "tls", "peer_id", "h2")
 
     def __init__(self, address: Address, tls: ssl.SSLContext | None = None, peer_id: str | None = None) -> None:
         self.address = address
@@ -93,6 +146,7 @@ class Pool:
         self.retired = False  # no snapshot names this address any more: close connections as they come back
         self.tls = tls  # mTLS to a peer gateway, whose certificate must carry the SPIFFE ID `peer_id`
         self.peer_id = peer_id
+        self.h2: Multiplexed | None = None  # the HTTP/2 connections to the same address, once a request needs them
 
     def acquire(self) -> UpstreamProtocol | None:
         idle = self.idle
@@ -103,19 +157,7 @@ class Pool:
         return None
 
     async def connect(self, timeout: float) -> UpstreamProtocol:
-        try:
-            async with asyncio.timeout(timeout):
-                conn = await self.dial()
-        except TimeoutError as exc:
-            raise ConnectFailed(f"connect to {self.address} timed out after {timeout:g}s") from exc
-        except OSError as exc:  # ssl.SSLError included: a peer whose certificate the mesh CA did not sign
-            raise ConnectFailed(f"connect to {self.address} failed: {exc.strerror or exc}") from exc
-        if self.peer_id is not None:
-            peer_id = peer_spiffe_id(conn.transport.get_extra_info("ssl_object"))
-            if peer_id != self.peer_id:
-                conn.close()
-                raise ConnectFailed(f"{self.address} presented identity {peer_id}, expected {self.peer_id}")
-        return conn
+        return await open_connection(self.address, self.peer_id, timeout, self.dial)
 
     async def dial(self) -> UpstreamProtocol:
         """Open one connection (TLS to a peer gateway); `connect` bounds it in time and names its failures. The
@@ -136,6 +178,8 @@ class Pool:
 
     def expire(self, deadline: float) -> None:
         """Close connections idle since before `deadline` (they sit oldest-first at the front)."""
+        if self.h2 is not None:
+            self.h2.expire(deadline)
         idle = self.idle
         expired = 0
         while expired < len(idle) and idle[expired].idle_since < deadline:
@@ -145,6 +189,8 @@ class Pool:
 
     def close(self) -> None:
         self.retired = True
+        if self.h2 is not None:
+            self.h2.close()
         for conn in self.idle:
             conn.close()
         self.idle.clear()

@@ -272,7 +272,6 @@ REFUSED = [
     # Not an HTTP/1.1 request at all.
     pytest.param(request(host(), method=b"G@T"), 400, id="invalid-method"),
     pytest.param(b"hello there, gateway\r\n\r\n", 400, id="garbage-request-line"),
-    pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, id="http2-preface"),
     # Host (RFC 9112 §3.2).
     pytest.param(request(host(), "Host: other"), 400, id="two-hosts-differing"),
     pytest.param(request(host(), host()), 400, id="two-hosts-same"),
@@ -294,6 +293,20 @@ REFUSED = [
 def test_refused_and_closed(gateway: Gateway, data: bytes, status: int) -> None:
     reply, closed = converse(gateway.inbound, data, expect_close=True)
     assert_refusal(reply, status)
+    assert closed == "closed"
+    assert_still_serves(gateway)
+
+
+def test_an_http2_preface_is_http2_on_data_listeners_and_refused_on_admin(gateway: Gateway) -> None:
+    """The plaintext data listeners take HTTP/2 with prior knowledge (its SETTINGS come back); the admin listener
+    speaks HTTP/1.1 only and refuses the preface as a malformed request."""
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    with socket.create_connection(gateway.inbound, timeout=DEADLINE) as sock:
+        sock.sendall(preface + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # and an empty SETTINGS frame
+        head = sock.recv(9)
+        assert head[3] == 0x4 and head[4] == 0 and int.from_bytes(head[5:9]) == 0, head  # the gateway's SETTINGS
+    reply, closed = converse(gateway.admin, preface, expect_close=True)
+    assert_refusal(reply, 400)
     assert closed == "closed"
     assert_still_serves(gateway)
 

@@ -31,6 +31,7 @@ HOP = (
     52,
     "connect_failure",
     b"127.0.0.1",
+    14,  # a gRPC call that ended UNAVAILABLE
 )
 
 

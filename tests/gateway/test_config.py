@@ -394,7 +394,7 @@ LB_RULE = "expected ewma, least_request, round_robin or hash(header:NAME)"
         ),
         (
             two_subsets(subsets={"v1": {"weight": 1}}),
-            "subsets.v1.weight: unknown key (expected one of: endpoints, dns, srv, etcd)",
+            "subsets.v1.weight: unknown key (expected one of: endpoints, dns, srv, etcd, protocol)",
         ),
         (
             two_subsets(subsets={"v1": {"dns": "catalog.svc"}}),
@@ -418,8 +418,8 @@ LB_RULE = "expected ewma, least_request, round_robin or hash(header:NAME)"
         ),
         (
             two_subsets(retry={}),
-            "retry: unknown key (expected one of: subsets, routes, lb, timeouts, retries, health, outlier, limits, "
-            "authorization)",
+            "retry: unknown key (expected one of: subsets, routes, lb, protocol, timeouts, retries, health, outlier, "
+            "limits, authorization)",
         ),
     ],
 )

@@ -110,7 +110,6 @@ REFUSED = {
     "a garbage request line": (b"hello there, gateway\r\n\r\n", 400),
     "a space before the colon": (b"GET / HTTP/1.1\r\nHost : hello\r\n\r\n", 400),
     "an invalid method": (request(method=b"G@T"), 400),
-    "an HTTP/2 preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
     "an HTTP/0.9 request line": (b"GET /\nHost: hello\r\n\r\n", 505),
     "HTTP/2.0 in the request line": (b"GET / HTTP/2.0\r\nHost: hello\r\n\r\n", 505),
     "a 10KiB target": (request(method=b"GET", target=b"/" + b"a" * 10 * 1024), 414),

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from gateway.runtime import snapshot
-from gateway.telemetry import BUCKETS, SERIES_LABELS, Metrics, Series, Snapshot, SnapshotCollector, merge
+from gateway.telemetry import BUCKETS, SERIES_LABELS, Code, Metrics, Series, Snapshot, SnapshotCollector, merge
 
 # DESIGN.md, Contracts.
 CONTRACT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -93,7 +93,7 @@ def test_metrics_keeps_one_series_per_label_set_and_counts_by_destination() -> N
 
 
 def part(
-    series: dict[tuple[str, ...], tuple[dict[int, int], list[int], float]],
+    series: dict[tuple[str, ...], tuple[dict[Code, int], list[int], float]],
     counters: dict[tuple[str, str], float] | None = None,
     gauges: dict[tuple[str, tuple[str, ...]], float] | None = None,
     loop_lag: float = 0.0,
@@ -333,16 +333,17 @@ def labels_of(key: tuple[str, ...], **extra: str) -> tuple[tuple[str, str], ...]
 def test_collector_renders_requests_and_cumulative_histogram_with_inf_count_and_sum() -> None:
     data = part(
         {
-            HELLO: ({200: 4, 503: 1}, buckets(b0=1, b3=2, b9=1, inf=1), 11.5),
+            HELLO: ({200: 4, 503: 1, (200, 14): 2}, buckets(b0=1, b3=2, b9=1, inf=1), 11.5),
             CANARY: ({404: 2}, buckets(b15=2), 20.0),
         }
     )
     families = render(data)
 
     assert labelled(families["meshgate_requests"], "meshgate_requests_total") == {
-        labels_of(HELLO, code="200"): 4,
-        labels_of(HELLO, code="503"): 1,
-        labels_of(CANARY, code="404"): 2,
+        labels_of(HELLO, code="200", grpc_status=""): 4,
+        labels_of(HELLO, code="503", grpc_status=""): 1,
+        labels_of(HELLO, code="200", grpc_status="14"): 2,  # a gRPC call: its code beside the HTTP status
+        labels_of(CANARY, code="404", grpc_status=""): 2,
     }
     histogram = families["meshgate_request_duration_seconds"]
     bucket_samples = [s for s in histogram if s.name == "meshgate_request_duration_seconds_bucket"]

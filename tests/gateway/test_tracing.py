@@ -351,6 +351,7 @@ def make_hop(**fields: Any) -> tuple[Any, ...]:
         "bytes_out": 17,
         "error": "",
         "peer": b"127.0.0.1",
+        "grpc_status": -1,
     }
     unknown = set(fields) - set(values)
     assert not unknown, unknown
@@ -521,6 +522,7 @@ def test_a_hop_record_holds_the_requests_fields_in_hop_fields_order() -> None:
         bytes_in=10,
         bytes_out=20,
         error="upstream_reset",
+        grpc_status=-1,
     )
     key = ("destination", "shop", "payments", "v2", "default")
     hop = hop_record(request, trace, key, b"10.0.0.9", 1700000000.5, 0.004, True)
@@ -550,6 +552,7 @@ def test_a_hop_record_holds_the_requests_fields_in_hop_fields_order() -> None:
         "bytes_out": 20,
         "error": "upstream_reset",
         "peer": b"10.0.0.9",
+        "grpc_status": -1,
     }
     ring = HopRing(4)
     ring.add(hop)
