@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway import rpc
+from gateway.rpc import GRPC_RETRY_ON
 from gateway.units import (
     Address,
     format_duration,
@@ -61,7 +63,7 @@ _LB_POLICIES = ("ewma", "least_request", "round_robin")
 _LISTENERS = ("inbound", "edge", "outbound", "admin", "metrics")
 _CIDR = "expected an IP address or CIDR block, like 10.0.0.0/8 or fd00::/8"
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-RETRY_ON = ("connect-failure", "reset", "gateway-error", "5xx", "retriable-status")
+RETRY_ON = ("connect-failure", "reset", "gateway-error", "5xx", "retriable-status", *GRPC_RETRY_ON)
 
 
 class _Invalid(Exception):
@@ -281,6 +283,15 @@ def _addresses(addresses: tuple[Address, ...]) -> list[str]:
     return [str(address) for address in addresses]
 
 
+def _grpc_code(value: object, path: str) -> int:
+    """A gRPC status code by name (`unavailable`, `UNAVAILABLE`) or number (14)."""
+    if type(value) is int and 0 <= value < len(rpc.NAMES):
+        return value
+    if isinstance(value, str) and value.upper() in rpc.NAMES:
+        return rpc.NAMES.index(value.upper())
+    _fail(path, f"expected a gRPC status code name or number (0-{len(rpc.NAMES) - 1})", value)
+
+
 def _set_of(convert: Callable[[object, str], _T]) -> Callable[[object, str], frozenset[_T]]:
     return lambda value, path: frozenset(_each(convert)(value, path))
 
@@ -449,9 +460,14 @@ class LoadBalancer:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
+    """`request` bounds an HTTP/1.1 request; an HTTP/2 stream (a gRPC call, say) has no total timeout unless
+    `max_stream_duration` says so (or the client's grpc-timeout), and ends when nothing moves for `stream_idle`."""
+
     connect: float = _seconds(1.0)
     per_try: float = _seconds(1.0)
     request: float = _seconds(15.0)
+    stream_idle: float = _seconds(300.0)  # Envoy's default too
+    max_stream_duration: float | None = _key(None, _optional(_duration), lambda value: value and format_duration(value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -487,6 +503,15 @@ class ServiceLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class Grpc:
+    """What a gRPC service's calls count as failures (outlier ejection, error rates, span status)."""
+
+    failure_codes: frozenset[int] = _key(
+        rpc.DEFAULT_FAILURE_CODES, _set_of(_grpc_code), lambda codes: sorted(rpc.NAMES[code] for code in codes)
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Authorization:
     """Source groups allowed to call the service; "*" allows any mesh identity."""
 
@@ -508,6 +533,7 @@ class Service:
     outlier: Outlier = _nested(Outlier)
     limits: ServiceLimits = _nested(ServiceLimits)
     authorization: Authorization = _nested(Authorization)
+    grpc: Grpc = _nested(Grpc)
 
     def to_dict(self) -> dict[str, object]:
         subsets = {subset.name: _dump(subset) for subset in self.subsets}

@@ -110,6 +110,8 @@ class Exchange:
     # Whether requests to another group's gateways ride HTTP/2: yes for HTTP/2 clients (gRPC needs it end to end),
     # no for HTTP/1.1 ones, which keep the pooled HTTP/1.1 mTLS connections.
     peer_h2 = False
+    # Whether `timeouts.request` bounds the request (HTTP/1.1); an HTTP/2 stream has `max_stream_duration` instead.
+    total_timeout = True
 
     __slots__ = (
         "downstream",
@@ -275,7 +277,10 @@ class Exchange:
         service.load.active += 1
         service.load.requests += 1
         # Like Envoy's, the timeouts count from the end of the request: an upload may take as long as it takes.
-        self.deadline = self.start_time + service.config.timeouts.request if not self.has_body else math.inf
+        timeouts = service.config.timeouts
+        self.deadline = self.start_time + timeouts.request if not self.has_body and self.total_timeout else math.inf
+        if not self.total_timeout and timeouts.max_stream_duration is not None:
+            self.limit = min(self.limit, self.start_time + timeouts.max_stream_duration)
         if self.limit != math.inf:
             self.deadline = min(self.deadline, self.limit)
         if self.connection_tokens:
@@ -378,8 +383,8 @@ class Exchange:
         assert self.service is not None
         timeouts = self.service.config.timeouts
         now = monotonic()
-        self.deadline = min(now + timeouts.request, self.limit)
-        if self.trying and self.status == 0 and self.timer is None:
+        self.deadline = min(now + timeouts.request, self.limit) if self.total_timeout else self.limit
+        if self.trying and self.status == 0:
             self.arm(min(now + timeouts.per_try, self.deadline))
 
     # tries
@@ -405,11 +410,10 @@ class Exchange:
         self.attempt_id += 1
         self.try_start = now
         timeouts = service.config.timeouts
-        if self.deadline != math.inf:
-            # While a body streams in, only the client's own deadline runs; the per-try one starts at its end.
-            self.arm(
-                min(now + timeouts.per_try, self.deadline) if self.request_done or not self.has_body else self.deadline
-            )
+        if not self.has_body or self.request_done:
+            self.arm(min(now + timeouts.per_try, self.deadline))
+        elif self.deadline != math.inf:
+            self.arm(self.deadline)  # while a body streams in, only the client's own deadline runs
         pool: Pool | Multiplexed = endpoint.pool if self.fields is None else self.h2_pool(endpoint.pool)
         upstream = pool.acquire()
         if upstream is not None:

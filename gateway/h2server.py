@@ -40,7 +40,11 @@ from gateway.http1 import (
 from gateway.runtime import LocalHandler, Runtime
 from gateway.upstream import UpstreamProtocol
 
-_ERROR_CODES = {"request_timeout": rpc.DEADLINE_EXCEEDED, "per_try_timeout": rpc.DEADLINE_EXCEEDED}
+_ERROR_CODES = {
+    "request_timeout": rpc.DEADLINE_EXCEEDED,
+    "per_try_timeout": rpc.DEADLINE_EXCEEDED,
+    "stream_idle_timeout": rpc.DEADLINE_EXCEEDED,
+}
 
 
 class H2Downstream(asyncio.Protocol):
@@ -86,14 +90,22 @@ class H2Downstream(asyncio.Protocol):
         codec = self.codec
         try:
             codec.receive_data(data)
-        except http2.NGH2Error:
-            self.flush()  # the codec's GOAWAY, if it made one
+        except http2.NGH2Error as exc:
+            # Past a bound (header list, CONTINUATION frames, queued acknowledgements) the codec is unusable: say
+            # GOAWAY ourselves, then close.
+            calm = isinstance(exc, http2.DenialOfServiceError)
+            self.transport.write(http2.goaway_frame(max(self.streams, default=0), 0xB if calm else 0x1))
             return self.close()
-        for event in codec.events():
+        events = codec.events()
+        # Streams the client reset in this same read are never started: rapid reset costs no upstream work.
+        reset = {event.stream_id for event in events if isinstance(event, http2.StreamReset)}
+        windows = 0
+        for event in events:
             if self.closed:
                 return
             if isinstance(event, http2.RequestReceived):
-                self.on_request(event.stream_id, event.headers, event.end_stream)
+                if event.stream_id not in reset:
+                    self.on_request(event.stream_id, event.headers, event.end_stream)
             elif isinstance(event, http2.DataReceived):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -114,17 +126,22 @@ class H2Downstream(asyncio.Protocol):
                     if stream is not None:
                         stream.check_queued()
                 else:
-                    for stream in list(self.streams.values()):
-                        stream.check_queued()
+                    windows += 1
             elif isinstance(event, http2.GoAwayReceived | http2.ConnectionClosed):
                 self.closing = True
+        if windows:  # the connection's window grew: every stream may send again (once, however many updates)
+            if windows > http2.MAX_WINDOW_UPDATES:
+                return self.go_away(0xB)  # ENHANCE_YOUR_CALM: a WINDOW_UPDATE flood
+            for stream in list(self.streams.values()):
+                stream.check_queued()
         self.flush()
         if http2.closed(codec) or (self.closing and not self.streams):
             self.close()
 
     def on_request(self, stream_id: int, fields: tuple[tuple[bytes, bytes], ...], ended: bool) -> None:
         if self.closing:
-            self.codec.reset_stream(stream_id, http2.REFUSED_STREAM)
+            with contextlib.suppress(http2.NGH2Error):
+                self.codec.reset_stream(stream_id, http2.REFUSED_STREAM)
             return
         stream = self.streams[stream_id] = Stream(self, stream_id)
         exchange = StreamExchange(stream, monotonic())
@@ -332,35 +349,43 @@ class Stream:
 
     # the response
 
+    # Each send is dropped when the codec has closed the stream already (a reset in the read that opened it, say):
+    # its StreamReset or StreamClosed event follows and ends the exchange.
+
     def send_head(self, fields: list[tuple[bytes, bytes]], end: bool) -> None:
-        if self.closed or self.conn.closed:
-            return
-        self.conn.codec.send_response(self.stream_id, fields, end_stream=end)
-        self.ended = end
+        if not self.closed and not self.conn.closed:
+            with contextlib.suppress(http2.NGH2Error):
+                self.conn.codec.send_response(self.stream_id, fields, end_stream=end)
+                self.ended = end
 
     def send_interim(self, fields: list[tuple[bytes, bytes]]) -> None:
         if not self.closed and not self.conn.closed:
-            self.conn.codec.send_informational_response(self.stream_id, fields)
+            with contextlib.suppress(http2.NGH2Error):
+                self.conn.codec.send_informational_response(self.stream_id, fields)
 
     def send_body(self, data: bytes) -> None:
-        if self.closed or self.conn.closed:
-            return
-        self.conn.codec.send_data(self.stream_id, data)
+        if not self.closed and not self.conn.closed:
+            with contextlib.suppress(http2.NGH2Error):
+                self.conn.codec.send_data(self.stream_id, data)
 
     def send_end(self, trailers: list[tuple[bytes, bytes]] | None) -> None:
         if self.closed or self.ended or self.conn.closed:
             return
         self.ended = True
-        if trailers:
-            self.conn.codec.send_trailers(self.stream_id, trailers)
-        else:
-            self.conn.codec.end_stream(self.stream_id)
+        with contextlib.suppress(http2.NGH2Error):
+            if trailers:
+                self.conn.codec.send_trailers(self.stream_id, trailers)
+            else:
+                self.conn.codec.end_stream(self.stream_id)
 
     def queued(self) -> int:
         """Response bytes waiting for the client's window (or for its reading, when the socket is full)."""
         if self.closed or self.conn.closed:
             return 0
-        return self.conn.codec.queued_body_size(self.stream_id)
+        try:
+            return self.conn.codec.queued_body_size(self.stream_id)
+        except http2.NGH2Error:
+            return 0
 
     def check_queued(self) -> None:
         """Pause the upstream while more of the response waits for the client than PENDING_LIMIT, resume once it
@@ -381,21 +406,30 @@ class Stream:
                 self.conn.forget(self)
 
     def sweep(self, now: float, limits: Limits) -> None:
-        """The send timeout: a response that waits for a client that stopped taking it is ended."""
-        queued = self.queued()
-        if not queued:
-            self.progress_at = now
-            return
+        """From the connection's sweep: the stream's idle and send timeouts. Nothing moved either way for the
+        service's `timeouts.stream_idle`: the stream is ended (a gRPC call with DEADLINE_EXCEEDED). A response
+        queued for a client that took none of it for `limits.send_timeout`: the same."""
         exchange = self.exchange
-        moved = exchange.bytes_out - queued if exchange is not None else 0
+        queued = self.queued()
+        moved = exchange.bytes_in + exchange.bytes_out - queued if exchange is not None else 0
         if moved != self.progress:
             self.progress, self.progress_at = moved, now
-        elif now - self.progress_at > limits.send_timeout:
-            if exchange is not None and not exchange.done:
-                exchange.error = "send_timeout"
-                exchange.abort()
-            else:
+            return
+        still = now - self.progress_at
+        if exchange is None or exchange.done:
+            if queued and still > limits.send_timeout:
                 self.reset(http2.CANCEL)
+        elif queued and still > limits.send_timeout:
+            exchange.error = "send_timeout"
+            exchange.abort()
+        elif exchange.service is not None and still > (idle := exchange.service.config.timeouts.stream_idle):
+            exchange.error = "stream_idle_timeout"
+            if exchange.status:
+                exchange.abort()
+            elif exchange.request_done:
+                exchange.fail_local(504, f"upstream sent nothing for the {idle:g}s stream idle timeout")
+            else:
+                exchange.fail_local(408, f"request stream idle for the {idle:g}s stream idle timeout")
 
 
 class StreamExchange(Exchange):
@@ -404,6 +438,7 @@ class StreamExchange(Exchange):
     __slots__ = ("stream", "grpc", "grpc_deadline", "resp_fields", "resp_trailers")
 
     peer_h2 = True
+    total_timeout = False  # streams: `max_stream_duration` and `stream_idle` instead of `timeouts.request`
 
     def __init__(self, stream: Stream, now: float) -> None:
         super().__init__(stream, now)  # type: ignore[arg-type]  # a Stream is the Downstream of one request
@@ -470,7 +505,34 @@ class StreamExchange(Exchange):
             fields.append((b"grpc-timeout", rpc.format_timeout(self.grpc_deadline - monotonic())))
         return fields
 
+    def send(self, upstream: UpstreamProtocol) -> None:
+        if self.grpc_deadline != math.inf and self.fields is not None:  # a retry: the time left now
+            self.fields[-1] = (b"grpc-timeout", rpc.format_timeout(self.grpc_deadline - monotonic()))
+        super().send(upstream)
+
+    def end_try(self, failed: bool) -> None:
+        """A gRPC answer counts against its endpoint (outlier ejection, the balancer) when its code is one of the
+        service's `grpc.failure_codes`."""
+        service = self.service
+        if not failed and self.grpc_status >= 0 and service is not None:
+            failed = self.grpc_status in service.config.grpc.failure_codes
+        super().end_try(failed)
+
     # response side
+
+    def on_response_head(self, upstream: UpstreamProtocol, status: int) -> None:
+        """A Trailers-Only answer with a code `retries.on` names (unavailable, resource-exhausted, cancelled,
+        deadline-exceeded) is retried within the retry budget while the request body is still held."""
+        if self.grpc and status == 200 and self.service is not None:
+            headers = upstream.headers
+            code = next((headers[i + 2] for i in range(0, len(headers), 4) if headers[i] == b"grpc-status"), None)
+            condition = rpc.RETRY_CONDITIONS.get(rpc.parse_status(code)) if code is not None else None
+            if condition is not None and self.may_retry(condition, nothing_sent=False):
+                self.upstream = None
+                upstream.close()
+                self.end_try(failed=True)
+                return self.retry()
+        super().on_response_head(upstream, status)
 
     def interim(self, upstream: UpstreamProtocol, status: int) -> None:
         fields = [(b":status", b"%d" % status)]

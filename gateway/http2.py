@@ -8,8 +8,10 @@ HTTP/1.1 only never loads the codec.
 What both sides share is here: the settings each side announces, the windows, and the bounds on what a peer may
 make us hold or do. libnghttp2 enforces them: the header list (decoded size and count, so an HPACK bomb stops at
 `limits.max_header_bytes`), CONTINUATION frames per header block, concurrent streams (extra ones are refused with
-REFUSED_STREAM), the rate of stream resets (rapid reset, CVE-2023-44487) and of other suspicious frames, and the
-SETTINGS and PING acknowledgements it will queue. A peer past a bound gets GOAWAY; `closed()` then says so.
+REFUSED_STREAM until the client has acknowledged our SETTINGS; after that libnghttp2 ends the connection with
+PROTOCOL_ERROR, stricter than RFC 9113 §5.1.2's stream error), the rate of stream resets (rapid reset,
+CVE-2023-44487) and of other suspicious frames, and the SETTINGS and PING acknowledgements it will queue. A peer
+past a bound gets GOAWAY; `closed()` then says so. The gateway adds one bound: connection WINDOW_UPDATEs per read.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ngh2 import (
     Connection,
     ConnectionClosed,
     DataReceived,
+    DenialOfServiceError,
     GoAwayReceived,
     InformationalResponseReceived,
     NGH2Error,
@@ -37,6 +40,7 @@ __all__ = [
     "Codec",
     "ConnectionClosed",
     "DataReceived",
+    "DenialOfServiceError",
     "GoAwayReceived",
     "InformationalResponseReceived",
     "NGH2Error",
@@ -49,6 +53,7 @@ __all__ = [
     "WindowUpdated",
     "client",
     "closed",
+    "goaway_frame",
     "server",
 ]
 
@@ -60,6 +65,7 @@ CONNECTION_WINDOW = 16 << 20  # the same for a whole connection
 PENDING_LIMIT = 256 * 1024  # bytes queued for one stream beyond the peer's window before its source is paused
 MAX_CONTINUATIONS = 8  # CONTINUATION frames after one HEADERS (libnghttp2's default; a CONTINUATION flood stops)
 RESETS = (1000, 33)  # stream resets a peer may send: a burst, then a rate per second (libnghttp2's defaults)
+MAX_WINDOW_UPDATES = 10_000  # connection WINDOW_UPDATEs in one read past which it is a flood (libnghttp2 has no bound)
 # What the codec names by number.
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, REFUSED_STREAM, CANCEL = 0x0, 0x1, 0x2, 0x7, 0x8
 
@@ -98,6 +104,11 @@ def server(max_header_bytes: int, max_headers: int) -> Connection:
 def client(max_header_bytes: int, max_headers: int) -> Connection:
     """The codec of a connection we open to an h2c app or a peer gateway."""
     return _connection(Role.CLIENT, max_header_bytes, max_headers)
+
+
+def goaway_frame(last_stream_id: int, error_code: int) -> bytes:
+    """A GOAWAY frame made by hand (RFC 9113 §6.8), for when the codec itself gave up on the connection."""
+    return b"\x00\x00\x08\x07\x00\x00\x00\x00\x00" + last_stream_id.to_bytes(4) + error_code.to_bytes(4)
 
 
 def closed(codec: Connection) -> bool:

@@ -14,6 +14,7 @@ from random import random
 
 from gateway.balancer import Balancer, Endpoint
 from gateway.config import Config, Retries, Route, Service
+from gateway.rpc import GRPC_RETRY_ON
 from gateway.units import Address
 
 EndpointFactory = Callable[[str, Address], Endpoint]
@@ -128,7 +129,7 @@ class RetryPolicy:
         retried only when its method is idempotent and its body is still held (`replayable`)."""
         if not condition or tries > self.attempts or condition not in self.on:
             return NO_RETRY
-        if not nothing_sent and not (method in IDEMPOTENT and replayable):
+        if not nothing_sent and not ((method in IDEMPOTENT or condition in GRPC_RETRY_ON) and replayable):
             return NO_RETRY
         if time_left <= 0:
             return NO_RETRY

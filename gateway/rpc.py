@@ -50,13 +50,15 @@ _FROM_HTTP = {
     504: DEADLINE_EXCEEDED,
 }
 
-# `retries.on` conditions a Trailers-Only answer satisfies, by code.
+# `retries.on` conditions a Trailers-Only answer satisfies, by code. Unlike the HTTP ones they apply to gRPC's POST:
+# a call that failed with one of them is retried when its request body is still held.
 RETRY_CONDITIONS = {
     CANCELLED: "cancelled",
     DEADLINE_EXCEEDED: "deadline-exceeded",
     RESOURCE_EXHAUSTED: "resource-exhausted",
     UNAVAILABLE: "unavailable",
 }
+GRPC_RETRY_ON = tuple(RETRY_CONDITIONS.values())
 
 _UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 

@@ -297,3 +297,79 @@ def test_grpc_health_checks_take_a_not_serving_endpoint_out_and_back(tmp_path: P
             assert sick.service.empty_calls > 0
         finally:
             gateway.stop()
+
+
+def stream_sizes(pb: Modules, gateway: Gateway, intervals_ms: list[int]) -> tuple[list[int], grpc.RpcError | None]:
+    """A server-streaming call of 10-byte responses, each `interval` after the one before: the sizes received, and
+    how it failed (None when it ended OK)."""
+    host, port = gateway.addresses["outbound"]
+    request = pb.messages.StreamingOutputCallRequest(
+        response_parameters=[pb.messages.ResponseParameters(size=10, interval_us=ms * 1000) for ms in intervals_ms]
+    )
+    sizes: list[int] = []
+    with grpc.insecure_channel(f"{host}:{port}", options=[("grpc.default_authority", SERVICE)]) as channel:
+        try:
+            for response in pb.test_grpc.TestServiceStub(channel).StreamingOutputCall(request, timeout=30):
+                sizes.append(len(response.payload.body))
+        except grpc.RpcError as exc:
+            return sizes, exc
+    return sizes, None
+
+
+def test_a_stream_outlives_the_request_timeout_and_ends_when_idle_or_past_its_duration(
+    tmp_path: Path, pb: Modules
+) -> None:
+    """`timeouts.request` bounds HTTP/1.1 requests, not HTTP/2 streams: a 2.4 s stream passes a 1 s request timeout.
+    `stream_idle` ends one that goes quiet, and `max_stream_duration` one that goes on too long, both with
+    DEADLINE_EXCEEDED from the gateway."""
+    with TestServiceServer(pb) as server:
+        timeouts = {"request": "1s", "per_try": "5s", "stream_idle": "1s"}
+        gateway = standalone(tmp_path, server, timeouts=timeouts)
+        try:
+            sizes, error = stream_sizes(pb, gateway, [0] + [600] * 4)
+            assert (sizes, error) == ([10] * 5, None)
+            started = time.monotonic()
+            sizes, error = stream_sizes(pb, gateway, [0, 4000])
+            assert sizes == [10] and error is not None and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "meshgate" in (error.details() or "") and time.monotonic() - started < 3.5  # 1 s idle + a sweep
+        finally:
+            gateway.stop()
+        path = tmp_path / "gw.yaml"
+        config = gateway_config(
+            {SERVICE: service(f"127.0.0.1:{server.port}", protocol="grpc", timeouts={"max_stream_duration": "1s"})}
+        )
+        path.write_text(yaml.safe_dump(config))
+        gateway = Gateway(path, [])
+        try:
+            sizes, error = stream_sizes(pb, gateway, [0] + [400] * 5)
+            assert error is not None and error.code() is grpc.StatusCode.DEADLINE_EXCEEDED, error
+            assert 2 <= len(sizes) <= 3, sizes  # responses at 0, 0.4 and 0.8 s arrived; the one at 1.2 s did not
+        finally:
+            gateway.stop()
+
+
+@pytest.mark.parametrize("on", [["unavailable"], ["reset"]])
+def test_a_trailers_only_unavailable_is_retried_only_when_retries_on_names_it(
+    tmp_path: Path, pb: Modules, on: list[str]
+) -> None:
+    """gRPC calls are POSTs, yet `retries.on: [unavailable]` retries one answered Trailers-Only UNAVAILABLE (its
+    body is held for replay), within `attempts` and the budget; without the condition it is not retried."""
+    with TestServiceServer(pb) as server:
+        retries = {"attempts": 2, "on": on, "budget": "100%"}
+        gateway = standalone(tmp_path, server, retries=retries)
+        try:
+            host, port = gateway.addresses["outbound"]
+            request = pb.messages.SimpleRequest(response_status=pb.messages.EchoStatus(code=14, message="down"))
+            options = [("grpc.default_authority", SERVICE)]
+            with (
+                grpc.insecure_channel(f"{host}:{port}", options=options) as channel,
+                pytest.raises(grpc.RpcError) as failed,
+            ):
+                pb.test_grpc.TestServiceStub(channel).UnaryCall(request, timeout=10)
+            assert failed.value.code() is grpc.StatusCode.UNAVAILABLE and failed.value.details() == "down"
+            retried = on == ["unavailable"]
+            assert server.service.unary_calls == (3 if retried else 1)
+            assert metric(gateway, "meshgate_retries_total", destination=SERVICE) == (2 if retried else 0)
+            assert metric(gateway, "meshgate_requests_total", grpc_status="14") == 1  # one call, however many tries
+        finally:
+            gateway.stop()

@@ -361,7 +361,7 @@ LB_RULE = "expected ewma, least_request, round_robin or hash(header:NAME)"
         (
             two_subsets(retries={"on": ["reset", "timeout"]}),
             "retries.on[1]: expected one of: connect-failure, reset, gateway-error, 5xx, retriable-status, "
-            "got 'timeout'",
+            "cancelled, deadline-exceeded, resource-exhausted, unavailable, got 'timeout'",
         ),
         (two_subsets(retries={"on": "reset"}), "retries.on: expected a list, got 'reset'"),
         (
@@ -419,12 +419,39 @@ LB_RULE = "expected ewma, least_request, round_robin or hash(header:NAME)"
         (
             two_subsets(retry={}),
             "retry: unknown key (expected one of: subsets, routes, lb, protocol, timeouts, retries, health, outlier, "
-            "limits, authorization)",
+            "limits, authorization, grpc)",
+        ),
+        (two_subsets(protocol="http2"), "protocol: expected one of: http1, h2c, grpc, got 'http2'"),
+        (
+            two_subsets(subsets={"v1": {"endpoints": ["127.0.0.1:9101"], "protocol": "h3"}}),
+            "subsets.v1.protocol: expected one of: http1, h2c, grpc, got 'h3'",
+        ),
+        (
+            two_subsets(grpc={"failure_codes": ["unavailable", "BOGUS"]}),
+            "grpc.failure_codes[1]: expected a gRPC status code name or number (0-16), got 'BOGUS'",
+        ),
+        (
+            two_subsets(grpc={"failure_codes": [17]}),
+            "grpc.failure_codes[0]: expected a gRPC status code name or number (0-16), got 17",
+        ),
+        (
+            two_subsets(timeouts={"stream_idle": "0s"}),
+            "timeouts.stream_idle: expected a positive duration like 250ms, 2s or 1m, got '0s'",
         ),
     ],
 )
 def test_service_rules(service: dict[str, object], expected: str) -> None:
     assert error({"services": {"catalog": service}}) == f"gw.yaml: services.catalog.{expected}"
+
+
+def test_grpc_failure_codes_take_names_or_numbers_and_default_to_linkerds_set() -> None:
+    parsed = Config.parse({"services": {"rpc": {"subsets": {"v1": {}}, "grpc": {"failure_codes": ["internal", 14]}}}})
+    service = parsed.service("rpc")
+    assert service is not None and service.grpc.failure_codes == {13, 14}
+    assert service.to_dict()["grpc"] == {"failure_codes": ["INTERNAL", "UNAVAILABLE"]}
+    default = Config.parse({"services": {"rpc": {"subsets": {"v1": {}}}}}).service("rpc")
+    assert default is not None and default.grpc.failure_codes == {2, 4, 7, 13, 14, 15}
+    assert default.protocol == "http1" and default.timeouts.max_stream_duration is None
 
 
 def test_split_sum_error_matches_the_design_example() -> None:

@@ -84,6 +84,7 @@ class _TestService:
     def __init__(self, pb: Modules) -> None:
         self.pb = pb
         self.empty_calls = 0  # EmptyCalls served, so a test can see how calls spread over servers
+        self.unary_calls = 0  # UnaryCalls, so a test can count retries
         self._lock = threading.Lock()
 
     @staticmethod
@@ -114,6 +115,8 @@ class _TestService:
         return self.pb.empty.Empty()
 
     def UnaryCall(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._lock:
+            self.unary_calls += 1
         # expect_compressed is not checked: grpcio does not tell a handler whether the request was compressed.
         if request.response_compressed.value:
             context.set_compression(grpc.Compression.Gzip)  # before the metadata: grpc-encoding is a header
