@@ -339,6 +339,14 @@ class TLSFiles:
 
 
 @dataclass(frozen=True, slots=True)
+class CertKey:
+    """One server certificate of the edge listener: a PEM chain and its key, resolved like `tls` files."""
+
+    cert: str = field(metadata={"parse": _file_name, "dump": str})
+    key: str = field(metadata={"parse": _file_name, "dump": str})
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """What one HTTP/1.1 client connection may send and how long it may stall. `max_header_bytes` and
     `max_headers` bound a request's head and trailers together, and an upstream response's head and trailers.
@@ -386,6 +394,8 @@ class GatewaySection:
     group: str = _key("default", _name)
     listen: Listen = _key(Listen(), _listen, _dump)
     tls: TLSFiles | None = _key(None, _optional(_section(TLSFiles)), _dump)
+    # TLS on the edge listener: certificates chosen by the client's SNI among their names; the first is the default.
+    edge_tls: tuple[CertKey, ...] = _key((), _each(_section(CertKey)), lambda pairs: [_dump(pair) for pair in pairs])
     preserve_request_id: bool = _key(True, _bool)
     trusted_proxies: tuple[IPNetwork, ...] = _key((), _each(_network), lambda networks: [str(n) for n in networks])
     limits: Limits = _nested(Limits)
@@ -617,13 +627,22 @@ def _resolve_files(gateway: GatewaySection, base_dir: str | None) -> GatewaySect
     log = gateway.telemetry.access_log
     if log not in ("off", "stdout"):
         gateway = replace(gateway, telemetry=replace(gateway.telemetry, access_log=os.path.join(base, log)))
+    if gateway.edge_tls:
+        pairs = [
+            _existing(pair, ("cert", "key"), base, f"gateway.edge_tls[{n}]") for n, pair in enumerate(gateway.edge_tls)
+        ]
+        gateway = replace(gateway, edge_tls=tuple(CertKey(**files) for files in pairs))
     if gateway.tls is None:
         return gateway
-    files = {key: os.path.normpath(os.path.join(base, getattr(gateway.tls, key))) for key in ("cert", "key", "ca")}
+    return replace(gateway, tls=TLSFiles(**_existing(gateway.tls, ("cert", "key", "ca"), base, "gateway.tls")))
+
+
+def _existing(section: object, keys: tuple[str, ...], base: str, path: str) -> dict[str, str]:
+    files = {key: os.path.normpath(os.path.join(base, getattr(section, key))) for key in keys}
     for key, resolved in files.items():
         if not os.path.isfile(resolved):
-            _fail(f"gateway.tls.{key}", f"expected an existing file (looked for {resolved})", getattr(gateway.tls, key))
-    return replace(gateway, tls=TLSFiles(**files))
+            _fail(f"{path}.{key}", f"expected an existing file (looked for {resolved})", getattr(section, key))
+    return files
 
 
 def _split(value: object, path: str, subsets: tuple[str, ...]) -> tuple[tuple[str, int], ...]:

@@ -19,8 +19,10 @@ from gateway.discovery import Discovery
 from gateway.proxy import DownstreamProtocol, Listener
 from gateway.runtime import AdminState, Runtime
 from gateway.sources import Source
+from gateway.tls import EdgeCertificates
 from gateway.units import Address
 
+EDGE_TLS_CHECK = 2.0  # seconds between looks at the edge certificates' files
 log = logging.getLogger("meshgate.gateway")
 
 DATA_LISTENERS = ("inbound", "edge", "outbound")
@@ -52,13 +54,42 @@ def listener_addresses(config: Config) -> dict[str, Address]:
 
 
 def data_listener(kind: str, runtime: Runtime, tls: ssl.SSLContext | None) -> Listener:
+    """What a data listener is for. With TLS (the mTLS inbound, an edge with `edge_tls`) HTTP/2 is negotiated by
+    ALPN; without it, taken with prior knowledge (h2c)."""
     group = runtime.config.gateway.group
     if kind == "edge":  # trust follows `trusted_proxies` and `preserve_request_id`, decided per connection
-        return Listener(kind, runtime, "external", reporter="destination", h2c=True)
+        return Listener(
+            kind, runtime, "external", scheme=b"https" if tls else b"http", reporter="destination", h2c=not tls
+        )
     if kind == "outbound":
         return Listener(kind, runtime, group, trusted=True, reporter="source", h2c=True)
-    # The mTLS inbound listener negotiates HTTP/2 by ALPN; a plaintext one takes it with prior knowledge.
     return Listener(kind, runtime, "unknown", scheme=b"https" if tls else b"http", reporter="destination", h2c=not tls)
+
+
+def edge_tls(config: Config) -> EdgeCertificates | None:
+    """The edge listener's certificates (`gateway.edge_tls`), or None for plain HTTP; a ConfigError names the file
+    that does not load."""
+    pairs = [(pair.cert, pair.key) for pair in config.gateway.edge_tls]
+    if not pairs:
+        return None
+    try:
+        return EdgeCertificates(pairs)
+    except ValueError as exc:
+        raise ConfigError(f"{config.source}: gateway.edge_tls: {exc}") from None
+
+
+async def watch_edge_tls(edge: EdgeCertificates) -> None:
+    """Reload edge certificates whose files changed (a renewal by certbot or cert-manager), every few seconds."""
+    while True:
+        await asyncio.sleep(EDGE_TLS_CHECK)
+        for line in edge.check():
+            (log.info if line.endswith("reloaded") else log.warning)("%s", line)
+
+
+def listener_tls(kind: str, inbound: ssl.SSLContext | None, edge: EdgeCertificates | None) -> ssl.SSLContext | None:
+    if kind == "inbound":
+        return inbound
+    return edge.context if kind == "edge" and edge is not None else None
 
 
 async def start_listener(
@@ -90,9 +121,12 @@ async def serve(config: Config, drain_timeout: float, source: Source) -> None:
     discovery = Discovery(state, runtime.apply, runtime.spawn)
     source.start(state, discovery.publish, addresses, runtime.spawn)
     servers = []
+    edge = edge_tls(config)
+    if edge is not None:
+        runtime.spawn(watch_edge_tls(edge))
     for kind, sock in sockets.items():
         if kind in DATA_LISTENERS:
-            tls = source.server_tls if kind == "inbound" else None
+            tls = listener_tls(kind, source.server_tls, edge)
             servers.append(await start_listener(data_listener(kind, runtime, tls), sock, tls))
         else:
             local = admin_handler(state, metrics_only=kind == "metrics")

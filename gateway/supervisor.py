@@ -31,7 +31,17 @@ from gateway.control import ControlSource, Identity
 from gateway.discovery import Discovery
 from gateway.proxy import Listener
 from gateway.runtime import AdminState, Peers, Runtime
-from gateway.server import DATA_LISTENERS, bind_socket, data_listener, describe, listener_addresses, start_listener
+from gateway.server import (
+    DATA_LISTENERS,
+    bind_socket,
+    data_listener,
+    describe,
+    edge_tls,
+    listener_addresses,
+    listener_tls,
+    start_listener,
+    watch_edge_tls,
+)
 from gateway.sources import Source, server_tls
 from gateway.telemetry import Snapshot, merge
 from gateway.units import Address
@@ -56,6 +66,7 @@ class Worker:
 
 class Supervisor:
     def __init__(self, source: Source, config: Config, workers: int, drain_timeout: float) -> None:
+        edge_tls(config)  # a certificate that does not load stops the start here, named, not in every worker
         self.source = source
         # Joined: workers load the identity the supervisor obtained from the files it keeps in the data directory.
         self.data_dir = source.settings.data_dir if isinstance(source, ControlSource) else None
@@ -270,10 +281,13 @@ async def _worker(
     if version is not None:  # None: joined and still waiting for a first config, so answer 503 until one comes
         runtime.apply(config, version, peers)
     tls = identity.server if identity is not None else server_tls(config)
+    edge = edge_tls(config)  # each worker its own contexts, reloaded by its own watcher
+    if edge is not None:
+        runtime.spawn(watch_edge_tls(edge))
     servers = []
     for kind, address in addresses.items():
         sock: socket.socket = bind_socket(address, reuse_port=True)
-        context = tls if kind == "inbound" else None
+        context = listener_tls(kind, tls, edge)
         servers.append(await start_listener(data_listener(kind, runtime, context), sock, context))
     stop = asyncio.Event()
     asked: dict[int, asyncio.Future[list[dict[str, Any]]]] = {}

@@ -179,3 +179,78 @@ def group_of(spiffe_id: str | None, trust_domain: str | None) -> str | None:
         return None
     group = _GROUP_PATH.fullmatch(match.group(2))
     return group.group(1) if group else None
+
+
+class EdgeCertificates:
+    """The edge listener's TLS: server certificates chosen by the client's SNI, reloaded when their files change.
+
+    Each certificate answers for the DNS names in its subjectAltName (a `*.` name for one label below); the first is
+    the default, for clients that send no SNI or a name no certificate has. ALPN offers h2 and http/1.1. `check()`
+    (the server calls it every few seconds) loads a changed file into the live context, so handshakes after it
+    present the new certificate; a pair that does not load is logged and the previous one stays.
+
+    >>> edge = EdgeCertificates([("shop.pem", "shop.key"), ("api.pem", "api.key")]); edge.context
+    """
+
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
+        self.pairs = pairs
+        self.contexts = [self._context(cert, key) for cert, key in pairs]  # raises with the file's name
+        self.names = [_dns_names(cert) for cert, _ in pairs]
+        self.stamps = [_stamp(pair) for pair in pairs]
+        self.context = self.contexts[0]
+        self.context.sni_callback = self.pick
+
+    @staticmethod
+    def _context(cert: str, key: str) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.set_alpn_protocols(["h2", "http/1.1"])
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"edge certificate {cert} with key {key} does not load: {exc}") from None
+        return context
+
+    def pick(self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, _: ssl.SSLContext) -> None:
+        if server_name:
+            name = server_name.lower()
+            wildcard = "*." + name.partition(".")[2]
+            for context, names in zip(self.contexts, self.names, strict=True):
+                if name in names or wildcard in names:
+                    conn.context = context
+                    return
+
+    def check(self) -> list[str]:
+        """Reload the certificates whose files changed; returns what happened, one line each, for the log."""
+        said = []
+        for index, pair in enumerate(self.pairs):
+            stamp = _stamp(pair)
+            if stamp == self.stamps[index]:
+                continue
+            self.stamps[index] = stamp
+            cert, key = pair
+            try:
+                with open(cert, "rb") as chain_file, open(key, "rb") as key_file:
+                    reload(self.contexts[index], chain_file.read(), key_file.read())
+                self.names[index] = _dns_names(cert)
+                said.append(f"edge certificate {cert} reloaded")
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                said.append(f"edge certificate {cert} not reloaded, the previous one stays: {exc}")
+        return said
+
+
+def _stamp(pair: tuple[str, str]) -> tuple[float, ...]:
+    try:
+        return tuple(os.stat(path).st_mtime for path in pair)
+    except OSError:
+        return ()
+
+
+def _dns_names(cert_path: str) -> frozenset[str]:
+    try:
+        with open(cert_path, "rb") as file:
+            cert = x509.load_pem_x509_certificate(file.read())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return frozenset()
+    return frozenset(name.lower() for name in san.get_values_for_type(x509.DNSName))

@@ -373,3 +373,23 @@ def test_a_trailers_only_unavailable_is_retried_only_when_retries_on_names_it(
             assert metric(gateway, "meshgate_requests_total", grpc_status="14") == 1  # one call, however many tries
         finally:
             gateway.stop()
+
+
+def test_shutdown_says_goaway_and_lets_a_stream_in_flight_finish(tmp_path: Path, pb: Modules) -> None:
+    """SIGTERM during a server-streaming call: the gateway says GOAWAY (no new streams on the connection), the call
+    in flight gets all its responses and ends OK, and the gateway exits 0 once it has."""
+    with TestServiceServer(pb) as server:
+        gateway = standalone(tmp_path, server)
+        host, port = gateway.addresses["outbound"]
+        request = pb.messages.StreamingOutputCallRequest(
+            response_parameters=[pb.messages.ResponseParameters(size=10, interval_us=300_000)] * 5
+        )
+        with grpc.insecure_channel(f"{host}:{port}", options=[("grpc.default_authority", SERVICE)]) as channel:
+            call = pb.test_grpc.TestServiceStub(channel).StreamingOutputCall(request, timeout=30)
+            sizes = [len(next(call).payload.body)]
+            gateway.signal(signal.SIGTERM)
+            gateway.wait_log("draining 1 connections")
+            sizes += [len(response.payload.body) for response in call]
+            assert sizes == [10] * 5 and call.code() is grpc.StatusCode.OK
+        assert gateway.proc.wait(20) == 0
+        gateway.stop()

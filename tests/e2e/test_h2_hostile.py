@@ -496,6 +496,26 @@ def test_empty_data_flood_gets_goaway_enhance_your_calm(
     gateway_ok(gw)
 
 
+def test_window_update_flood_gets_goaway_enhance_your_calm(hello_gateway: Gateway, h2_connect: Open) -> None:
+    """WINDOW_UPDATE frames of +1 on the connection, 20 x http2.MAX_WINDOW_UPDATES: libnghttp2 has no bound on them
+    (each is valid until the window would pass 2^31 - 1), so the gateway counts them per read and says GOAWAY
+    ENHANCE_YOUR_CALM. CPU bound: 1 s (each update is one event from the codec)."""
+    gw = hello_gateway
+    proc = psutil.Process(gw.proc.pid)
+    assert get(gw.inbound) == 200
+    client = h2_connect(gw.inbound)
+    before = cpu_seconds(proc)
+    sender = Flood(client, [WindowUpdateFrame(0, window_increment=1).serialize() * (20 * http2.MAX_WINDOW_UPDATES)])
+    sender.start()
+    client.wait_closed()
+    sender.join(READ_TIMEOUT)
+    spent = cpu_seconds(proc) - before
+    assert client.goaway is not None, "closed without GOAWAY"
+    assert client.goaway.error_code == ENHANCE_YOUR_CALM
+    assert spent < 1.0, f"{spent:.3f}s of CPU for {20 * http2.MAX_WINDOW_UPDATES} WINDOW_UPDATE frames"
+    gateway_ok(gw)
+
+
 # 5. Stream limit exhaustion
 
 

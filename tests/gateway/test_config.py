@@ -511,8 +511,8 @@ LOG_RULE = "expected off, stdout or a file path"
         ({"telemetry": {"recent_requests": False}}, "telemetry.recent_requests: expected an integer >= 0, got False"),
         (
             {"identity": {}},
-            "identity: unknown key (expected one of: group, listen, tls, preserve_request_id, trusted_proxies, "
-            "limits, telemetry, discovery)",
+            "identity: unknown key (expected one of: group, listen, tls, edge_tls, preserve_request_id, "
+            "trusted_proxies, limits, telemetry, discovery)",
         ),
     ],
 )
