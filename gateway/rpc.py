@@ -7,6 +7,7 @@ status is 200 either way. The gateway reads it for every signal, and answers wit
 
 from __future__ import annotations
 
+import math
 from urllib.parse import quote
 
 # The codes (grpc/doc/statuscodes.md); the metric label and the access log carry the number.
@@ -90,13 +91,13 @@ def parse_timeout(value: bytes) -> float | None:
 
 def format_timeout(seconds: float) -> bytes:
     """The time left, for the next hop: the coarsest unit that keeps it within 8 digits, rounded up."""
-    micros = max(1, -int(-seconds * 1e6 // 1))
+    micros = max(1, math.ceil(seconds * 1e6))
     if micros < 100_000_000:
         return b"%du" % micros
-    millis = -(-micros // 1000)
+    millis = math.ceil(micros / 1000)
     if millis < 100_000_000:
         return b"%dm" % millis
-    return b"%dS" % min(99_999_999, -(-millis // 1000))
+    return b"%dS" % min(99_999_999, math.ceil(millis / 1000))
 
 
 def encode_message(message: str) -> bytes:

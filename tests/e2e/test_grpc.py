@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc  # type: ignore[import-untyped]
 import httpx
@@ -38,6 +39,7 @@ class GrpcMesh:
     caller: Gateway
     owner: Gateway
     server: TestServiceServer
+    dashboard: Dashboard
 
     def channel(self) -> grpc.Channel:
         host, port = self.caller.addresses["outbound"]
@@ -70,7 +72,7 @@ def grpc_mesh(tmp_path_factory: pytest.TempPathFactory, pb: Modules) -> Iterator
             owner = joined_gateway(dashboard, directory, "rpc")
             gateways.append(owner)
             wait_ready(caller, owner)
-            found = GrpcMesh(pb, caller, owner, server)
+            found = GrpcMesh(pb, caller, owner, server, dashboard)
             with found.channel() as channel:
                 wait_for(lambda: _reaches(channel, pb), 15, what="shop reaches the interop service")
             yield found
@@ -393,3 +395,35 @@ def test_shutdown_says_goaway_and_lets_a_stream_in_flight_finish(tmp_path: Path,
             assert sizes == [10] * 5 and call.code() is grpc.StatusCode.OK
         assert gateway.proc.wait(20) == 0
         gateway.stop()
+
+
+def test_a_failed_call_is_found_by_request_id_with_its_grpc_status_and_rpc_span_attributes(
+    grpc_mesh: GrpcMesh,
+) -> None:
+    """Request lookup works for gRPC as for HTTP/1.1: the x-request-id in the response's initial metadata finds
+    both hops in the dashboard's span store, each with OpenTelemetry's RPC attributes and the error status."""
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4737"
+    metadata = (("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),)  # sampled: both hops export
+    pb = grpc_mesh.pb
+    request = pb.messages.SimpleRequest(response_status=pb.messages.EchoStatus(code=13, message="broken"))
+    with grpc_mesh.channel() as channel:
+        call = pb.test_grpc.TestServiceStub(channel).UnaryCall.future(request, metadata=metadata, timeout=10)
+        with pytest.raises(grpc.RpcError):
+            call.result()
+        headers = dict(call.initial_metadata() or ()) | dict(call.trailing_metadata() or ())
+    request_id = headers["x-request-id"]
+    with grpc_mesh.dashboard.api() as api:
+
+        def stored() -> list[dict[str, Any]] | None:
+            found = api.get("/traces", params={"request_id": request_id})
+            spans = found.json().get("spans", []) if found.status_code == 200 else []
+            in_store = [span for span in spans if "store" in span["found_in"]]
+            return in_store if len(in_store) == 2 else None
+
+        spans = wait_for(stored, 10, what="both hops' spans in the dashboard's span store")
+    for span in spans:
+        assert span["trace_id"] == trace_id
+        attributes = span["attributes"]
+        assert attributes["rpc.system"] == "grpc" and attributes["rpc.service"] == "grpc.testing.TestService"
+        assert attributes["rpc.method"] == "UnaryCall" and attributes["rpc.grpc.status_code"] == 13
+        assert attributes["error.type"] == "INTERNAL"
