@@ -3,7 +3,9 @@
 What it starts, each a child process in its own process group (`meshgate.demoapps.processes`), output in
 DATA/logs/:
 - the dashboard on `--port-base` (SQLite, CA, spans and `operator-token` in DATA);
-- the shop's five service processes (`meshgate.demoapps.shop`) on base+50..54;
+- the shop's five service processes (`meshgate.demoapps.shop`) on base+50..54; payments speaks gRPC (the mesh
+  document says `protocol: grpc`, storefront calls it with grpcio through its gateway) and refuses one charge in 20
+  with UNAVAILABLE;
 - a joined gateway per group (shop, catalog, inventory, payments) on base+10·i+0/1/2 (inbound, outbound, admin),
   shop's with the edge listener on base+80; access logs in DATA/logs, every trace exported to the dashboard;
 - the traffic generator (`meshgate.demoapps.traffic`) at the edge.
@@ -54,6 +56,7 @@ class App:
     version: str
     offset: int  # its port is --port-base + offset
     args: tuple[str, ...] = ()
+    grpc: bool = False
 
     @property
     def name(self) -> str:
@@ -65,8 +68,10 @@ APPS = (
     App("catalog", "catalog", "v1", 51),
     App("catalog", "catalog", "v2", 52, ("--latency", "60ms", "--fail-every", "33")),  # the canary: worse
     App("inventory", "inventory", "v1", 53),
-    App("payments", "payments", "v1", 54),
+    App("payments", "payments", "v1", 54, ("--fail-every", "20"), grpc=True),  # a flaky payment provider
 )
+GRPC_SERVICES = tuple(app.service for app in APPS if app.grpc)
+GRPC_APPS = {app.name: app for app in APPS if app.grpc}
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,7 @@ def first_busy(ports: Ports) -> tuple[int, str] | None:
 
 
 def mesh_document(ports: Ports) -> dict[str, Any]:
-    """Groups and services: storefront (shop), catalog v1/v2 at 90/10, inventory (catalog's only), payments."""
+    """Groups and services: storefront (shop), catalog v1/v2 at 90/10, inventory (catalog's only), payments (gRPC)."""
 
     def subsets(service: str) -> dict[str, Any]:
         return {app.version: {"endpoints": [f"{HOST}:{ports.app(app)}"]} for app in APPS if app.service == service}
@@ -130,7 +135,14 @@ def mesh_document(ports: Ports) -> dict[str, Any]:
                 "retries": {"attempts": 2, "on": ["connect-failure", "reset"]},
             },
             "inventory": {"subsets": subsets("inventory"), "authorization": {"allow": ["catalog"]}},
-            "payments": {"subsets": subsets("payments"), "authorization": {"allow": ["shop"]}},
+            "payments": {
+                "subsets": subsets("payments"),
+                "protocol": "grpc",
+                "health": {},  # grpc.health.v1 Check, asked by the gateways
+                # A charge is retried only when it cannot have reached payments: an UNAVAILABLE stays the shop's.
+                "retries": {"attempts": 2, "on": ["connect-failure"]},
+                "authorization": {"allow": ["shop"]},
+            },
         },
     }
 
@@ -222,6 +234,7 @@ class Demo:
         argv = [sys.executable, "-m", "meshgate.demoapps.shop", app.service, "--port", str(self.ports.app(app))]
         argv += ["--version", app.version, "--gateway", f"http://{HOST}:{outbound}"]
         argv += ["--otlp", f"{self.dashboard_url}/v1/traces", *app.args]
+        argv += [f"--grpc={service}" for service in GRPC_SERVICES]
         return self.children.start(app.name, argv)
 
     def _start_gateway(self, group: str, token: str) -> Child:
@@ -233,15 +246,36 @@ class Demo:
         return self.children.start(f"gateway-{group}", argv, env={"MESHGATE_JOIN_TOKEN": token})
 
     def _wait(self, children: list[Child], path: str, timeout: float) -> None:
-        """Until every child answers 200 on `path`."""
-        waiting = {child.name: self._health_url(child, path) for child in children}
+        """Until every child answers 200 on `path` (a gRPC app: SERVING to grpc.health.v1 Check)."""
+        probes = {child.name: self._grpc_probe(child, timeout) for child in children if child.name in GRPC_APPS}
+        waiting = {child.name: self._health_url(child, path) for child in children if child.name not in probes}
 
         def done() -> bool:
             for name in [name for name, url in waiting.items() if self._ok(url)]:
                 del waiting[name]
-            return not waiting
+            for name in [name for name, probe in probes.items() if probe.poll() == 0]:
+                del probes[name]
+            return not waiting and not probes
 
-        self._until(done, timeout, lambda: f"{', '.join(sorted(waiting))} ({path})")
+        def what() -> str:
+            return ", ".join([*(f"{name} ({path})" for name in sorted(waiting)), *(f"{n} (gRPC)" for n in probes)])
+
+        try:
+            self._until(done, timeout, what)
+        finally:
+            for probe in probes.values():
+                probe.kill()
+                probe.wait()
+
+    def _grpc_probe(self, child: Child, timeout: float) -> subprocess.Popen[bytes]:
+        # A process of its own: grpcio's threads stay out of the demo, which forks every other child.
+        address = f"{HOST}:{self.ports.app(GRPC_APPS[child.name])}"
+        return subprocess.Popen(
+            [sys.executable, "-m", "meshgate.demoapps.rpc", "check", address, "--timeout", f"{timeout:g}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C reaches only the demo, which then stops in order
+        )
 
     def _health_url(self, child: Child, path: str) -> str:
         if child.name == "dashboard":

@@ -295,9 +295,11 @@ def hop_records(gateway: Gateway, request_id: str) -> list[dict[str, Any]]:
     return list(answer.json()["hops"]) if answer.status_code == 200 else []
 
 
-def metric(gateway: Gateway, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels`, from the gateway's admin /metrics."""
-    text = httpx.get(gateway.url("admin") + "/metrics", timeout=5, trust_env=False).text
+def metric(gateway: Gateway | str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`, from the gateway's admin /metrics (a Gateway
+    this test started, or the admin URL of one it did not)."""
+    admin = gateway.url("admin") if isinstance(gateway, Gateway) else gateway
+    text = httpx.get(admin + "/metrics", timeout=5, trust_env=False).text
     total = 0.0
     for line in text.splitlines():
         if not line.startswith((name + "{", name + " ")):

@@ -1,6 +1,7 @@
 """OpenTelemetry for the demo services: a tracer provider exporting OTLP/HTTP, server spans continued from the
-incoming `traceparent`, and calls made through httpx with the context injected by hand (W3C trace context, the
-SDK's own propagator), so the services' spans sit between the gateways' hops in one trace.
+incoming `traceparent` (HTTP headers or gRPC metadata), and calls made through httpx or grpcio with the context
+injected by hand (W3C trace context, the SDK's own propagator), so the services' spans sit between the gateways'
+hops in one trace.
 
 The request's `x-request-id` is kept in a context variable: it is recorded on every span (as
 `http.request.header.x-request-id`, which the dashboard indexes) and passed on to the next call, so the gateways
@@ -67,26 +68,28 @@ class Tracing:
         finally:
             _request_id.reset(token)
 
+    @contextmanager
+    def client(self, name: str, service: str, attributes: dict[str, str]) -> Iterator[tuple[Span, dict[str, str]]]:
+        """A client span for a call to `service`, current inside the block, and the headers (or gRPC metadata)
+        the call carries: the request's `x-request-id` and the span's `traceparent`."""
+        headers: dict[str, str] = {}
+        request_id = _request_id.get()
+        recorded: dict[str, str | list[str]] = {**attributes, "server.address": service}
+        if request_id:
+            headers["x-request-id"] = request_id  # trusted on the outbound listener: one ID for every hop
+            recorded["http.request.header.x-request-id"] = [request_id]
+        with self.tracer.start_as_current_span(name, kind=SpanKind.CLIENT, attributes=recorded) as span:
+            _propagator.inject(headers)  # the client span is current: it becomes the next hop's parent
+            yield span, headers
+
     async def call(
         self, client: httpx.AsyncClient, service: str, method: str, path: str, body: object = None
     ) -> httpx.Response:
         """Call `service` through the gateway `client` points at (the outbound listener routes by Host)."""
-        headers = {"host": service}
-        request_id = _request_id.get()
-        attributes: dict[str, str | list[str]] = {
-            "http.request.method": method,
-            "url.path": path,
-            "server.address": service,
-        }
-        if request_id:
-            headers["x-request-id"] = request_id  # trusted on the outbound listener: one ID for every hop
-            attributes["http.request.header.x-request-id"] = [request_id]
-        with self.tracer.start_as_current_span(
-            f"{method} {service}", kind=SpanKind.CLIENT, attributes=attributes
-        ) as span:
-            _propagator.inject(headers)  # the client span is current: it becomes the next hop's parent
+        attributes = {"http.request.method": method, "url.path": path}
+        with self.client(f"{method} {service}", service, attributes) as (span, headers):
             try:
-                answer = await client.request(method, path, headers=headers, json=body)
+                answer = await client.request(method, path, headers={"host": service, **headers}, json=body)
             except httpx.HTTPError as err:
                 span.set_attribute("error.type", type(err).__name__)
                 span.set_status(Status(StatusCode.ERROR, str(err) or type(err).__name__))
@@ -99,4 +102,12 @@ def record_status(span: Span, status: int) -> None:
     span.set_attribute("http.response.status_code", status)
     if status >= 500:
         span.set_attribute("error.type", str(status))
+        span.set_status(Status(StatusCode.ERROR))
+
+
+def record_grpc_status(span: Span, code: int, name: str) -> None:
+    """A gRPC call's outcome on its span (client or server side): any code but OK (0) is an error here."""
+    span.set_attribute("rpc.grpc.status_code", code)
+    if code != 0:
+        span.set_attribute("error.type", name)
         span.set_status(Status(StatusCode.ERROR))

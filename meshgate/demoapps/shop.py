@@ -12,8 +12,13 @@ service listens on 0.0.0.0. `--check` validates the command line and exits.
   `GET /products/{id}/related`.
 - inventory: `GET /stock`, `GET /stock/{id}`.   payments: `POST /charge`.
 
-Every service answers `GET /healthz` (not traced, not counted). `--latency` is the mean time a request takes here
-(±50 %), `--fail-every N` answers every Nth request with a 503: the catalog v2 canary's deterministic ~3 %.
+`--grpc payments` (given to every service, as the mesh document's `protocol: grpc` is to every gateway) makes
+payments a gRPC service: `meshgate.demo.Payments/Charge` with JSON messages, and grpc.health.v1 (`rpc`); storefront
+then charges through a grpcio channel to its gateway, and a failed call is its own 502.
+
+Every HTTP service answers `GET /healthz` (not traced, not counted). `--latency` is the mean time a request takes
+here (±50 %), `--fail-every N` answers every Nth request with a 503 (a gRPC call with UNAVAILABLE): the catalog v2
+canary's deterministic ~3 %.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ import contextlib
 import dataclasses
 import itertools
 import random
+import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grpc  # type: ignore[import-untyped]
 import httpx
 import uvicorn
 from starlette.applications import Starlette
@@ -39,10 +46,15 @@ from starlette.routing import Route
 
 from gateway.cli import duration, http_url, whole_number
 from gateway.units import is_hostname
-from meshgate.demoapps.otel import Tracing, record_status, tracer_provider
+from meshgate.demoapps import rpc
+from meshgate.demoapps.otel import Tracing, record_grpc_status, record_status, tracer_provider
 
 SERVICES = ("storefront", "catalog", "inventory", "payments")
+GRPC_SERVICES = ("payments",)  # the services that can speak gRPC (`--grpc`)
+PAYMENTS_RPC = "meshgate.demo.Payments"
+CHARGE = f"/{PAYMENTS_RPC}/Charge"
 CALL_TIMEOUT = 5.0  # seconds for a call to another service, through the gateway
+GRACE = 3  # seconds for calls in flight at SIGTERM
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,7 @@ class Options:
     otlp: str | None = None
     latency: float = 0.003
     fail_every: int = 0
+    grpc: tuple[str, ...] = ()  # the services that speak gRPC, this one perhaps among them
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -95,6 +108,7 @@ class Service:
         self.client = httpx.AsyncClient(base_url=options.gateway, timeout=CALL_TIMEOUT, trust_env=False)
         self.served = itertools.count(1)
         self.random = random.Random()
+        self.charge_rpc: rpc.JsonMethod | None = None  # made on the server's event loop, which grpc.aio binds to
 
     def app(self) -> Starlette:
         routes = getattr(self, f"_{self.options.service}_routes")()
@@ -106,10 +120,14 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        if self.options.service == "storefront" and "payments" in self.options.grpc:
+            self.charge_rpc = rpc.JsonMethod(httpx.URL(self.options.gateway).netloc.decode(), "payments", CHARGE)
         try:
             yield
         finally:
             await self.client.aclose()
+            if self.charge_rpc is not None:
+                await self.charge_rpc.close()
 
     def _traced(self, name: str, handler: Handler) -> Handler:
         async def traced(request: Request) -> Response:
@@ -121,17 +139,23 @@ class Service:
         return traced
 
     async def _serve(self, handler: Handler, request: Request) -> Response:
-        count = next(self.served)
-        mean = self.options.latency
-        await asyncio.sleep(self.random.uniform(mean * 0.5, mean * 1.5))
-        if self.options.fail_every and count % self.options.fail_every == 0:
-            every = self.options.fail_every
-            error = f"{self.options.service} {self.options.version}: request {count} fails (one in {every} does)"
+        error = await self._fault()
+        if error is not None:
             return JSONResponse({"error": error}, 503)
         try:
             return await handler(request)
         except Unavailable as err:
             return JSONResponse({"error": str(err)}, 502)
+
+    async def _fault(self) -> str | None:
+        """The injected latency, then why this request fails (`--fail-every`), or None."""
+        count = next(self.served)
+        mean = self.options.latency
+        await asyncio.sleep(self.random.uniform(mean * 0.5, mean * 1.5))
+        if self.options.fail_every and count % self.options.fail_every == 0:
+            every = self.options.fail_every
+            return f"{self.options.service} {self.options.version}: request {count} fails (one in {every} does)"
+        return None
 
     async def _call(self, service: str, method: str, path: str, body: object = None) -> Any:
         """The JSON answer of `service`; any other outcome raises `Unavailable`."""
@@ -174,8 +198,21 @@ class Service:
             return JSONResponse({"error": 'expected {"product": ID, "quantity": N}'}, 400)
         product = await self._call("catalog", "GET", f"/products/{product_id}")
         total = int(product["price_cents"]) * quantity
-        payment = await self._call("payments", "POST", "/charge", {"amount_cents": total, "currency": "EUR"})
+        payment = await self._charge({"amount_cents": total, "currency": "EUR"})
         return JSONResponse({"page": "order", "product": product, "quantity": quantity, "payment": payment})
+
+    async def _charge(self, charge: dict[str, object]) -> Any:
+        if self.charge_rpc is None:
+            return await self._call("payments", "POST", "/charge", charge)
+        attributes = {"rpc.system": "grpc", "rpc.service": PAYMENTS_RPC, "rpc.method": "Charge"}
+        with self.tracing.client(f"{PAYMENTS_RPC}/Charge", "payments", attributes) as (span, metadata):
+            try:
+                answer = await self.charge_rpc(charge, metadata, timeout=CALL_TIMEOUT)
+            except grpc.aio.AioRpcError as err:
+                record_grpc_status(span, err.code().value[0], err.code().name)
+                raise Unavailable(f"payments: {err.code().name} {err.details() or ''}".rstrip()) from None
+            record_grpc_status(span, 0, "OK")
+            return answer
 
     # catalog
 
@@ -227,12 +264,43 @@ class Service:
         return [("POST", "/charge", self.charge)]
 
     async def charge(self, request: Request) -> Response:
-        charge = await request.json()
-        return JSONResponse({"payment": str(uuid.uuid4()), "status": "approved", **charge})
+        return JSONResponse(_approved(await request.json()))
+
+    async def charge_call(self, charge: Any, context: Any) -> Any:
+        """Charge over gRPC (a `grpc.aio` handler): the HTTP route's answer, or UNAVAILABLE as `--fail-every` says."""
+        metadata = {key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)}
+        with self.tracing.server(f"{PAYMENTS_RPC}/Charge", "POST", CHARGE, metadata) as span:
+            span.set_attributes({"rpc.system": "grpc", "rpc.service": PAYMENTS_RPC, "rpc.method": "Charge"})
+            error = await self._fault()
+            code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNAVAILABLE
+            record_grpc_status(span, code.value[0], code.name)
+        if error is not None:
+            await context.abort(code, error)
+        return _approved(charge)
+
+    async def serve_grpc(self) -> bool:
+        """Serve payments over gRPC until SIGTERM or SIGINT; whether it could listen."""
+        try:
+            server = rpc.server(PAYMENTS_RPC, {"Charge": self.charge_call}, self.options.host, self.options.port)
+        except RuntimeError as err:
+            print(f"payments: cannot listen on {self.options.host}:{self.options.port}: {err}", file=sys.stderr)
+            return False
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await server.start()
+        await stop.wait()
+        await server.stop(GRACE)
+        return True
 
 
 class Unavailable(Exception):
     """A service this one depends on failed: the caller gets a 502 with the reason."""
+
+
+def _approved(charge: dict[str, object]) -> dict[str, object]:
+    return {"payment": str(uuid.uuid4()), "status": "approved", **charge}
 
 
 def _product_json(product: Product, in_stock: int, version: str) -> dict[str, object]:
@@ -264,12 +332,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, bool]:
     parser.add_argument(
         "--fail-every", type=whole_number(0), default=0, metavar="N", help="answer every Nth request with 503"
     )
+    parser.add_argument(
+        "--grpc",
+        action="append",
+        choices=GRPC_SERVICES,
+        default=[],
+        metavar="SERVICE",
+        help=f"a service that speaks gRPC (one of: {', '.join(GRPC_SERVICES)}); repeatable",
+    )
     parser.add_argument("--check", action="store_true", help="validate the command line and exit")
     args = parser.parse_args(argv)
     if not is_hostname(args.host):
         parser.error(f"--host: expected a host name or an IPv4 address, got {args.host!r}")
     keys = ("service", "port", "version", "host", "gateway", "otlp", "latency", "fail_every")
-    return Options(**{key: getattr(args, key) for key in keys}), args.check
+    options = Options(**{key: getattr(args, key) for key in keys}, grpc=tuple(sorted(set(args.grpc))))
+    return options, args.check
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -279,13 +356,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     provider = tracer_provider(options.service, options.version, options.otlp)
     service = Service(options, Tracing(provider.get_tracer("meshgate-demo")))
+    if options.service in options.grpc:
+        try:
+            return 0 if asyncio.run(service.serve_grpc()) else 1
+        finally:
+            provider.shutdown()  # export what is batched
     config = uvicorn.Config(
         service.app(),
         host=options.host,
         port=options.port,
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=3,
+        timeout_graceful_shutdown=GRACE,
     )
     server = uvicorn.Server(config)
     try:

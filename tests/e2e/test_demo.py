@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from meshgate.demo import Ports, first_busy
-from tests.conftest import ROOT, wait_for
+from tests.conftest import ROOT, metric, wait_for
 
 BLOCK_TIMEOUT = 40.0  # seconds from the command to its printed block
 
@@ -201,6 +201,18 @@ def test_the_demo_runs_a_live_mesh_and_leaves_nothing_behind(start_demo: Any) ->
             return found if all(float(found.get(key, {}).get("rps") or 0) > 0 for key in wanted) else None
 
         wait_for(edges, 10, 0.2, "shop->catalog, catalog->inventory and shop->payments with traffic")
+
+        # Payments speaks gRPC: the shop gateway counts each charge with its gRPC status, and one in 20 is refused.
+        shop = f"http://127.0.0.1:{Ports(base).gateway('shop', 'admin')}"  # the demo's gateway, not the test's
+
+        def charges() -> tuple[float, float] | None:
+            refused = metric(shop, "meshgate_requests_total", destination="payments", grpc_status="14")
+            ok = metric(shop, "meshgate_requests_total", destination="payments", grpc_status="0")
+            return (ok, refused) if refused else None
+
+        ok, refused = wait_for(charges, max(1.0, ready_at + 15 - time.monotonic()), 0.2, "a refused gRPC charge")
+        assert ok >= 19 * refused, (ok, refused)  # at most one in 20, read before the OKs (counters only grow)
+        assert metric(shop, "meshgate_requests_total", destination="payments", grpc_status="") == 0
 
         # The canary fails every 33rd request, and only the canary fails.
         def catalog_totals() -> dict[str, dict[str, Any]] | None:
