@@ -34,7 +34,7 @@ from gateway.errors import (
 )
 from gateway.exporter import SLOW
 from gateway.hops import hop_record
-from gateway.http1 import drop_headers, request_head
+from gateway.http1 import REQ_REQUEST_ID, REQ_TRACE, REQ_XFF, REQ_XFH, REQ_XFP, drop_headers, request_head
 from gateway.propagation import TraceContext, extract, inject, new_request_id, new_trace
 from gateway.routing import BUDGET_EXHAUSTED, RETRY
 from gateway.runtime import LocalHandler, Runtime
@@ -225,6 +225,22 @@ class Exchange:
         self.out: list[bytes] = []
         self.done = False
         self.error = ""
+
+    def remember(self, kind: int, lname: bytes, value: bytes) -> None:
+        """A request header that says who asked and through what (http1.REQUEST_FIELDS): the request ID, the
+        X-Forwarded-* a trusted sender may set, the trace context. Other kinds are ignored here (dropped)."""
+        if kind == REQ_REQUEST_ID:
+            self.request_id = value
+        elif kind == REQ_XFF:
+            self.forwarded_for = self.forwarded_for + b", " + value if self.forwarded_for else value
+        elif kind == REQ_XFP:
+            self.forwarded_proto = value
+        elif kind == REQ_XFH:
+            self.forwarded_host = value
+        elif kind == REQ_TRACE:
+            if self.trace_headers is None:
+                self.trace_headers = {}
+            self.trace_headers[lname] = value
 
     def decide_request_id(self) -> None:
         """Keep a well-formed ID from a trusted sender (docs/design.md, "The request path"); otherwise make one."""

@@ -29,11 +29,6 @@ from gateway.exchange import PAUSE_PEER, Exchange, ListenerInfo
 from gateway.http1 import (
     REQ_CONTENT_LENGTH,
     REQ_HOST,
-    REQ_REQUEST_ID,
-    REQ_TRACE,
-    REQ_XFF,
-    REQ_XFH,
-    REQ_XFP,
     REQUEST_FIELDS,
     forwardable_trailer,
 )
@@ -477,18 +472,8 @@ class StreamExchange(Exchange):
             elif kind == REQ_CONTENT_LENGTH:
                 content_length = True
                 self.headers += (name, b": ", value, b"\r\n")
-            elif kind == REQ_REQUEST_ID:
-                self.request_id = value
-            elif kind == REQ_XFF:
-                self.forwarded_for = self.forwarded_for + b", " + value if self.forwarded_for else value
-            elif kind == REQ_XFP:
-                self.forwarded_proto = value
-            elif kind == REQ_XFH:
-                self.forwarded_host = value
-            elif kind == REQ_TRACE:
-                if self.trace_headers is None:
-                    self.trace_headers = {}
-                self.trace_headers[name] = value
+            else:
+                self.remember(kind, name, value)
         if not content_length:
             self.chunked = b"chunked"  # to an HTTP/1.1 upstream, a body of unknown length goes chunked
 

@@ -27,13 +27,8 @@ from gateway.http1 import (
     REQ_CONNECTION,
     REQ_CONTENT_LENGTH,
     REQ_HOST,
-    REQ_REQUEST_ID,
-    REQ_TRACE,
     REQ_TRANSFER_ENCODING,
     REQ_UPGRADE,
-    REQ_XFF,
-    REQ_XFH,
-    REQ_XFP,
     REQUEST_FIELDS,
     connection_options,
     forwardable_trailer,
@@ -442,18 +437,8 @@ class DownstreamProtocol(asyncio.Protocol):
                 exchange.connection_tokens = (exchange.connection_tokens or []) + listed
         elif kind == REQ_UPGRADE:
             exchange.upgrade = value
-        elif kind == REQ_REQUEST_ID:
-            exchange.request_id = value
-        elif kind == REQ_XFF:
-            exchange.forwarded_for = exchange.forwarded_for + b", " + value if exchange.forwarded_for else value
-        elif kind == REQ_XFP:
-            exchange.forwarded_proto = value
-        elif kind == REQ_XFH:
-            exchange.forwarded_host = value
-        elif kind == REQ_TRACE:
-            if exchange.trace_headers is None:
-                exchange.trace_headers = {}
-            exchange.trace_headers[lname] = value
+        else:
+            exchange.remember(kind, lname, value)
 
     def on_trailer(self, name: bytes, value: bytes) -> None:
         """A trailer field: counted against the same limits as the head, never a change to the request's

@@ -3,12 +3,14 @@
 - `GET /api/v1/topology?window=5m`: nodes and edges (dashboard/signals/topology.py), for any window up to the source's
   reach (`5m`, `1h`, `6h`, or seconds).
 - `GET /api/v1/topology/edge?source=ID&destination=ID&window=5m`: one edge over time, per subset side by side.
-- `GET /api/v1/services/{name}/signals?window=5m`: a service's totals and chart points, per subset side by side.
+- `GET /api/v1/services/{name}/signals?window=5m`: a service's totals and chart points, per subset side by side, and
+  its gRPC calls by status code (`grpc`: `{"OK": 1200, "UNAVAILABLE": 25}`, the codes seen; `{}` without gRPC).
 - `GET /api/v1/gateways/{instance}/signals?window=5m`: what a gateway served and sent, and its saturation.
 
 Pages call the same methods directly (`topology`, `edge`, `service`, `gateway`, `services`); `services(window)`
 is what GET /api/v1/services adds to each service and subset. A point is `{t, rps, error_rate, denied, p50_ms,
-p95_ms, p99_ms}` for the interval ending at `t` (Unix seconds); `rps` is null where there is no data yet.
+p95_ms, p99_ms}` for the interval ending at `t` (Unix seconds); `rps` is null where there is no data yet. An error is
+a 5xx, or a gRPC call whose status code is in the destination's `grpc.failure_codes`.
 """
 
 from __future__ import annotations
@@ -188,11 +190,13 @@ class SignalsApi:
         weights = dict(service.routes[-1].split) if service is not None else {}
         owners = {member: group for group, members in mesh.groups for member in members}
         callers = traffic.grouped(lambda key: key[0] if key[1] == name else "")
+        totals = traffic.totals(lambda key: key[1] == name)
         return {
             "service": name,
             "group": owners.get(name),
             "window": window,
-            "totals": traffic.totals(lambda key: key[1] == name).summary(),
+            "totals": totals.summary(),
+            "grpc": totals.grpc_codes(),
             "points": points(found, lambda key: True),
             "subsets": {
                 subset: {
@@ -295,7 +299,10 @@ class SignalsApi:
         responses:
           "200":
             description: >-
-              `{service, group, window, totals, points, subsets: {subset: {weight, totals, points}}, callers}`
+              `{service, group, window, totals, grpc, points, subsets: {subset: {weight, totals, points}}, callers}`;
+              `grpc`: the window's gRPC calls by status code name, the codes seen (`{"OK": 1200, "UNAVAILABLE":
+              25}`, `{}` for a service without gRPC calls); `totals.errors` counts 5xx answers and the calls whose
+              code is in the service's `grpc.failure_codes`
           "400": {$ref: "#/components/responses/Error"}
           "403": {$ref: "#/components/responses/Error"}
           "404": {$ref: "#/components/responses/Error"}

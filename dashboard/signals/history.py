@@ -7,15 +7,19 @@ counters are differenced against the previous one's. A counter that went down, o
 new value is the increase, as in Prometheus's rate(). The increase is spread evenly over the time between the two
 heartbeats into frames of fixed width, so a late heartbeat does not make a spike.
 
-What is kept, per (source, destination, subset): requests, 5xx, 4xx, denied calls (403 before routing: the
-gateway's authorization refusal, which has no subset) and the 17 latency buckets. Edges are counted once:
-`reporter="destination"` series, plus `reporter="source"` series of a group calling a service it owns itself (its
-gateway serves those directly, so no destination side records them). Per gateway instance: its own traffic by
-reporter, CPU time, and its saturation gauges (in flight, pending, pool, connections, ejected, loop lag, RSS).
+What is kept, per (source, destination, subset): requests, failures, 4xx, denied calls (403 before routing: the
+gateway's authorization refusal, which has no subset), the 17 latency buckets and the calls per gRPC status code (17).
+A failure is a 5xx, or a gRPC call (HTTP 200) whose code is in its destination's `grpc.failure_codes` (the mesh's
+service config, `gateway.rpc.DEFAULT_FAILURE_CODES` for a destination it does not define); the codes apply to each
+heartbeat's increase as the mesh says when it is sampled, so changing them does not rewrite the past. Edges are
+counted once: `reporter="destination"` series, plus `reporter="source"` series of a group calling a service it owns
+itself (its gateway serves those directly, so no destination side records them). Per gateway instance: its own
+traffic by reporter, CPU time, and its saturation gauges (in flight, pending, pool, connections, ejected, loop lag,
+RSS).
 
 Memory is bounded: `FINE_FRAMES` frames of `step` seconds (30 min at the default 5 s), then minute frames for
-`RETENTION` (6 h); older frames are dropped. A frame holds, per active key, one array of 21 doubles (~230 bytes), and
-idle keys cost nothing: with 100 busy (source, destination, subset) triples that is at most 720 × 100 × 230 B ≈ 17
+`RETENTION` (6 h); older frames are dropped. A frame holds, per active key, one array of 38 doubles (~370 bytes), and
+idle keys cost nothing: with 100 busy (source, destination, subset) triples that is at most 720 × 100 × 370 B ≈ 27
 MB. Gateways send at most `MAX_SERIES` series each; instances silent for `RETENTION` are forgotten.
 
 Reading: `traffic(window)` sums a window into `Traffic` (counts per key), `points(window, destination)` cuts it
@@ -37,7 +41,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dashboard.errors import DashboardError
-from dashboard.store.model import GatewayRecord, Store, StoreError
+from dashboard.mesh import Mesh
+from dashboard.store.model import GatewayRecord, Revision, Store, StoreError
+from gateway import rpc
+from gateway.config import ConfigError
 from gateway.telemetry import BUCKETS
 
 log = logging.getLogger("meshgate.signals")
@@ -45,7 +52,9 @@ log = logging.getLogger("meshgate.signals")
 BOUNDS: tuple[float, ...] = (*(float(bound) for bound in BUCKETS), math.inf)
 REQUESTS, ERRORS, CLIENT_ERRORS, DENIED = range(4)
 FIRST_BUCKET = 4
-WIDTH = FIRST_BUCKET + len(BOUNDS)  # numbers per key and frame
+FIRST_GRPC = FIRST_BUCKET + len(BOUNDS)  # then the calls per gRPC status code, OK (0) to UNAUTHENTICATED (16)
+WIDTH = FIRST_GRPC + len(rpc.NAMES)  # numbers per key and frame
+GRPC_CODES = {str(code): code for code in range(len(rpc.NAMES))}  # the keys of a series' "grpc" counts
 STEP = 5.0  # seconds between samples (the width of fine frames)
 FINE_FRAMES = 360
 COARSE_WIDTH = 60.0
@@ -68,7 +77,8 @@ GAUGES = {  # the summed saturation gauges, by their index in a saturation vecto
 LOOP_LAG, RSS = len(SATURATION), len(SATURATION) + 1  # after the summed gauges in a saturation vector
 
 Key = tuple[str, str, str]  # (source, destination, subset)
-Counts = Sequence[float]  # WIDTH numbers: REQUESTS, ERRORS, CLIENT_ERRORS, DENIED, then per-bucket counts
+Counts = Sequence[float]  # WIDTH numbers: REQUESTS, ERRORS, CLIENT_ERRORS, DENIED, per-bucket, per-gRPC-code counts
+Failures = Callable[[str], frozenset[int]]  # a destination's failing gRPC codes
 
 
 class SignalsError(DashboardError):
@@ -153,7 +163,7 @@ class Totals:
         return self.counts[ERRORS] / self.counts[REQUESTS] if self.counts[REQUESTS] > 0 else None
 
     def quantile_ms(self, q: float) -> float | None:
-        seconds = histogram_quantile(q, self.counts[FIRST_BUCKET:])
+        seconds = histogram_quantile(q, self.counts[FIRST_BUCKET:FIRST_GRPC])
         return None if seconds is None else round(seconds * 1000, 3)
 
     def summary(self) -> dict[str, object]:
@@ -169,6 +179,11 @@ class Totals:
             "p95_ms": self.quantile_ms(0.95),
             "p99_ms": self.quantile_ms(0.99),
         }
+
+    def grpc_codes(self) -> dict[str, float | int]:
+        """gRPC calls by status code name, the codes seen only: `{"OK": 1200, "UNAVAILABLE": 25}`."""
+        calls = self.counts[FIRST_GRPC:]
+        return {rpc.NAMES[code]: count_value(count) for code, count in enumerate(calls) if count_value(count)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +283,40 @@ def counts_as_edge(reporter: str, source: str, destination: str, owners: Mapping
     return reporter == "destination" or (reporter == "source" and owners.get(destination) == source)
 
 
+@dataclass(frozen=True, slots=True)
+class MeshRules:
+    """What counting needs from a mesh version: the group owning each service (which side records an edge) and
+    each service's failing gRPC codes.
+
+    >>> rules = MeshRules.of(await store.current())
+    >>> rules.failures("catalog")
+    frozenset({2, 4, 7, 13, 14, 15})
+    """
+
+    version: int
+    owners: Mapping[str, str]
+    failure_codes: Mapping[str, frozenset[int]]
+
+    @classmethod
+    def of(cls, revision: Revision, last: MeshRules | None = None) -> MeshRules:
+        """The rules of `revision`; `last` again when it is of the same version (parsing once per version)."""
+        if last is not None and last.version == revision.version:
+            return last
+        try:
+            services = Mesh.parse(revision.mesh, source="mesh").services
+        except ConfigError:  # stored meshes were valid when written; a newer rule must not stop the signals
+            services = ()
+        codes = {service.name: service.grpc.failure_codes for service in services}
+        return cls(revision.version, owners_of(revision.mesh), codes)
+
+    def failures(self, destination: str) -> frozenset[int]:
+        return self.failure_codes.get(destination, rpc.DEFAULT_FAILURE_CODES)
+
+
+def default_failures(destination: str) -> frozenset[int]:
+    return rpc.DEFAULT_FAILURE_CODES
+
+
 def classify(code: int, subset: str, counts: list[float], count: float) -> None:
     counts[REQUESTS] += count
     if 500 <= code <= 599:
@@ -276,6 +325,13 @@ def classify(code: int, subset: str, counts: list[float], count: float) -> None:
         counts[CLIENT_ERRORS] += count
         if code == 403 and subset == "":
             counts[DENIED] += count
+
+
+def classify_grpc(code: int, failures: frozenset[int], counts: list[float], count: float) -> None:
+    """A gRPC call's status code (already counted under its HTTP status by `classify`)."""
+    counts[FIRST_GRPC + code] += count
+    if code in failures:
+        counts[ERRORS] += count
 
 
 class _Tier:
@@ -374,6 +430,14 @@ def _series(item: object) -> tuple[tuple[str, ...], array[float]] | None:
         if number is None:
             return None
         counts[FIRST_BUCKET + i] = number
+    grpc = item.get("grpc", {})
+    if not isinstance(grpc, dict) or len(grpc) > len(GRPC_CODES):
+        return None
+    for key, count in grpc.items():
+        number, code = _number(count), GRPC_CODES.get(key) if isinstance(key, str) else None
+        if number is None or code is None:
+            return None
+        counts[FIRST_GRPC + code] = number  # failures are counted on increases (`Stats._record`), not totals
     return tuple(labels), array("d", counts)
 
 
@@ -401,7 +465,8 @@ class Stats:
     >>> traffic.grouped(lambda key: key[1])["catalog"].summary()
     {'requests': 1500, 'rps': 5.0, 'error_rate': 0.002, ..., 'p99_ms': 48.1}
 
-    `ingest(records, now, owners)` is the whole arithmetic and does no I/O, so tests feed it heartbeats by hand.
+    `ingest(records, now, owners, failures)` is the whole arithmetic and does no I/O, so tests feed it heartbeats
+    by hand.
     """
 
     def __init__(
@@ -421,6 +486,7 @@ class Stats:
         self.version = 0  # bumped by every sample, so answers can be cached until the next
         self._instances: dict[str, _Instance] = {}
         self._cache: dict[tuple[object, ...], object] = {}
+        self._rules: MeshRules | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -438,14 +504,20 @@ class Stats:
         return None  # nothing held open
 
     async def sample(self) -> None:
-        revision = await self.store.current()
+        rules = self._rules = MeshRules.of(await self.store.current(), self._rules)
         records = await self.store.gateways(stats=True)
-        self.ingest(records, self.clock(), owners_of(revision.mesh))
+        self.ingest(records, self.clock(), rules.owners, rules.failures)
 
-    def ingest(self, records: Iterable[GatewayRecord], now: float, owners: Mapping[str, str]) -> None:
+    def ingest(
+        self,
+        records: Iterable[GatewayRecord],
+        now: float,
+        owners: Mapping[str, str],
+        failures: Failures = default_failures,
+    ) -> None:
         for record in records:
             if now - record.seen <= RETENTION:
-                self._ingest(record, owners)
+                self._ingest(record, owners, failures)
         self.horizon = max(self.horizon, now)
         for instance in [key for key, state in self._instances.items() if now - state.seen > RETENTION]:
             del self._instances[instance]
@@ -454,7 +526,7 @@ class Stats:
         self.version += 1
         self._cache.clear()
 
-    def _ingest(self, record: GatewayRecord, owners: Mapping[str, str]) -> None:
+    def _ingest(self, record: GatewayRecord, owners: Mapping[str, str], failures: Failures) -> None:
         state = self._instances.get(record.key)  # group and instance: one group cannot blend into another's
         if state is not None and record.seen <= state.seen:
             return  # no heartbeat since the last sample
@@ -467,7 +539,8 @@ class Stats:
             since = _number(started)
             if beat is not None and since is not None and since >= self.origin:
                 # Started while we watched: everything it counted is new.
-                self._record(record, state, beat, {}, 0.0, max(self.origin, min(since, record.seen)), owners)
+                since = max(self.origin, min(since, record.seen))
+                self._record(record, state, beat, {}, 0.0, since, owners, failures)
             elif beat is not None:  # counted before we watched: a baseline, as rate() needs two samples
                 state.series, state.cpu, state.measured = beat.series, beat.cpu, True
             return
@@ -482,7 +555,7 @@ class Stats:
             previous, cpu = {}, 0.0
             if isinstance(started, int | float):
                 start = min(max(started, state.seen), record.seen)
-        self._record(record, state, beat, previous, cpu, start, owners)
+        self._record(record, state, beat, previous, cpu, start, owners, failures)
 
     def _record(
         self,
@@ -493,6 +566,7 @@ class Stats:
         cpu: float,
         start: float,
         owners: Mapping[str, str],
+        failures: Failures,
     ) -> None:
         end = record.seen
         instance = record.key
@@ -501,12 +575,13 @@ class Stats:
         for labels, now in beat.series.items():
             before = previous.get(labels)
             if before is None or any(b > n for b, n in zip(before, now, strict=True)):
-                delta: Sequence[float] = now  # new, or reset since the last heartbeat
+                delta = list(now)  # new, or reset since the last heartbeat
             else:
                 delta = [n - b for n, b in zip(now, before, strict=True)]
             if not delta[REQUESTS]:
                 continue
             reporter, source, destination, subset, _ = labels
+            delta[ERRORS] += sum(delta[FIRST_GRPC + code] for code in failures(destination))
             add_into(own.setdefault(reporter, [0.0] * WIDTH), delta)
             if counts_as_edge(reporter, source, destination, owners):
                 add_into(edges.setdefault(("edge", source, destination, subset), [0.0] * WIDTH), delta)

@@ -2,11 +2,13 @@
 scrapes the gateways' /metrics, so history reaches as far back as Prometheus keeps it.
 
 Prometheus does the counter arithmetic (increase() and rate() handle resets and extrapolate), and answers per
-(reporter, source, destination, subset) with `code` or `le`; this module turns that into the same `Traffic`,
-`Point` and `GatewaySignals` the embedded history gives, so quantiles come from the same `histogram_quantile` and
-edges follow the same counting rule (`counts_as_edge`). Charts use `rate()` over Grafana's `$__rate_interval`
-(max(step + scrape interval, 4 × scrape interval)) times the step. Gateways are found by Prometheus's `instance`
-label: the address of their metrics (or admin) listener, as the scrape config names it.
+(reporter, source, destination, subset) with `code` and `grpc_status`, or `le`; this module turns that into the same
+`Traffic`, `Point` and `GatewaySignals` the embedded history gives, so quantiles come from the same
+`histogram_quantile`, edges follow the same counting rule (`counts_as_edge`) and failures the same classification
+(`classify`, `classify_grpc` with the destination's `grpc.failure_codes` from the current mesh). Charts use `rate()`
+over Grafana's `$__rate_interval` (max(step + scrape interval, 4 × scrape interval)) times the step. Gateways are
+found by Prometheus's `instance` label: the address of their metrics (or admin) listener, as the scrape config names
+it.
 """
 
 from __future__ import annotations
@@ -25,21 +27,24 @@ from dashboard.signals.history import (
     BOUNDS,
     FIRST_BUCKET,
     GAUGES,
+    GRPC_CODES,
     LOOP_LAG,
     MAX_POINTS,
     RSS,
     SATURATION,
     WIDTH,
+    Failures,
     GatewaySignals,
     Key,
+    MeshRules,
     Point,
     SaturationPoint,
     SignalsError,
     Totals,
     Traffic,
     classify,
+    classify_grpc,
     counts_as_edge,
-    owners_of,
 )
 from dashboard.store.model import GatewayRecord, Store
 from gateway.units import is_wildcard, parse_address
@@ -48,6 +53,7 @@ PROMETHEUS_QUERY_TIMEOUT = 5.0  # seconds for one Prometheus query
 MAX_WINDOW = 31 * 86400.0
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
 _BY = "reporter, source, destination, subset"
+_CODES = "code, grpc_status"  # grpc_status is "" (no label) for requests that are not gRPC calls
 _GAUGE_NAMES = {**GAUGES, "meshgate_event_loop_lag_seconds": LOOP_LAG, "meshgate_process_resident_memory_bytes": RSS}
 
 Sample = tuple[dict[str, str], float]  # a series' labels and one value
@@ -80,9 +86,13 @@ class _Builder:
         self.counts: dict[Any, list[float]] = {}
         self.cumulative: dict[Any, list[float]] = {}
 
-    def code(self, key: object, code: str, subset: str, value: float) -> None:
+    def code(self, key: object, labels: Mapping[str, str], subset: str, value: float, failures: Failures) -> None:
+        code = labels.get("code", "")
         if code.isdigit():
-            classify(int(code), subset, self.counts.setdefault(key, [0.0] * WIDTH), value)
+            counts = self.counts.setdefault(key, [0.0] * WIDTH)
+            classify(int(code), subset, counts, value)
+            if (grpc := GRPC_CODES.get(labels.get("grpc_status", ""))) is not None:
+                classify_grpc(grpc, failures(labels.get("destination", "")), counts, value)
 
     def le(self, key: object, le: str, value: float) -> None:
         index = _bucket(le)
@@ -125,6 +135,7 @@ class PrometheusSignals:
         self.clock = clock
         self.timeout = timeout
         self.client: httpx.AsyncClient | None = None  # made on first use, on the loop that uses it
+        self._rules: MeshRules | None = None
 
     async def run(self) -> None:
         """Prometheus collects, so there is nothing to sample; when cancelled (shutdown), close the client."""
@@ -170,8 +181,9 @@ class PrometheusSignals:
                     by_time.setdefault(float(pair[0]), []).append((series.get("metric", {}), value))
         return by_time
 
-    async def _owners(self) -> dict[str, str]:
-        return owners_of((await self.store.current()).mesh)
+    async def _mesh_rules(self) -> MeshRules:
+        self._rules = MeshRules.of(await self.store.current(), self._rules)
+        return self._rules
 
     def _window(self, window: float) -> str:
         if not 0 < window <= self.max_window:
@@ -180,12 +192,12 @@ class PrometheusSignals:
 
     async def traffic(self, window: float) -> Traffic:
         span, at = self._window(window), self.clock()
-        codes, buckets, owners = await asyncio.gather(
-            self.query(f"sum by ({_BY}, code) (increase(meshgate_requests_total[{span}]))", at),
+        codes, buckets, rules = await asyncio.gather(
+            self.query(f"sum by ({_BY}, {_CODES}) (increase(meshgate_requests_total[{span}]))", at),
             self.query(f"sum by ({_BY}, le) (increase(meshgate_request_duration_seconds_bucket[{span}]))", at),
-            self._owners(),
+            self._mesh_rules(),
         )
-        return Traffic(window, window, _edges(codes, buckets, owners, 1.0))
+        return Traffic(window, window, _edges(codes, buckets, rules, 1.0))
 
     def _range(self, window: float) -> tuple[float, float, float, str]:
         """start, end, step and the rate() range of a chart over `window`, aligned to the step."""
@@ -198,9 +210,9 @@ class PrometheusSignals:
     async def points(self, window: float, destination: str) -> list[Point]:
         start, end, step, span = self._range(window)
         where = _matcher("destination", destination)
-        codes, buckets, owners = await asyncio.gather(
+        codes, buckets, rules = await asyncio.gather(
             self.query_range(
-                f"sum by ({_BY}, code) (rate(meshgate_requests_total{{{where}}}[{span}]))", start, end, step
+                f"sum by ({_BY}, {_CODES}) (rate(meshgate_requests_total{{{where}}}[{span}]))", start, end, step
             ),
             self.query_range(
                 f"sum by ({_BY}, le) (rate(meshgate_request_duration_seconds_bucket{{{where}}}[{span}]))",
@@ -208,12 +220,12 @@ class PrometheusSignals:
                 end,
                 step,
             ),
-            self._owners(),
+            self._mesh_rules(),
         )
         points = []
         for i in range(round((end - start) / step) + 1):
             t = start + i * step
-            points.append(Point(t, step, _edges(_at(codes, t), _at(buckets, t), owners, step)))
+            points.append(Point(t, step, _edges(_at(codes, t), _at(buckets, t), rules, step)))
         return points
 
     async def gateway(self, record: GatewayRecord, window: float) -> GatewaySignals:
@@ -222,19 +234,22 @@ class PrometheusSignals:
         start, end, step, rate_range = self._range(window)
         at = self.clock()
         names = "|".join(_GAUGE_NAMES)
-        gauges, cpu, codes, buckets = await asyncio.gather(
+        gauges, cpu, codes, buckets, rules = await asyncio.gather(
             self.query_range(f'sum by (__name__) ({{__name__=~"{names}", {where}}})', start, end, step),
             self.query_range(
                 f"sum(rate(meshgate_process_cpu_seconds_total{{{where}}}[{rate_range}]))", start, end, step
             ),
-            self.query(f"sum by (reporter, code) (increase(meshgate_requests_total{{{where}}}[{span}]))", at),
+            self.query(
+                f"sum by (reporter, destination, {_CODES}) (increase(meshgate_requests_total{{{where}}}[{span}]))", at
+            ),
             self.query(
                 f"sum by (reporter, le) (increase(meshgate_request_duration_seconds_bucket{{{where}}}[{span}]))", at
             ),
+            self._mesh_rules(),
         )
         builder = _Builder()
         for labels, value in codes:
-            builder.code(labels.get("reporter"), labels.get("code", ""), "-", value)
+            builder.code(labels.get("reporter"), labels, "-", value, rules.failures)
         for labels, value in buckets:
             builder.le(labels.get("reporter"), labels.get("le", ""), value)
         own = builder.build()
@@ -271,20 +286,18 @@ def _at(by_time: Mapping[float, list[Sample]], t: float) -> list[Sample]:
     return by_time.get(t) or next((samples for when, samples in by_time.items() if abs(when - t) < 1e-3), [])
 
 
-def _edges(
-    codes: list[Sample], buckets: list[Sample], owners: Mapping[str, str], scale: float
-) -> dict[Key, list[float]]:
+def _edges(codes: list[Sample], buckets: list[Sample], rules: MeshRules, scale: float) -> dict[Key, list[float]]:
     """Counts per (source, destination, subset) from samples by reporter, counting each call once."""
     builder = _Builder()
 
     def key(labels: Mapping[str, str]) -> Key | None:
         reporter, source = labels.get("reporter", ""), labels.get("source", "")
         destination, subset = labels.get("destination", ""), labels.get("subset", "")
-        return (source, destination, subset) if counts_as_edge(reporter, source, destination, owners) else None
+        return (source, destination, subset) if counts_as_edge(reporter, source, destination, rules.owners) else None
 
     for labels, value in codes:
         if (found := key(labels)) is not None:
-            builder.code(found, labels.get("code", ""), found[2], value * scale)
+            builder.code(found, labels, found[2], value * scale, rules.failures)
     for labels, value in buckets:
         if (found := key(labels)) is not None:
             builder.le(found, labels.get("le", ""), value * scale)

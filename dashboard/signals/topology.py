@@ -45,7 +45,8 @@ _LAYERS = {"external": 0, "unknown:source": 0, "group": 1, "service": 2, "unknow
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a node turns amber (`warn`) or red (`bad`): its 5xx share or its p99 above the limits.
+    """When a node turns amber (`warn`) or red (`bad`): its failure share (5xx, and gRPC calls whose code is in the
+    service's `grpc.failure_codes`) or its p99 above the limits.
 
     >>> Thresholds().health(error_rate=0.02, p99_ms=40.0)
     'warn'

@@ -26,6 +26,7 @@ from dashboard.spans.store import TraceFilters
 from dashboard.store.model import Revision, Store
 from dashboard.ui.charts import Chart, graph, line_chart, waterfall
 from dashboard.ui.charts import number as _number
+from gateway import rpc
 
 WINDOWS = {"5m": 300.0, "1h": 3600.0, "6h": 21600.0}
 RECENT = 15.0  # seconds of traffic behind a subset's "measured share": what the split does now
@@ -37,6 +38,18 @@ _T = TypeVar("_T")
 
 def short_id(text: object) -> str:
     return str(text)[:8] if text else ""
+
+
+def grpc_shares(calls: Mapping[str, float], failures: frozenset[int]) -> list[dict[str, Any]]:
+    """The non-OK gRPC codes of a window, most frequent first: each one's share of the gRPC calls and whether the
+    service counts it as a failure. [] without gRPC calls."""
+    total = sum(calls.values())
+    rows = [
+        {"code": name, "calls": count, "share": count / total, "failure": rpc.NAMES.index(name) in failures}
+        for name, count in calls.items()
+        if name != "OK" and name in rpc.NAMES and total > 0
+    ]
+    return sorted(rows, key=lambda row: (-row["share"], row["code"]))
 
 
 def split_of(mesh: Mapping[str, Any], service: str) -> dict[str, int] | None:
@@ -219,6 +232,7 @@ class PageData:
             "columns": columns,
             "signals": self.signals is not None,
             "recent": RECENT,
+            "grpc": grpc_shares(found.get("grpc", {}), service.grpc.failure_codes),
         }
 
     async def timeline(self, name: str) -> list[dict[str, Any]]:
