@@ -427,3 +427,22 @@ def test_a_failed_call_is_found_by_request_id_with_its_grpc_status_and_rpc_span_
         assert attributes["rpc.system"] == "grpc" and attributes["rpc.service"] == "grpc.testing.TestService"
         assert attributes["rpc.method"] == "UnaryCall" and attributes["rpc.grpc.status_code"] == 13
         assert attributes["error.type"] == "INTERNAL"
+
+
+def test_the_http2_codec_is_loaded_only_when_a_connection_needs_it(edge_gateway: Gateway) -> None:
+    """An HTTP/1.1-only gateway pays no memory for HTTP/2: libnghttp2 (ngh2's extension) is mapped into the process
+    only once a client speaks HTTP/2 to it."""
+    maps = Path(f"/proc/{edge_gateway.proc.pid}/maps")
+    host, port = edge_gateway.addresses["edge"]
+    assert httpx.get(f"http://{host}:{port}/echo", headers={"host": "hello"}, trust_env=False).status_code == 200
+    assert "ngh2" not in maps.read_text()
+    done = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_version} %{http_code}", "--http2-prior-knowledge"]
+        + ["-H", "host: hello", f"http://{host}:{port}/echo"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+        check=True,
+    )
+    assert done.stdout == "2 200"
+    assert "ngh2" in maps.read_text()
