@@ -468,6 +468,10 @@ class LoadBalancer:
         return f"hash(header:{self.hash_header})" if self.policy == "hash" else self.policy
 
 
+# The timeouts of an HTTP/2 stream, which every hop applies: the caller's gateway takes them from the owner's service.
+STREAM_TIMEOUTS = ("stream_idle", "max_stream_duration")
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """`request` bounds an HTTP/1.1 request; an HTTP/2 stream (a gRPC call, say) has no total timeout unless

@@ -62,10 +62,11 @@ HEARTBEAT_BOUNDS = (0.5, 60.0)  # an interval the dashboard asks for is clamped 
 RENEW_MARGIN = 60.0  # at start, a certificate with less life left than this is renewed before anything else
 # The caller's hop to another group only picks one of its gateways and retries connect failures (docs/design.md,
 # "Division of work"): the owner's gateway splits, balances, retries and ejects, so retries never multiply.
+_PEER_TIMEOUTS = {"connect": "1s", "per_try": "60s", "request": "60s"}
 _PEER_POLICY: dict[str, object] = {
     "lb": "least_request",  # spread over replicas; latency-aware picking is the owner's job, per endpoint
     "retries": {"attempts": 2, "on": ["connect-failure"]},
-    "timeouts": {"connect": "1s", "per_try": "60s", "request": "60s"},
+    "timeouts": _PEER_TIMEOUTS,
     "outlier": {"consecutive_5xx": 1_000_000},  # the owner's 5xx say nothing about its gateway
 }
 
@@ -152,7 +153,9 @@ def mesh_config(
         gateways = [str(address) for address in owner.get("gateways", ())]
         for text in gateways:
             peers[parse_address(text)] = f"spiffe://{trust_domain}/group/{group}"
-        services[name] = {"subsets": {group: {"endpoints": gateways}}, **_PEER_POLICY}
+        # The owner's stream timeouts (config.STREAM_TIMEOUTS) hold at this hop too; the rest is the peer policy.
+        timeouts = {**_PEER_TIMEOUTS, **(owner.get("timeouts") or {})}
+        services[name] = {"subsets": {group: {"endpoints": gateways}}, **_PEER_POLICY, "timeouts": timeouts}
         remote.add(name)
     gateway = {**(settings.gateway or {}), "group": settings.group}
     telemetry = dict(gateway.get("telemetry") or {})

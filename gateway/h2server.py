@@ -24,7 +24,6 @@ from time import monotonic
 
 from gateway import http2, rpc
 from gateway.config import Limits
-from gateway.errors import reason_phrase
 from gateway.exchange import PAUSE_PEER, Exchange, ListenerInfo
 from gateway.http1 import (
     REQ_CONTENT_LENGTH,
@@ -92,15 +91,14 @@ class H2Downstream(asyncio.Protocol):
             self.transport.write(http2.goaway_frame(max(self.streams, default=0), 0xB if calm else 0x1))
             return self.close()
         events = codec.events()
-        # Streams the client reset in this same read are never started: rapid reset costs no upstream work.
+        # Streams the client reset in this same read are recorded but never sent: rapid reset costs no upstream work.
         reset = {event.stream_id for event in events if isinstance(event, http2.StreamReset)}
         windows = 0
         for event in events:
             if self.closed:
                 return
             if isinstance(event, http2.RequestReceived):
-                if event.stream_id not in reset:
-                    self.on_request(event.stream_id, event.headers, event.end_stream)
+                self.on_request(event.stream_id, event.headers, event.end_stream, event.stream_id in reset)
             elif isinstance(event, http2.DataReceived):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -133,7 +131,9 @@ class H2Downstream(asyncio.Protocol):
         if http2.closed(codec) or (self.closing and not self.streams):
             self.close()
 
-    def on_request(self, stream_id: int, fields: tuple[tuple[bytes, bytes], ...], ended: bool) -> None:
+    def on_request(
+        self, stream_id: int, fields: tuple[tuple[bytes, bytes], ...], ended: bool, reset: bool = False
+    ) -> None:
         if self.closing:
             with contextlib.suppress(http2.NGH2Error):
                 self.codec.reset_stream(stream_id, http2.REFUSED_STREAM)
@@ -144,6 +144,8 @@ class H2Downstream(asyncio.Protocol):
         exchange.take_fields(fields)
         exchange.has_body = not ended
         exchange.decide_request_id()
+        if reset:
+            return exchange.cancelled_at_once()
         exchange.start()
         if ended and not exchange.request_done:
             exchange.on_request_complete()
@@ -615,6 +617,13 @@ class StreamExchange(Exchange):
         stream.conn.flush()
         self.finish()
 
+    def cancelled_at_once(self) -> None:
+        """Reset by the client in the read that opened it: counted as cancelled under its service, never routed
+        further or sent upstream."""
+        table = self.stream.runtime.table
+        self.service = table.lookup(self.host) if table is not None and self.host else None
+        self.downstream_lost()
+
     def downstream_lost(self) -> None:
         if self.grpc and not self.done:
             self.grpc_status = rpc.CANCELLED  # the client reset the stream: what its side reports too
@@ -650,6 +659,3 @@ class StreamExchange(Exchange):
         if self.out:
             self.stream.send_body(b"".join(self.out))
             self.out.clear()
-
-
-__all__ = ["H2Downstream", "Stream", "StreamExchange", "reason_phrase"]

@@ -32,6 +32,7 @@ from dashboard.errors import HEADERS, ApiError
 from dashboard.identity import IdentityError, MeshCA
 from dashboard.settings import Settings
 from dashboard.store.model import ChangeSignal, GatewayRecord, Store
+from gateway.config import STREAM_TIMEOUTS
 
 DEFAULT_WAIT = 30.0
 MAX_HEARD = 4096  # instances remembered to notice membership changes; stale ones are dropped past this
@@ -60,12 +61,20 @@ def group_view(mesh: Mapping[str, Any], group: str, live: Mapping[str, list[str]
     groups: Mapping[str, list[str]] = mesh["groups"]
     services = {name: mesh["services"][name] for name in groups.get(group, ())}
     remote = {
-        name: {"group": owner, "gateways": list(live.get(owner, ()))}
+        name: {"group": owner, "gateways": list(live.get(owner, ())), **_stream_timeouts(mesh["services"][name])}
         for owner, members in groups.items()
         if owner != group
         for name in members
     }
     return {"services": services, "remote": remote}
+
+
+def _stream_timeouts(service: Mapping[str, Any]) -> dict[str, Any]:
+    """The timeouts a caller's gateway must apply to another group's service too: an HTTP/2 stream's idle and
+    total time are the service's, at every hop, or the caller's hop would cut it by its own defaults."""
+    timeouts = service.get("timeouts") or {}
+    kept = {key: timeouts[key] for key in STREAM_TIMEOUTS if key in timeouts}
+    return {"timeouts": kept} if kept else {}
 
 
 def etag_of(view: Mapping[str, Any]) -> str:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from cryptography import x509
 
+from dashboard.api.gateways import group_view
 from dashboard.api.heartbeats import MAX_HEARTBEAT, MAX_STATS_ENTRIES
 from dashboard.store.model import GatewayRecord, Store
 from gateway import tls
@@ -162,7 +163,7 @@ def test_sync_answers_the_groups_services_and_the_owners_of_the_rest(shop: httpx
     assert body["group"] == "shop" and body["version"] == 1
     assert list(body["services"]) == ["catalog"]
     assert body["services"]["catalog"]["routes"][-1]["split"] == {"v1": 90, "v2": 10}
-    assert body["remote"] == {"frontend": {"group": "web", "gateways": []}}
+    assert body["remote"] == {"frontend": {"group": "web", "gateways": [], "timeouts": {"stream_idle": "5m"}}}
     assert answer.headers["etag"] == f'"{body["etag"]}"'
     assert shop.get("/api/v1/sync", params={"group": "shop"}).json()["etag"] == body["etag"], "stable"
 
@@ -299,7 +300,11 @@ def test_remote_lists_live_gateways_of_the_owner_and_drops_stale_ones(
     answer = poll.result()
     assert poll.finished - joined < 1.0, "a new gateway wakes the other groups' long-polls"
     body = answer.json()
-    assert body["remote"]["frontend"] == {"group": "web", "gateways": ["127.0.0.1:16006"]}
+    assert body["remote"]["frontend"] == {
+        "group": "web",
+        "gateways": ["127.0.0.1:16006"],
+        "timeouts": {"stream_idle": "5m"},  # the service's stream timeouts hold at the caller's hop too
+    }
 
     # No more heartbeats: the gateway is stale 3 intervals after the last one, noticed within one more interval.
     gone = Poll(shop, after=body["etag"], wait="30")
@@ -388,7 +393,7 @@ def test_a_join_token_of_one_group_cannot_touch_another_groups_gateway(
     assert listed == {("shop", instance): "127.0.0.1:15006", ("web", instance): "127.0.0.1:16666"}
     with dash.client(dash.token("gateway", group="web")) as other:
         remote = other.get("/api/v1/sync").json()["remote"]
-    assert remote["catalog"] == {"group": "shop", "gateways": ["127.0.0.1:15006"]}
+    assert remote["catalog"] == {"group": "shop", "gateways": ["127.0.0.1:15006"], "timeouts": {"stream_idle": "5m"}}
 
 
 FORGET_AFTER = 2.0  # seconds in the forgetting test
@@ -493,3 +498,27 @@ def test_a_fleet_heartbeating_again_after_a_restart_does_not_wake_every_long_pol
         web.close()
         after.stop()
     assert woken <= 3, f"{woken} reads of the gateway records for 21 heartbeats of which 1 was news"
+
+
+def test_a_remote_service_carries_its_stream_timeouts_and_nothing_else_of_its_policy() -> None:
+    """The caller's gateway applies an HTTP/2 stream's idle and total time of the owner's service, not its own
+    defaults; the rest of the owner's policy (retries, splits, request timeout) stays the owner's business."""
+    document = {
+        "groups": {"shop": ["storefront"], "rpc": ["payments", "ledger"]},
+        "services": {
+            "storefront": {"subsets": {"v1": {"endpoints": ["127.0.0.1:9101"]}}},
+            "payments": {
+                "subsets": {"v1": {"endpoints": ["127.0.0.1:9102"]}},
+                "timeouts": {"stream_idle": "15m", "max_stream_duration": "1h", "request": "2s"},
+                "retries": {"attempts": 1},
+            },
+            "ledger": {"subsets": {"v1": {"endpoints": ["127.0.0.1:9103"]}}},
+        },
+    }
+    view = group_view(document, "shop", {"rpc": ["127.0.0.1:16006"]})
+    assert view["remote"]["payments"] == {
+        "group": "rpc",
+        "gateways": ["127.0.0.1:16006"],
+        "timeouts": {"stream_idle": "15m", "max_stream_duration": "1h"},
+    }
+    assert view["remote"]["ledger"] == {"group": "rpc", "gateways": ["127.0.0.1:16006"]}  # none given: the defaults

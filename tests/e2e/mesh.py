@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -10,6 +11,7 @@ import ssl
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +141,22 @@ def wait_ready(*gateways: Gateway, timeout: float = 20.0) -> None:
             wait_for(functools.partial(ready, gateway), timeout, what=f"{gateway.config_path.name} ready")
         except AssertionError as exc:
             raise AssertionError(f"{exc}:\n{gateway.output()}") from None
+
+
+@contextlib.contextmanager
+def caller_and_owner(directory: Path, services: dict[str, Any]) -> Iterator[tuple[Dashboard, Gateway, Gateway]]:
+    """A dashboard whose mesh document puts `services` in group "rpc", and two joined gateways, ready: "shop"'s,
+    which calls them, and "rpc"'s, which owns them. Everything is stopped at the end."""
+    mesh_file = directory / "mesh.yaml"
+    mesh_file.write_text(yaml.safe_dump({"groups": {"shop": [], "rpc": list(services)}, "services": services}))
+    dashboard = Dashboard(directory / "dashboard", "--config", str(mesh_file))
+    gateways: list[Gateway] = []
+    try:
+        gateways.append(joined_gateway(dashboard, directory, "shop"))
+        gateways.append(joined_gateway(dashboard, directory, "rpc"))
+        wait_ready(*gateways)
+        yield dashboard, gateways[0], gateways[1]
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+        dashboard.stop()

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, Gateway, gateway_config, hop_records, metric, service, wait_for
-from tests.e2e.mesh import Dashboard, joined_gateway, wait_ready
+from tests.e2e.mesh import Dashboard, caller_and_owner
 from tests.grpc.interop import CASES, Modules, TestServiceServer, compile_protos, wire_call
 
 SERVICE = "interop"
@@ -53,33 +53,13 @@ def pb(tmp_path_factory: pytest.TempPathFactory) -> Modules:
 
 @pytest.fixture(scope="module")
 def grpc_mesh(tmp_path_factory: pytest.TempPathFactory, pb: Modules) -> Iterator[GrpcMesh]:
-    directory = tmp_path_factory.mktemp("mesh")
     with TestServiceServer(pb) as server:
-        mesh_file = directory / "mesh.yaml"
-        mesh_file.write_text(
-            yaml.safe_dump(
-                {
-                    "groups": {"shop": [], "rpc": [SERVICE]},
-                    "services": {SERVICE: {**service(f"127.0.0.1:{server.port}"), "protocol": "grpc"}},
-                }
-            )
-        )
-        dashboard = Dashboard(directory / "dashboard", "--config", str(mesh_file))
-        gateways: list[Gateway] = []
-        try:
-            caller = joined_gateway(dashboard, directory, "shop")
-            gateways.append(caller)
-            owner = joined_gateway(dashboard, directory, "rpc")
-            gateways.append(owner)
-            wait_ready(caller, owner)
+        services = {SERVICE: service(f"127.0.0.1:{server.port}", protocol="grpc")}
+        with caller_and_owner(tmp_path_factory.mktemp("mesh"), services) as (dashboard, caller, owner):
             found = GrpcMesh(pb, caller, owner, server, dashboard)
             with found.channel() as channel:
                 wait_for(lambda: _reaches(channel, pb), 15, what="shop reaches the interop service")
             yield found
-        finally:
-            for gateway in gateways:
-                gateway.stop()
-            dashboard.stop()
 
 
 def _reaches(channel: grpc.Channel, pb: Modules) -> bool:

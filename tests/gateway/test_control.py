@@ -43,7 +43,7 @@ PAYLOAD = {
     "services": {"storefront": {"subsets": {"v1": {"endpoints": ["127.0.0.1:9101"]}}}},
     "remote": {
         "catalog": {"group": "catalog", "gateways": ["127.0.0.1:16006", "127.0.0.1:17006"]},
-        "payments": {"group": "payments", "gateways": []},
+        "payments": {"group": "payments", "gateways": [], "timeouts": {"stream_idle": "15m"}},
         "storefront": {"group": "elsewhere", "gateways": ["127.0.0.1:1"]},
     },
 }
@@ -68,6 +68,8 @@ def test_other_groups_services_become_services_on_their_gateways() -> None:
     assert peers.trust_domain == "example.org"
     payments = config.service("payments")
     assert payments is not None and payments.subsets[0].endpoints == ()  # no live gateway: 503, not "unknown"
+    # An HTTP/2 stream's timeouts are the owner's at this hop too; the rest of the peer policy stays.
+    assert (payments.timeouts.stream_idle, payments.timeouts.per_try, catalog.timeouts.stream_idle) == (900, 60, 300)
 
 
 def test_a_bad_sync_answer_names_the_dashboard_version_and_field() -> None:
