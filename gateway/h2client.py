@@ -167,9 +167,8 @@ class H2Client(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        for stream in self.streams.values():
-            if stream.exchange is not None:
-                stream.exchange.downstream.pause_for_peer()
+        for stream in list(self.streams.values()):
+            stream.check_queued()  # pauses each client, and remembers it did, so resume_writing resumes it
 
     def resume_writing(self) -> None:
         self.write_paused = False
@@ -192,12 +191,12 @@ class H2Client(asyncio.Protocol):
                 stream.on_event(event)
             elif isinstance(event, http2.SettingsReceived):
                 self.settled = True
-            elif isinstance(event, http2.WindowUpdated):
-                for each in list(self.streams.values()):
-                    each.check_queued()
             elif isinstance(event, http2.GoAwayReceived):
                 self.on_goaway(event.last_stream_id)
-        self.flush()
+        self.flush()  # sends what a WINDOW_UPDATE let out: only now does each stream's queue shrink
+        for stream in list(self.streams.values()):
+            if stream.paused_peer:
+                stream.check_queued()
         for stream in touched.values():
             exchange = stream.exchange
             if exchange is not None:

@@ -94,6 +94,7 @@ class H2Downstream(asyncio.Protocol):
         # Streams the client reset in this same read are recorded but never sent: rapid reset costs no upstream work.
         reset = {event.stream_id for event in events if isinstance(event, http2.StreamReset)}
         windows = 0
+        opened: dict[int, Stream] = {}  # streams whose window grew: checked once the codec has sent what it could
         for event in events:
             if self.closed:
                 return
@@ -117,17 +118,16 @@ class H2Downstream(asyncio.Protocol):
                 if event.stream_id:
                     stream = self.streams.get(event.stream_id)
                     if stream is not None:
-                        stream.check_queued()
+                        opened[event.stream_id] = stream
                 else:
                     windows += 1
             elif isinstance(event, http2.GoAwayReceived | http2.ConnectionClosed):
                 self.closing = True
-        if windows:  # the connection's window grew: every stream may send again (once, however many updates)
-            if windows > http2.MAX_WINDOW_UPDATES:
-                return self.go_away(0xB)  # ENHANCE_YOUR_CALM: a WINDOW_UPDATE flood
-            for stream in list(self.streams.values()):
-                stream.check_queued()
-        self.flush()
+        if windows > http2.MAX_WINDOW_UPDATES:
+            return self.go_away(0xB)  # ENHANCE_YOUR_CALM: a WINDOW_UPDATE flood
+        self.flush()  # sends what a WINDOW_UPDATE let out: only now does each stream's queue shrink
+        for stream in list(self.streams.values()) if windows else list(opened.values()):
+            stream.check_queued()  # the connection's window grew: every stream may have room again
         if http2.closed(codec) or (self.closing and not self.streams):
             self.close()
 
