@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from gateway.hops import HOP
-from gateway.rpc import DEFAULT_FAILURE_CODES, NAMES
 
 if TYPE_CHECKING:
     from gateway.telemetry import Metrics
@@ -283,20 +282,17 @@ class SpanEncoder:
             _error(error, status) if error or status >= 500 else b"",
         )
         if grpc_status >= 0:
-            body += self.rpc(path, grpc_status, not error and status < 500)
+            body += self.rpc(path, grpc_status)
         return b"\x12" + _length(len(body)) + body
 
     @staticmethod
-    def rpc(path: bytes, code: int, status_unset: bool) -> bytes:
-        """OpenTelemetry's RPC attributes of a gRPC call (`/package.Service/Method`); a failing code is the span's
-        error when the HTTP side did not already set one."""
+    def rpc(path: bytes, code: int) -> bytes:
+        """OpenTelemetry's RPC attributes of a gRPC call (`/package.Service/Method`). A code the service counts as
+        a failure is already the hop's `error` (h2server.py), and so the span's error.type and status."""
         service, _, method = path.lstrip(b"/").partition(b"/")
         attributes = _string_attribute(_key("rpc.system"), b"grpc")
         attributes += _string_attribute(_key("rpc.service"), service) + _string_attribute(_key("rpc.method"), method)
-        attributes += _int_attribute(_key("rpc.grpc.status_code"), code)
-        if code in DEFAULT_FAILURE_CODES and status_unset:
-            attributes += _string_attribute(_ERROR_TYPE, NAMES[code].encode()) + _STATUS_ERROR
-        return attributes
+        return attributes + _int_attribute(_key("rpc.grpc.status_code"), code)
 
     def _route(self, method: bytes, host: bytes, *labels: str) -> bytes:
         """Name, kind and the attributes every request of this route shares, encoded once."""

@@ -573,8 +573,14 @@ class StreamExchange(Exchange):
                 for name, value in self.resp_trailers:
                     if name == b"grpc-status":
                         self.grpc_status = rpc.parse_status(value)
-        if self.grpc and self.grpc_status < 0:
-            self.grpc_status = rpc.UNKNOWN  # a gRPC answer that ended without a status (the client says so too)
+        if self.grpc:
+            if self.grpc_status < 0:
+                self.grpc_status = rpc.UNKNOWN  # a gRPC answer that ended without a status (the client says so too)
+            service = self.service
+            if not self.error and service is not None and self.grpc_status in service.config.grpc.failure_codes:
+                # A failure by the service's own `grpc.failure_codes`: the span's error (and so always exported, as
+                # a 5xx is), the access log's and the lookup's.
+                self.error = rpc.NAMES[self.grpc_status]
         super().on_response_complete(upstream)
 
     def reply_local(self, status: int, reason: str) -> None:

@@ -436,3 +436,26 @@ def test_the_http2_codec_is_loaded_only_when_a_connection_needs_it(edge_gateway:
     )
     assert done.stdout == "2 200"
     assert "ngh2" in maps.read_text()
+
+
+@pytest.mark.parametrize(("failure_codes", "failed"), [(None, False), (["NOT_FOUND"], True)])
+def test_a_code_is_a_failure_by_the_services_own_failure_codes(
+    tmp_path: Path, pb: Modules, failure_codes: list[str] | None, failed: bool
+) -> None:
+    """NOT_FOUND is no failure by default (Linkerd's set); a service that lists it has its calls recorded as failed:
+    the hop's error, which is the span's error.type and status, and what the access log says."""
+    with TestServiceServer(pb) as server:
+        policy = {"grpc": {"failure_codes": failure_codes}} if failure_codes else {}
+        gateway = standalone(tmp_path, server, **policy)
+        try:
+            host, port = gateway.addresses["outbound"]
+            request = pb.messages.SimpleRequest(response_status=pb.messages.EchoStatus(code=5, message="no such"))
+            with grpc.insecure_channel(f"{host}:{port}", options=[("grpc.default_authority", SERVICE)]) as channel:
+                call = pb.test_grpc.TestServiceStub(channel).UnaryCall.future(request, timeout=10)
+                with pytest.raises(grpc.RpcError):
+                    call.result()
+                request_id = dict(call.initial_metadata() or ()) | dict(call.trailing_metadata() or ())
+            (hop,) = hop_records(gateway, request_id["x-request-id"])
+            assert hop["grpc_status"] == 5 and hop["error"] == ("NOT_FOUND" if failed else ""), hop
+        finally:
+            gateway.stop()
