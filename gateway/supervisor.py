@@ -75,6 +75,8 @@ class Supervisor:
         self.runtime = Runtime(config)  # only for the admin listener's connections; it holds no routes
         self.state = AdminState(config=config, stats=self.stats, lookup=self.lookup)
         self.discovery = Discovery(self.state, self.broadcast, self.runtime.spawn)  # once, for every worker
+        warming = self.state.waiting  # discovery's first answers
+        self.state.waiting = lambda: self.starting() or warming()
         self.count = workers
         self.drain_timeout = drain_timeout
         self.context = multiprocessing.get_context("spawn")
@@ -180,6 +182,13 @@ class Supervisor:
                 waiting[0] -= 1
                 if waiting[0] == 0 and not future.done():
                     future.set_result(None)
+
+    def starting(self) -> str | None:
+        """What /ready waits for until a worker listens (the supervisor's own sockets do not), or None. A worker
+        replaced later does not make the gateway unready: the others serve meanwhile."""
+        if any(worker.ready.is_set() for worker in self.workers):
+            return None
+        return f"a worker to listen ({len(self.workers)} starting)"
 
     async def wait_ready(self) -> None:
         for worker in self.workers:

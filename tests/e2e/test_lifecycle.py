@@ -42,6 +42,7 @@ from tests.conftest import (
     workers_of,
 )
 from tests.e2e.upstream_app import UpstreamServer
+from tests.etcd import free_ports
 
 CONFIG_SIZE = 4096  # every config file a test writes is padded to this size (see the module docstring)
 SLOW = {"timeouts": {"per_try": "10s", "request": "15s"}}  # so /delay/N requests are not cut by the 1s per-try
@@ -524,3 +525,36 @@ def test_wheel_carries_every_module(tmp_path: Path) -> None:
     entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as archive:
         assert "meshgate = meshgate.cli:main" in archive.read(entry_points).decode()
+
+
+def test_with_workers_ready_means_a_worker_listens(tmp_path: Path, start_upstream: StartUpstream) -> None:
+    """The supervisor's admin listener is up before the workers are: /ready says 503 until one listens, so a probe
+    never sends traffic to a port nobody accepts on yet."""
+    v1 = start_upstream("v1")
+    inbound, admin = free_ports(2)
+    listen = {"inbound": f"127.0.0.1:{inbound}", "outbound": "127.0.0.1:0", "admin": f"127.0.0.1:{admin}"}
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(gateway_config(hello(v1.address), listen=listen)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meshgate.cli", "gateway", "--config", str(path), "--workers", "2"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        seen: list[int] = []
+
+        def ready() -> bool:
+            try:
+                seen.append(httpx.get(f"http://127.0.0.1:{admin}/ready", timeout=1, trust_env=False).status_code)
+            except httpx.TransportError:
+                return False
+            return seen[-1] == 200
+
+        wait_for(ready, 30, 0.005, "/ready")
+        # The moment /ready says so, the inbound port takes connections and answers.
+        reply = httpx.get(f"http://127.0.0.1:{inbound}/echo", headers={"host": "hello"}, timeout=5, trust_env=False)
+        assert reply.status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
