@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
 
 from gateway import http2
 from gateway.errors import UpstreamError, UpstreamProtocolError, UpstreamReset
@@ -44,10 +43,6 @@ class H2Pool:
         self.conns: list[H2Client] = []
         self.dialing: asyncio.Future[H2Client] | None = None
         self.retired = False
-
-    @property
-    def idle(self) -> list[H2Client]:
-        return [conn for conn in self.conns if not conn.streams]
 
     def acquire(self) -> H2Stream | None:
         for conn in self.conns:
@@ -438,7 +433,6 @@ def request_fields(
     forwarded: tuple[bytes, bytes, bytes, bytes],
     trace: bytes,
     scheme: bytes,
-    extra: Callable[[list[tuple[bytes, bytes]]], None] | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """The HTTP/2 request head sent upstream, from the same parts as `http1.request_head`: `headers` are the
     client's, rendered (`name, ": ", value, CRLF` each), hop-by-hop ones already dropped."""
@@ -459,6 +453,4 @@ def request_fields(
         if line:
             name, _, value = line.partition(b": ")
             fields.append((name, value))
-    if extra is not None:
-        extra(fields)
     return fields

@@ -649,19 +649,14 @@ class StreamExchange(Exchange):
         code = self.grpc_status = _ERROR_CODES.get(self.error, rpc.UNAVAILABLE)
         message = f"upstream failed mid-call ({self.error or 'reset'})"
         if self.resp_fields is not None or not stream.ended and self.status == 0:
-            self.resp_fields = None
+            self.resp_fields = None  # no head sent yet: the whole answer is the status, Trailers-Only
             stream.send_head(self.grpc_head(code, message), end=True)
-        else:
-            self.flush_out()
-            end = [(b"grpc-status", b"%d" % code), (b"grpc-message", rpc.encode_message("meshgate: " + message))]
-            stream.send_end(end)
-        stream.conn.flush()
+            stream.conn.flush()
+        else:  # what the upstream sent so far, then the status as trailers
+            self.resp_trailers = [
+                (b"grpc-status", b"%d" % code),
+                (b"grpc-message", rpc.encode_message("meshgate: " + message)),
+            ]
+            self.resp_done = True
+            self.flush()
         self.finish()
-
-    def flush_out(self) -> None:
-        if self.resp_fields is not None:
-            self.stream.send_head(self.resp_fields, end=False)
-            self.resp_fields = None
-        if self.out:
-            self.stream.send_body(b"".join(self.out))
-            self.out.clear()
