@@ -41,7 +41,7 @@ from prometheus_client.registry import Collector
 from gateway import tls
 from gateway.config import Config, ConfigError
 from gateway.runtime import AdminState, Peers, Publish, Spawn
-from gateway.telemetry import Code, Snapshot
+from gateway.telemetry import Code, Moved, Snapshot, first_attempts
 from gateway.units import Address, Backoff, format_duration, is_loopback, is_wildcard, parse_address, write_private
 
 log = logging.getLogger("meshgate.control")
@@ -270,8 +270,23 @@ def grpc_codes(codes: dict[Code, int]) -> dict[str, dict[str, int]]:
     return {"grpc": found} if found else {}
 
 
+def first_codes(codes: dict[Code, int], moved: Moved) -> dict[str, dict[str, int]]:
+    """{"first": counts by the HTTP status of the first attempt, "first_grpc": by its grpc-status}, each only when
+    it differs from the final counts ("codes", "grpc"): absent means the same, which keeps heartbeats small."""
+    if not moved:
+        return {}
+    first = first_attempts(codes, moved)
+    found: dict[str, dict[str, int]] = {}
+    if (http := http_codes(first)) != http_codes(codes):
+        found["first"] = http
+    if (grpc := grpc_codes(first).get("grpc", {})) != grpc_codes(codes).get("grpc", {}):
+        found["first_grpc"] = grpc
+    return found
+
+
 def stats_json(snapshot: Snapshot) -> dict[str, Any]:
     """A metrics snapshot in JSON form (its dict keys are tuples), for the heartbeat."""
+    moved = snapshot.get("moved", {})
     series = [
         {
             "labels": list(key),
@@ -279,6 +294,7 @@ def stats_json(snapshot: Snapshot) -> dict[str, Any]:
             "buckets": buckets,
             "sum": s,
             **grpc_codes(codes),
+            **first_codes(codes, moved.get(key, {})),
         }
         for key, (codes, buckets, s) in snapshot["series"].items()
     ]

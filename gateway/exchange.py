@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from gateway.balancer import Endpoint
     from gateway.deadlines import Owner as Deadline
     from gateway.routing import RouteEntry, ServiceRoutes, SubsetTarget
+    from gateway.telemetry import Code
 
 REPLAY_LIMIT = 64 * 1024  # request bodies up to this size are kept so an idempotent request can be retried
 BUFFER_LIMIT = 64 * 1024  # body bytes held while the upstream connection is being opened
@@ -147,6 +148,7 @@ class Exchange:
         "trying",
         "failovers",
         "refused",
+        "first",
         "attempt_id",
         "timer",
         "timer_index",
@@ -206,6 +208,7 @@ class Exchange:
         self.failovers = 0  # tries after a connect failure, outside `retries.attempts` and the retry budget
         self.refused: list[Endpoint] | None = None  # endpoints whose connect failed for this request
         self.trying = False  # a try holds the endpoint (counted in its `active`) until end_try
+        self.first: Code = 0  # the outcome of the first try, once one was retried; 0 while none was
         self.attempt_id = 0
         self.timer: list[Deadline | None] | None = None  # the slot of the armed deadline (deadlines.py)
         self.timer_index = 0
@@ -527,8 +530,12 @@ class Exchange:
         if isinstance(error, ConnectFailed) and self.fail_over():
             return
         if self.may_retry(error.retry_on, isinstance(error, ConnectFailed)):
-            return self.retry()
+            return self.retry(self.failed_code(error))
         self.fail_local(error.status, str(error), error=error.error_type)
+
+    def failed_code(self, error: UpstreamError) -> Code:
+        """What a failed try would have been counted as, had it not been retried: its error's status."""
+        return error.status
 
     def fail_over(self) -> bool:
         """After a connect failure, which cost that endpoint nothing: eject it at once, and try an endpoint of the
@@ -563,9 +570,13 @@ class Exchange:
             self.downstream.runtime.metrics.count("meshgate_retry_budget_exhausted_total", service.name)
         return verdict == RETRY
 
-    def retry(self) -> None:
+    def retry(self, outcome: Code) -> None:
+        """Try again after a backoff; `outcome` is what the try given up would have been counted as (the first
+        one's goes to `meshgate_request_first_attempts_total`)."""
         service = self.service
         assert service is not None
+        if not self.first:
+            self.first = outcome
         self.downstream.runtime.metrics.count("meshgate_retries_total", service.name)
         service.load.retries += 1
         self.downstream.loop.call_later(service.retry.backoff(self.tries - self.failovers), self._retry_now)
@@ -609,11 +620,15 @@ class Exchange:
             self.upstream = None
             upstream.close()
             self.end_try(failed=True)
-            return self.retry()
+            return self.retry(self.answer_code(upstream, status))
         if self.timer is not None:
             self.disarm()
         self.status = status
         self.begin_response(upstream, status)
+
+    def answer_code(self, upstream: UpstreamProtocol, status: int) -> Code:
+        """What a response given up for a retry would have been counted as: its status."""
+        return status
 
     def begin_response(self, upstream: UpstreamProtocol, status: int) -> None:
         """The response head goes to the client (only gathered here: written once the upstream's read is done)."""
@@ -823,7 +838,10 @@ class Exchange:
         key = (reporter, downstream.source, destination, subset, route_name)
         metrics = runtime.metrics
         series = metrics.series.get(key) or metrics.series_for(key)
-        series.record(self.status if self.grpc_status < 0 else (self.status, self.grpc_status), duration)
+        code = self.status if self.grpc_status < 0 else (self.status, self.grpc_status)
+        series.record(code, duration)
+        if self.first:
+            series.retried(self.first, code)
         if trace is None:
             trace = self.trace = new_trace()  # refused before it was routed
         status, error = self.status, self.error

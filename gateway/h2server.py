@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import math
 from time import monotonic
+from typing import TYPE_CHECKING
 
 from gateway import http2, rpc
 from gateway.config import Limits
@@ -33,6 +34,10 @@ from gateway.http1 import (
 )
 from gateway.runtime import LocalHandler, Runtime
 from gateway.upstream import UpstreamProtocol
+
+if TYPE_CHECKING:
+    from gateway.errors import UpstreamError
+    from gateway.telemetry import Code
 
 _ERROR_CODES = {
     "request_timeout": rpc.DEADLINE_EXCEEDED,
@@ -511,15 +516,26 @@ class StreamExchange(Exchange):
         """A Trailers-Only answer with a code `retries.on` names (unavailable, resource-exhausted, cancelled,
         deadline-exceeded) is retried within the retry budget while the request body is still held."""
         if self.grpc and status == 200 and self.service is not None:
-            headers = upstream.headers
-            code = next((headers[i + 2] for i in range(0, len(headers), 4) if headers[i] == b"grpc-status"), None)
-            condition = rpc.RETRY_CONDITIONS.get(rpc.parse_status(code)) if code is not None else None
+            field = _grpc_status_field(upstream.headers)
+            code = rpc.parse_status(field) if field is not None else -1
+            condition = rpc.RETRY_CONDITIONS.get(code)
             if condition is not None and self.may_retry(condition, nothing_sent=False):
                 self.upstream = None
                 upstream.close()
                 self.end_try(failed=True)
-                return self.retry()
+                return self.retry((200, code))
         super().on_response_head(upstream, status)
+
+    def answer_code(self, upstream: UpstreamProtocol, status: int) -> Code:
+        """A gRPC call's answer counts with its grpc-status, or UNKNOWN without one (as on_response_complete)."""
+        if not self.grpc:
+            return status
+        code = _grpc_status_field(upstream.headers)
+        return (status, rpc.UNKNOWN if code is None else rpc.parse_status(code))
+
+    def failed_code(self, error: UpstreamError) -> Code:
+        """A gRPC call's failed try counts as the Trailers-Only answer reply_local would have made of it."""
+        return (200, _ERROR_CODES.get(error.error_type, rpc.from_http(error.status))) if self.grpc else error.status
 
     def interim(self, upstream: UpstreamProtocol, status: int) -> None:
         fields = [(b":status", b"%d" % status)]
@@ -660,3 +676,8 @@ class StreamExchange(Exchange):
             self.resp_done = True
             self.flush()
         self.finish()
+
+
+def _grpc_status_field(headers: list[bytes]) -> bytes | None:
+    """The grpc-status field of a response head (a Trailers-Only answer), in upstream.py's flat header list."""
+    return next((headers[i + 2] for i in range(0, len(headers), 4) if headers[i] == b"grpc-status"), None)

@@ -348,6 +348,7 @@ def snapshot(runtime: Runtime) -> Snapshot:
     return {
         "series": {key: (dict(s.codes), list(s.buckets), s.sum) for key, s in metrics.series.items()},
         "exemplars": {key: dict(s.exemplars) for key, s in metrics.series.items() if s.exemplars},
+        "moved": {key: dict(s.moved) for key, s in metrics.series.items() if s.moved},
         "counters": counters,
         "gauges": gauges,
         "loop_lag": metrics.loop_lag,

@@ -2,8 +2,11 @@
 
 The hot path does one thing per request: `Series.record(code, seconds)` on the series of its
 (reporter, source, destination, subset, route), a dict increment and a bucket increment (no locks: one event
-loop per process). A request whose span is exported also leaves its trace and request IDs as the exemplar of its
-latency bucket (`Series.exemplar`); the others pay nothing for exemplars. Everything else is read from the
+loop per process). A retried request also leaves the code of its first attempt (`Series.retried`): counts by first
+attempt are the final counts with those requests moved back, derived only when scraped (`first_attempts`), so the
+faults that retries hid still show (a canary's, say). A request whose span is exported also leaves its trace and
+request IDs as the exemplar of its latency bucket (`Series.exemplar`); the others pay nothing for exemplars.
+Everything else is read from the
 runtime's own state when /metrics is scraped: requests in flight, pools, pending requests, ejected and unhealthy
 endpoints, open connections. `snapshot()` turns all of it into plain data, which is what a worker sends its
 supervisor; `merge()` adds snapshots up (keeping each bucket's latest exemplar), and `SnapshotCollector` renders
@@ -29,22 +32,31 @@ Snapshot = dict[str, Any]
 SeriesKey = tuple[str, str, str, str, str]
 Code = int | tuple[int, int]  # the HTTP status, or (HTTP status, grpc-status) for a gRPC call
 Exemplars = dict[int, tuple[bytes, bytes, float, float]]  # bucket -> (trace id, request id, seconds, when)
+Moved = dict[tuple[Code, Code], int]  # (first attempt's code, final code) -> retried requests
 EXEMPLAR_LABELS_LIMIT = 128  # OpenMetrics: label names and values of an exemplar, in characters; Prometheus enforces
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class Series:
-    """Counts and latency buckets of one (reporter, source, destination, subset, route), and the latest exemplar of
-    each bucket."""
+    """Counts and latency buckets of one (reporter, source, destination, subset, route), the latest exemplar of
+    each bucket, and the retried requests whose first attempt ended otherwise than the request.
 
-    __slots__ = ("codes", "buckets", "sum", "exemplars")
+    >>> series = Series()
+    >>> series.record(200, 0.004)
+    >>> series.retried(503, 200)                # that request's first try answered 503
+    >>> first_attempts(series.codes, series.moved)
+    {503: 1}
+    """
+
+    __slots__ = ("codes", "buckets", "sum", "exemplars", "moved")
 
     def __init__(self) -> None:
         self.codes: dict[Code, int] = {}
         self.buckets = [0] * (len(BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
         self.sum = 0.0
         self.exemplars: Exemplars = {}
+        self.moved: Moved = {}  # (first attempt's code, final code) -> requests; only retried ones that differ
 
     def record(self, code: Code, seconds: float) -> None:
         codes = self.codes
@@ -55,6 +67,23 @@ class Series:
     def exemplar(self, seconds: float, trace_id: bytes, request_id: bytes, when: float) -> None:
         """Only for requests whose span is exported: the exemplar then leads to a trace that exists."""
         self.exemplars[bisect_left(BUCKETS, seconds)] = (trace_id, request_id, seconds, when)
+
+    def retried(self, first: Code, final: Code) -> None:
+        """Only for retried requests, beside `record(final, ...)`: the others' first attempt is their outcome."""
+        if first != final:
+            self.moved[(first, final)] = self.moved.get((first, final), 0) + 1
+
+
+def first_attempts(codes: dict[Code, int], moved: Moved) -> dict[Code, int]:
+    """Requests by the code of their first attempt: the final counts, with each retried request moved back to its
+    first code. The total is the same."""
+    if not moved:
+        return codes
+    first = dict(codes)
+    for (first_code, final), count in moved.items():
+        first[final] = first.get(final, 0) - count
+        first[first_code] = first.get(first_code, 0) + count
+    return {code: count for code, count in first.items() if count}
 
 
 class Metrics:
@@ -86,11 +115,12 @@ class Metrics:
 
 
 def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
-    """The whole gateway: counts, buckets and gauges add up; event-loop lag is the worst worker's; each bucket's
-    exemplar is the latest of any worker's."""
+    """The whole gateway: counts, buckets, moved first attempts and gauges add up; event-loop lag is the worst
+    worker's; each bucket's exemplar is the latest of any worker's."""
     total: Snapshot = {
         "series": {},
         "exemplars": {},
+        "moved": {},
         "counters": {},
         "gauges": {},
         "loop_lag": 0.0,
@@ -103,6 +133,10 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
             for bucket, exemplar in exemplars.items():
                 if bucket not in have or exemplar[3] > have[bucket][3]:
                     have[bucket] = exemplar
+        for key, moved in part.get("moved", {}).items():
+            adding = total["moved"].setdefault(key, {})
+            for pair, count in moved.items():
+                adding[pair] = adding.get(pair, 0) + count
         for key, (codes, buckets, seconds) in part["series"].items():
             have = total["series"].get(key)
             if have is None:
@@ -158,16 +192,21 @@ class SnapshotCollector(Collector):
         requests = CounterMetricFamily(
             "meshgate_requests", "Requests answered", labels=(*SERIES_LABELS, "code", "grpc_status")
         )
+        first = CounterMetricFamily(
+            "meshgate_request_first_attempts",
+            "Requests answered, by the outcome of their first attempt (a retried one's, else the answer's)",
+            labels=(*SERIES_LABELS, "code", "grpc_status"),
+        )
         durations = HistogramMetricFamily(
             "meshgate_request_duration_seconds", "Time to answer a request", labels=SERIES_LABELS
         )
-        exemplars = data.get("exemplars", {})
+        exemplars, moved = data.get("exemplars", {}), data.get("moved", {})
         for key, (codes, buckets, seconds) in sorted(data["series"].items()):
-            for code, count in sorted(codes.items(), key=_code_order):
-                labels = (str(code), "") if isinstance(code, int) else (str(code[0]), str(code[1]))
-                requests.add_metric((*key, *labels), count)
+            _add_codes(requests, key, codes)
+            _add_codes(first, key, first_attempts(codes, moved.get(key, {})))
             durations.add_metric(key, _cumulative(buckets, exemplars.get(key, {})), seconds)
         yield requests
+        yield first
         yield durations
         for name, help_text in _COUNTERS.items():
             family = CounterMetricFamily(name.removesuffix("_total"), help_text, labels=("destination",))
@@ -184,6 +223,12 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily("meshgate_event_loop_lag_seconds", "Worst event-loop lag", data["loop_lag"])
         yield CounterMetricFamily("meshgate_process_cpu_seconds", "CPU time of the gateway processes", data["cpu"])
         yield GaugeMetricFamily("meshgate_process_resident_memory_bytes", "RSS of the gateway processes", data["rss"])
+
+
+def _add_codes(family: CounterMetricFamily, key: SeriesKey, codes: dict[Code, int]) -> None:
+    for code, count in sorted(codes.items(), key=_code_order):
+        labels = (str(code), "") if isinstance(code, int) else (str(code[0]), str(code[1]))
+        family.add_metric((*key, *labels), count)
 
 
 def _code_order(item: tuple[Code, int]) -> tuple[int, int]:

@@ -18,8 +18,10 @@ gateway may send more); a known field that is malformed or over its limit is 422
 | `listeners` | at most `MAX_LISTENERS` of `kind: host:port` |
 | `stats` | `series`, `counters` and `gauges`: lists of at most `MAX_STATS_ENTRIES`; `loop_lag`, `cpu`, `rss`: numbers |
 
-A `series` item (`{labels, codes, buckets, grpc?}`, `grpc` being a gRPC series' calls by status code) is kept as sent
-and checked when the history samples it (`dashboard.signals.history.parse_heartbeat`): a malformed item is left out.
+A `series` item (`{labels, codes, buckets, grpc?, first?, first_grpc?}`, `grpc` being a gRPC series' calls by status
+code, and `first`/`first_grpc` the same requests by their first attempt's HTTP status/gRPC code, sent only when a
+retry changed them) is kept as sent and checked when the history samples it
+(`dashboard.signals.history.parse_heartbeat`): a malformed item is left out.
 
 >>> body = {"instance": "5f0e8b7e-2c1a-4d3b-9f6e-0a1b2c3d4e5f", "group": "shop", "advertise": "10.0.0.5:15006"}
 >>> convert_body(body, Heartbeat).record(time.time()).key

@@ -312,6 +312,7 @@ def test_random_host_flood_adds_only_the_unknown_series(hello_gateway: Gateway) 
 
     unknown = key("destination", "unknown", "unknown", "", "")
     expected_new = {("meshgate_requests_total", unknown | {("code", "404"), ("grpc_status", "")})}
+    expected_new |= {("meshgate_request_first_attempts_total", unknown | {("code", "404"), ("grpc_status", "")})}
     expected_new |= {("meshgate_request_duration_seconds_bucket", unknown | {("le", le)}) for le in [*BUCKETS, "+Inf"]}
     expected_new |= {
         ("meshgate_request_duration_seconds_count", unknown),

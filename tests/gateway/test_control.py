@@ -1,6 +1,6 @@
 """The gateway's side of joining a mesh: a sync answer becomes a config and peers, pools to peer gateways follow
-what each peer must prove, the retry schedule while the dashboard is away (on a fake clock), and the watch loop
-against a real dashboard on loopback."""
+what each peer must prove, the retry schedule while the dashboard is away (on a fake clock), the stats a heartbeat
+carries, and the watch loop against a real dashboard on loopback."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import Any, cast
 
 import pytest
 
+from dashboard.api.bodies import convert_body
+from dashboard.api.heartbeats import Heartbeat
 from dashboard.identity import MeshCA
 from dashboard.store.model import Revision, Store
 from gateway import tls
@@ -296,3 +298,36 @@ def test_a_refused_heartbeat_is_said_once_with_the_dashboards_reason(
 def test_the_heartbeat_interval_a_dashboard_asks_for_is_bounded(asked: object, used: float) -> None:
     """A dashboard (or anything answering in its place) must not be able to put a gateway in a busy loop."""
     assert heartbeat_interval(asked) == used
+
+
+def test_stats_carry_first_attempts_only_for_series_a_retry_changed(tmp_path: Path) -> None:
+    """`first`/`first_grpc`: a series' requests by the HTTP status/gRPC code of their first attempt, sent only
+    where that differs from `codes`/`grpc` (absent means the same: heartbeats stay small)."""
+    retried, calm = ("destination", "shop", "catalog", "v2", "default"), ("destination", "shop", "catalog", "v1", "r")
+    rpc, undone = ("source", "shop", "orders", "v1", "default"), ("source", "shop", "carts", "v1", "default")
+    snapshot = merge([])
+    snapshot["series"][retried] = ({200: 3, 503: 1}, [4], 0.1)
+    snapshot["series"][calm] = ({200: 5}, [5], 0.1)
+    snapshot["series"][rpc] = ({(200, 0): 2}, [2], 0.1)
+    snapshot["series"][undone] = ({200: 1, 503: 1}, [2], 0.1)
+    snapshot["moved"][retried] = {(503, 200): 1, (504, 200): 1}
+    snapshot["moved"][rpc] = {((200, 14), (200, 0)): 1}  # UNAVAILABLE Trailers-Only, retried, OK: HTTP 200 both
+    snapshot["moved"][undone] = {(503, 200): 1, (200, 503): 1}  # moves that cancel out
+    items = {tuple(item["labels"]): item for item in stats_json(snapshot)["series"]}
+    assert items[retried]["first"] == {"200": 1, "503": 2, "504": 1}
+    assert items[rpc]["first_grpc"] == {"0": 1, "14": 1} and items[rpc]["grpc"] == {"0": 2}
+    assert "first" not in items[rpc], "the HTTP statuses of the first attempts are the final ones"
+    for key in (calm, undone):
+        assert "first" not in items[key] and "first_grpc" not in items[key], key
+    assert "first_grpc" not in items[retried]
+
+    # What the dashboard keeps of the heartbeat carries them as sent.
+    client = ControlClient(
+        JoinSettings(SETTINGS.url, "shop", "t", str(tmp_path)),
+        Identity(str(tmp_path)),
+        lambda *_: None,
+        dict,
+        lambda: snapshot,
+    )
+    kept = convert_body(client.heartbeat_body(), Heartbeat).record(time.time()).data["stats"]["series"]
+    assert {tuple(item["labels"]): item for item in kept} == items

@@ -1,5 +1,5 @@
-"""Unit tests of the golden-signal recording (`Series`, `Metrics`), exemplars, `snapshot()`, `merge()` and the
-exposition through `SnapshotCollector`.
+"""Unit tests of the golden-signal recording (`Series`, `Metrics`), exemplars, first attempts of retried requests,
+`snapshot()`, `merge()` and the exposition through `SnapshotCollector`.
 
 The rendered text is produced by prometheus-client's `generate_latest` (Prometheus text) or its OpenMetrics
 `generate_latest` on a `CollectorRegistry`, and read back with the matching prometheus-client parser, as a scraper
@@ -22,7 +22,18 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from gateway.runtime import snapshot
-from gateway.telemetry import BUCKETS, SERIES_LABELS, Code, Metrics, Series, Snapshot, SnapshotCollector, merge
+from gateway.telemetry import (
+    BUCKETS,
+    SERIES_LABELS,
+    Code,
+    Metrics,
+    Moved,
+    Series,
+    Snapshot,
+    SnapshotCollector,
+    first_attempts,
+    merge,
+)
 
 # DESIGN.md, Contracts.
 CONTRACT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -100,10 +111,12 @@ def part(
     cpu: float = 0.0,
     rss: int = 0,
     exemplars: dict[tuple[str, ...], dict[int, tuple[bytes, bytes, float, float]]] | None = None,
+    moved: dict[tuple[str, ...], Moved] | None = None,
 ) -> Snapshot:
     return {
         "series": series,
         "exemplars": exemplars or {},
+        "moved": moved or {},
         "counters": counters or {},
         "gauges": gauges or {},
         "loop_lag": loop_lag,
@@ -406,3 +419,89 @@ def test_collector_renders_counters_gauges_and_process_figures() -> None:
     }
     assert types["meshgate_requests"] == "counter"
     assert types["meshgate_request_duration_seconds"] == "histogram"
+
+
+# First attempts of retried requests (meshgate_request_first_attempts_total)
+
+FIRST = "meshgate_request_first_attempts_total"
+
+
+def test_a_retried_request_is_counted_under_its_first_attempt_and_the_total_stays() -> None:
+    series = Series()
+    for code in (200, 200, 200, 503, (200, 0)):
+        series.record(code, 0.001)
+    series.retried(503, 200)  # 503, retried, 200
+    series.retried(504, 200)  # a per-try timeout, retried, 200
+    series.retried(503, 503)  # retried and failed alike: nothing moves
+    series.retried((200, 14), (200, 0))  # gRPC: UNAVAILABLE Trailers-Only, retried, OK
+    assert series.codes == {200: 3, 503: 1, (200, 0): 1}, "retried() leaves the final counts alone"
+    assert series.moved == {(503, 200): 1, (504, 200): 1, ((200, 14), (200, 0)): 1}
+    first = first_attempts(series.codes, series.moved)
+    assert first == {200: 1, 503: 2, 504: 1, (200, 14): 1}  # (200, 0) reached 0 and is left out
+    assert sum(first.values()) == sum(series.codes.values())
+
+
+def test_without_retries_first_attempts_are_the_final_counts() -> None:
+    codes: dict[Code, int] = {200: 5, 404: 1}
+    assert first_attempts(codes, {}) == codes
+    # Moves that cancel out (one 503 -> 200, one 200 -> 503) leave the same counts.
+    assert first_attempts({200: 1, 503: 1}, {(503, 200): 1, (200, 503): 1}) == {200: 1, 503: 1}
+
+
+def test_snapshot_copies_moved_first_attempts_and_merge_sums_them() -> None:
+    metrics = Metrics()
+    metrics.series_for(HELLO).record(200, 0.003)
+    metrics.series_for(HELLO).retried(503, 200)
+    metrics.series_for(CANARY).record(200, 0.003)  # never retried: absent from "moved"
+    runtime = SimpleNamespace(metrics=metrics, table=None, endpoints={}, connections=[], listener_kinds=set())
+    taken = snapshot(cast(Any, runtime))
+    metrics.series_for(HELLO).retried(503, 200)  # later: not in the snapshot taken
+    assert taken["moved"] == {HELLO: {(503, 200): 1}}
+
+    other = part({}, moved={HELLO: {(503, 200): 2, (504, 200): 1}, CANARY: {((200, 14), (200, 0)): 1}})
+    inputs = [taken, other]
+    before = copy.deepcopy(inputs)
+    total = merge(inputs)
+    assert total["moved"] == {HELLO: {(503, 200): 3, (504, 200): 1}, CANARY: {((200, 14), (200, 0)): 1}}
+    assert inputs == before, "merging must not touch the workers' snapshots"
+    # A snapshot from before the field existed (a worker of an older build) merges as one without retries.
+    legacy = {key: value for key, value in part({HELLO: ({200: 1}, buckets(b5=1), 0.003)}).items() if key != "moved"}
+    assert merge([legacy, other])["moved"] == other["moved"]
+
+
+def test_collector_renders_first_attempts_for_every_series_with_the_same_totals() -> None:
+    data = part(
+        {
+            HELLO: ({200: 4, 503: 1}, buckets(b3=5), 0.01),
+            CANARY: ({404: 2}, buckets(b3=2), 0.01),  # never retried: still exposed, equal to its requests
+            OUTBOUND: ({(200, 0): 3}, buckets(b3=3), 0.01),
+        },
+        moved={HELLO: {(503, 200): 2, (504, 200): 1}, OUTBOUND: {((200, 14), (200, 0)): 1}},
+    )
+    families = render(data)
+    assert family_types(data)["meshgate_request_first_attempts"] == "counter"
+    first = labelled(families["meshgate_request_first_attempts"], FIRST)
+    assert first == {
+        labels_of(HELLO, code="200", grpc_status=""): 1,
+        labels_of(HELLO, code="503", grpc_status=""): 3,
+        labels_of(HELLO, code="504", grpc_status=""): 1,
+        labels_of(CANARY, code="404", grpc_status=""): 2,
+        labels_of(OUTBOUND, code="200", grpc_status="0"): 2,
+        labels_of(OUTBOUND, code="200", grpc_status="14"): 1,
+    }
+    requests = labelled(families["meshgate_requests"], "meshgate_requests_total")
+    for key in (HELLO, CANARY, OUTBOUND):
+        mine = dict(zip(SERIES_LABELS, key, strict=True)).items()
+        assert sum(v for labels, v in first.items() if mine <= dict(labels).items()) == sum(
+            v for labels, v in requests.items() if mine <= dict(labels).items()
+        ), key
+    # Sorted like meshgate_requests_total: by series, then by code.
+    order = [(s.labels["source"], s.labels["code"], s.labels["grpc_status"]) for s in families[FIRST[:-6]]]
+    assert order == [
+        ("shop", "404", ""),  # CANARY
+        ("unknown", "200", ""),  # HELLO
+        ("unknown", "503", ""),
+        ("unknown", "504", ""),
+        ("shop", "200", "0"),  # OUTBOUND (reporter "source" sorts last)
+        ("shop", "200", "14"),
+    ]
