@@ -21,12 +21,15 @@ from dashboard.api.gateways import GatewayApi
 from dashboard.api.heartbeats import MAX_HEARTBEAT
 from dashboard.api.openapi import OpenAPI
 from dashboard.api.operator import OperatorApi
+from dashboard.api.rollouts import RolloutApi
 from dashboard.api.selfmetrics import DashboardMetrics, MetricsEndpoint, RequestMetrics, TimedStore
 from dashboard.api.signals import SignalsApi
 from dashboard.api.traces import TraceApi
 from dashboard.attempts import FailedAttempts
 from dashboard.errors import DashboardError, ErrorBoundary, on_dashboard_error, on_http_exception
 from dashboard.headers import SecurityHeaders
+from dashboard.rollout.driver import Rollouts
+from dashboard.rollout.webhooks import Webhooks
 from dashboard.settings import MAX_SPAN_BATCH, Settings
 from dashboard.store.model import StoreError
 from dashboard.ui.pagedata import PageData
@@ -70,8 +73,16 @@ def create_app(settings: Settings) -> Starlette:
     )  # UI: shared with the pages, so one write lock and one commit path
     gateway_api = GatewayApi(settings, store, auth, metrics)  # UI: shared with the gateways page
     trace_api = TraceApi(settings, store, auth)  # UI: its `traces` serve the trace page too
+    rollouts = Rollouts(  # serve.py runs `rollouts.run()`, the driver; the API hands actions to it
+        store,
+        commit=operator.commit_split,
+        webhooks=Webhooks(settings.webhook_secret, settings.webhook_allow),
+        examples=settings.spans.examples if settings.spans is not None else None,
+        tick=settings.rollout_tick,
+    )
     routes: list[BaseRoute] = [
         *operator.routes(),
+        *RolloutApi(rollouts, auth).routes(),
         *gateway_api.routes(),
         *signals.routes(),
         *trace_api.routes(),  # spans: the OTLP receiver and trace lookup
@@ -80,8 +91,9 @@ def create_app(settings: Settings) -> Starlette:
     ]
     openapi = OpenAPI(routes)  # the same list: the document lists itself too
     routes.append(Route("/api/v1/openapi.json", openapi.endpoint, methods=["GET"]))
-    pages = PageData(store, operator, gateway_api, signals=signals, traces=trace_api.traces)  # UI: page data
-    views = Views(auth=auth, sessions=sessions, operator=operator, data=pages)  # UI: pages, login, static files
+    # UI: page data, and the pages, login and static files (the rollout panel acts through the API's driver)
+    pages = PageData(store, operator, gateway_api, signals=signals, traces=trace_api.traces, rollouts=rollouts)
+    views = Views(auth=auth, sessions=sessions, operator=operator, data=pages, rollouts=rollouts)
     routes = [*routes, *views.routes()]  # UI: a new list, so the OpenAPI document leaves the pages out
     app = Starlette(
         routes=routes,
@@ -100,4 +112,5 @@ def create_app(settings: Settings) -> Starlette:
     app.state.auth = auth  # for pages and login added by the UI, which authenticate the same way
     app.state.store = store
     app.state.signals = signals  # the sampler to run, and topology / signals for pages
+    app.state.rollouts = rollouts  # the driver to run
     return app

@@ -99,6 +99,17 @@ def run(args: argparse.Namespace) -> int:
     except IdentityError as err:
         sock.close()
         return _fail(str(err))
+    secret = None
+    if args.webhook_secret_file:
+        try:
+            with open(args.webhook_secret_file, "rb") as file:
+                secret = file.read().strip()
+        except OSError as err:
+            sock.close()
+            return _fail(f"--webhook-secret-file {args.webhook_secret_file}: {err.strerror or err}")
+        if not secret:
+            sock.close()
+            return _fail(f"--webhook-secret-file {args.webhook_secret_file}: the file is empty")
     try:
         store = open_store(args.store or args.data)
     except StoreError as err:
@@ -127,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         prometheus=args.prometheus,
         prometheus_scrape_interval=args.prometheus_scrape_interval or PROMETHEUS_SCRAPE_INTERVAL,
         signals_step=args.signals_step or SIGNALS_STEP,
+        webhook_secret=secret,
+        webhook_allow=tuple(args.webhook_allow or ()),
     )
     startup = Startup(settings, sock, mesh, args.config, args.data, args.drain_timeout, tls)
     import uvloop
@@ -184,6 +197,7 @@ async def serve(startup: Startup) -> int:
         app = create_app(settings)
         signals = app.state.signals.source  # golden-signal history (or Prometheus), sampled in the background
         sampler = asyncio.ensure_future(signals.run())
+        driver = asyncio.ensure_future(app.state.rollouts.run())  # automated canary rollouts
         config = uvicorn.Config(
             app,
             log_config=None,
@@ -198,9 +212,10 @@ async def serve(startup: Startup) -> int:
         try:
             await server.serve(sockets=[startup.sock])
         finally:
-            sampler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampler
+            for task in (sampler, driver):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await signals.close()
         log.info("stopped")
     finally:

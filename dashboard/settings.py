@@ -25,6 +25,7 @@ SYNC_HOLD = MAX_WAIT  # the longest the dashboard holds one before answering 304
 CERT_LIFETIME = 24 * 3600.0  # seconds a gateway certificate lives; gateways renew at about half-life
 SIGNALS_STEP = 5.0  # seconds between golden-signal samples of the gateways' heartbeats (dashboard/signals/history.py)
 PROMETHEUS_SCRAPE_INTERVAL = 15.0  # Prometheus's own default; rates need at least two scrapes in a window
+ROLLOUT_TICK = HEARTBEAT_INTERVAL  # seconds between a rollout driver's ticks: one heartbeat
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,11 @@ class Settings:
     health: Thresholds = Thresholds()
     prometheus: str | None = None
     prometheus_scrape_interval: float = PROMETHEUS_SCRAPE_INTERVAL
+    # Rollouts (dashboard/rollout/): seconds between the driver's ticks, and the webhooks' HMAC secret and the
+    # internal hosts they may call (`--webhook-secret-file`, `--webhook-allow`).
+    rollout_tick: float = ROLLOUT_TICK
+    webhook_secret: bytes | None = field(default=None, repr=False)
+    webhook_allow: tuple[str, ...] = ()
 
     @property
     def stale_after(self) -> float:

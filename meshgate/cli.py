@@ -97,6 +97,17 @@ def add_dashboard_parser(subparsers: Subparsers) -> None:
         help="how often the embedded history samples the gateways' heartbeats (default 5s)",
     )
     parser.add_argument(
+        "--webhook-secret-file",
+        metavar="FILE",
+        help="rollout webhooks carry x-meshgate-signature: sha256=HMAC of the body with this file's contents",
+    )
+    parser.add_argument(
+        "--webhook-allow",
+        action="append",
+        metavar="HOST",
+        help="a loopback, private or link-local host rollout webhooks may call (refused otherwise); repeatable",
+    )
+    parser.add_argument(
         "--max-spans",
         type=gateway_cli.positive_int,
         metavar="N",
@@ -161,12 +172,67 @@ def add_client_parsers(subparsers: Subparsers) -> None:
     apply.add_argument("--reason", help="recorded in the history and audit log (default: the file name)")
     _connection_arguments(apply)
     apply.set_defaults(run=_run_apply)
-    get = subparsers.add_parser("get", help="show services, gateways or the config history")
-    get.add_argument("what", choices=("services", "gateways", "history"))
+    get = subparsers.add_parser("get", help="show services, gateways, rollouts or the config history")
+    get.add_argument("what", choices=("services", "gateways", "rollouts", "history"))
     get.add_argument("-o", "--output", choices=("table", "json"), default="table")
     get.add_argument("--limit", type=int, default=20, help="history: how many versions (default 20)")
     _connection_arguments(get)
     get.set_defaults(run=_run_get)
+    add_rollout_parser(subparsers)
+
+
+def add_rollout_parser(subparsers: Subparsers) -> None:
+    rollout = subparsers.add_parser(
+        "rollout",
+        help="automated canary rollouts: start, status, pause, resume, promote, abort, approve",
+        description="A rollout steps a service's canary subset up by itself while the canary's errors, first "
+        "attempts and latency are no worse than the primary's, holds while there is not evidence enough, and rolls "
+        "back at once on harm. Every decision is explained: `meshgate rollout status SERVICE`.",
+    )
+    actions = rollout.add_subparsers(dest="action", required=True, metavar="ACTION")
+    start = actions.add_parser("start", help="start a rollout of SERVICE's canary subset")
+    start.add_argument("service", metavar="SERVICE")
+    start.add_argument("--canary", required=True, metavar="SUBSET", help="the subset to roll out")
+    start.add_argument("--primary", metavar="SUBSET", help="compared with (default: the subset with most weight now)")
+    start.add_argument(
+        "--steps", type=_steps, metavar="N,N,...", help="the canary's weights, rising (default 5,10,25,50); 100 follows"
+    )
+    start.add_argument("--step-weight", type=gateway_cli.whole_number(1, 99), metavar="N", help="with --max-weight")
+    start.add_argument("--max-weight", type=gateway_cli.whole_number(1, 99), metavar="N", help="with --step-weight")
+    start.add_argument(
+        "--interval", type=_positive_duration, metavar="DURATION", help="least time between steps (default 1m)"
+    )
+    start.add_argument(
+        "--max-hold",
+        type=_positive_duration,
+        metavar="DURATION",
+        help="how long a step may hold for evidence before the rollout pauses and alerts (default 30m)",
+    )
+    start.add_argument("--approval", action="store_true", help="wait for `meshgate rollout approve` before 100 %%")
+    start.add_argument("--gate", metavar="URL", help="a webhook that must answer 2xx before each step")
+    start.add_argument("--events", metavar="URL", help="a webhook that gets each event (started, step, ...) as JSON")
+    start.add_argument("--max-error-rate", type=_share, metavar="SHARE", help="absolute limit, e.g. 0.05")
+    start.add_argument("--max-p99", type=_positive_duration, metavar="DURATION", help="absolute limit, e.g. 500ms")
+    start.add_argument("--no-latency", action="store_true", help="do not judge latency")
+    start.add_argument("--reason", default="", help="recorded in the audit log and the config history")
+    _connection_arguments(start)
+    start.set_defaults(run=_run_rollout)
+    for name, text in (
+        ("status", "the rollout's state, latest verdict and decision log"),
+        ("pause", "pause it (weights stay as they are)"),
+        ("resume", "resume it at its current step"),
+        ("promote", "promote the canary to 100 %% now, skipping the analysis"),
+        ("abort", "abort it: the primary back to 100 %%"),
+        ("approve", "approve the promotion (a rollout started with --approval)"),
+    ):
+        action = actions.add_parser(name, help=text)
+        action.add_argument("service", metavar="SERVICE")
+        if name != "status":
+            action.add_argument("--reason", default="", help="recorded in the audit log")
+        else:
+            action.add_argument("-o", "--output", choices=("text", "json"), default="text")
+        _connection_arguments(action)
+        action.set_defaults(run=_run_rollout)
 
 
 def add_demo_parser(subparsers: Subparsers) -> None:
@@ -193,6 +259,12 @@ def add_demo_parser(subparsers: Subparsers) -> None:
         "--data", metavar="DIR", help="state and logs (default: a temporary directory, removed at exit)"
     )
     parser.add_argument("--no-access-log", action="store_true", help="no access logs (default: DIR/logs/access-*.log)")
+    parser.add_argument(
+        "--rollout",
+        action="store_true",
+        help="once traffic flows, start an automated canary rollout of catalog v2 (steps 10, 25, 50; every 30s), "
+        "which v2's faults roll back by itself",
+    )
     parser.set_defaults(run=_run_demo)
 
 
@@ -282,6 +354,29 @@ def _run_apply(args: argparse.Namespace) -> int:
     from meshgate import client
 
     return client.run_apply(args)
+
+
+def _run_rollout(args: argparse.Namespace) -> int:
+    from meshgate.client import run_rollout
+
+    return run_rollout(args)
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected whole percents such as 5,10,25,50, got {text!r}") from None
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1 such as 0.05, got {text!r}")
+    return value
 
 
 def _run_get(args: argparse.Namespace) -> int:

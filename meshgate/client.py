@@ -1,5 +1,5 @@
-"""`meshgate apply FILE` and `meshgate get services|gateways|history`: the operator API from a terminal
-(arguments in `meshgate.cli`).
+"""`meshgate apply FILE`, `meshgate get services|gateways|rollouts|history` and `meshgate rollout ACTION SERVICE`:
+the operator API from a terminal (arguments in `meshgate.cli`).
 
 The server and token come from `--server` and `--token-file` (or `--token`, which `ps` shows to every local user),
 or `MESHGATE_SERVER` and `MESHGATE_TOKEN`. A mesh file is validated locally first, so its errors name the file, the
@@ -103,17 +103,25 @@ def run_apply(args: argparse.Namespace) -> int:
 
 @_command
 def run_get(args: argparse.Namespace) -> int:
-    path = {"services": "/api/v1/services", "gateways": "/api/v1/gateways", "history": "/api/v1/config/history"}
+    path = {
+        "services": "/api/v1/services",
+        "gateways": "/api/v1/gateways",
+        "rollouts": "/api/v1/rollouts",
+        "history": "/api/v1/config/history",
+    }
     params = {"limit": str(args.limit)} if args.what == "history" else {}
     with _client(args) as client:
         answer = _call(client, "GET", path[args.what], params=params)
     if args.output == "json":
         print(json.dumps(answer, indent=2, ensure_ascii=False))
         return 0
-    if args.what == "services":
-        rows = _services(answer)
-    else:
-        rows = _gateways(answer) if args.what == "gateways" else _history(answer)
+    tables: dict[str, Callable[[Any], list[list[str]]]] = {
+        "services": _services,
+        "gateways": _gateways,
+        "rollouts": _rollouts,
+        "history": _history,
+    }
+    rows = tables[args.what](answer)
     print(_table(rows))
     return 0
 
@@ -125,6 +133,106 @@ def _services(answer: dict[str, Any]) -> list[list[str]]:
         endpoints = " ".join(f"{subset}:{','.join(items) or '-'}" for subset, items in service["subsets"].items())
         rows.append([service["name"], service["group"], weights, endpoints])
     return rows
+
+
+def _rollouts(answer: dict[str, Any]) -> list[list[str]]:
+    rows = [["SERVICE", "PHASE", "CANARY", "WEIGHT", "STEP", "VERDICT", "EVIDENCE", "MESSAGE"]]
+    for rollout in answer["rollouts"]:
+        spec, verdict = rollout["spec"], rollout.get("verdict") or {}
+        evidence = verdict.get("evidence")
+        rows.append(
+            [
+                rollout["service"],
+                rollout["phase"],
+                f"{spec['canary']} vs {spec['primary']}",
+                f"{rollout['weight']}%",
+                f"{min(rollout['step'] + 1, rollout['steps'])}/{rollout['steps']}",
+                str(verdict.get("outcome") or "-"),
+                "-" if evidence is None else f"{evidence:.3g}",
+                _clip(rollout["message"], 100),
+            ]
+        )
+    return rows
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@_command
+def run_rollout(args: argparse.Namespace) -> int:
+    path = f"/api/v1/services/{args.service}/rollout"
+    with _client(args) as client:
+        if args.action == "status":
+            rollout = _call(client, "GET", path)
+            decisions = _call(client, "GET", f"{path}/decisions", params={"limit": "500"})["decisions"]
+            if args.output == "json":
+                print(json.dumps({**rollout, "decisions": decisions}, indent=2, ensure_ascii=False))
+                return 0
+            print(_status(rollout, decisions))
+            return 0
+        if args.action == "start":
+            rollout = _call(client, "POST", path, json=_start_body(args))
+        else:
+            rollout = _call(client, "POST", f"{path}/{args.action}", json={"reason": args.reason})
+    phase = f"{rollout['phase']} at {rollout['weight']} %"
+    print(f"{rollout['service']}: rollout {rollout['id']} {phase}: {rollout['message']}")
+    return 0
+
+
+def _start_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"canary": args.canary, "reason": args.reason}
+    optional = {
+        "primary": args.primary,
+        "steps": args.steps,
+        "step_weight": args.step_weight,
+        "max_weight": args.max_weight,
+        "interval": args.interval,
+        "max_hold": args.max_hold,
+        "gate": args.gate,
+        "events": args.events,
+    }
+    body.update({key: value for key, value in optional.items() if value is not None})
+    if args.approval:
+        body["approval"] = True
+    judges: dict[str, Any] = {}
+    if args.no_latency:
+        judges["latency"] = False
+    if args.max_error_rate is not None:
+        judges["max_error_rate"] = args.max_error_rate
+    if args.max_p99 is not None:
+        judges["max_p99_ms"] = args.max_p99 * 1000
+    if judges:
+        body["judges"] = judges
+    return body
+
+
+def _status(rollout: dict[str, Any], decisions: list[dict[str, Any]]) -> str:
+    spec = rollout["spec"]
+    steps = " ".join(
+        f"[{weight}]" if index == rollout["step"] else str(weight) for index, weight in enumerate([*spec["steps"], 100])
+    )
+    lines = [
+        f"{rollout['service']}: rollout {rollout['id']} of {spec['canary']} against {spec['primary']}, "
+        f"started by {rollout['by']}" + (f" ({rollout['reason']})" if rollout["reason"] else ""),
+        f"phase {rollout['phase']}, canary at {rollout['weight']} %, steps {steps}",
+        rollout["message"],
+    ]
+    verdict = rollout.get("verdict") or {}
+    for finding in verdict.get("findings", []):
+        canary, primary = finding["canary"], finding["primary"]
+        ratio = finding.get("odds_ratio")
+        odds = f", odds ratio {ratio[0]:.2f} (95 % {ratio[1]:.2f} to {ratio[2]:.2f})" if ratio else ""
+        lines.append(
+            f"  {finding['what']}: canary {canary[1]}/{canary[0]}, primary {primary[1]}/{primary[0]}{odds}"
+            + ("" if finding["safe"] else f"; not yet enough (needs {finding['needs'] or '?'} more)")
+        )
+    rows = [["TIME", "ACTION", "WEIGHT", "MESSAGE", "EXAMPLES"]]
+    for decision in decisions:
+        when = time.strftime("%H:%M:%S", time.localtime(decision["time"]))
+        examples = " ".join(example["request_id"] for example in decision.get("examples", []))
+        rows.append([when, decision["action"], f"{decision['weight']}%", _clip(decision["message"], 100), examples])
+    return "\n".join(lines) + "\n\n" + _table(rows)
 
 
 def _gateways(answer: list[dict[str, Any]]) -> list[list[str]]:

@@ -218,7 +218,57 @@ class JoinBody(msgspec.Struct, forbid_unknown_fields=True):
     ]
 
 
-OPERATOR_BODIES = (WeightsBody, ServiceBody, RoutesBody, SubsetBody, EndpointBody, ConfigBody, RevertBody, JoinBody)
+Seconds = Annotated[float, msgspec.Meta(ge=2, le=7 * 86400, extra=expected("seconds from 2 to 604800"))]
+Percent = Annotated[int, msgspec.Meta(ge=1, le=99, extra=expected("a whole percent from 1 to 99"))]
+Url = Annotated[str, msgspec.Meta(max_length=2048, pattern=ONE_LINE, extra=expected("an http(s) URL"))]
+
+
+class JudgesBody(msgspec.Struct, forbid_unknown_fields=True):
+    """What the canary is judged on: each comparison with the primary, and optional absolute limits."""
+
+    errors: bool = True
+    first_attempts: bool = True
+    latency: bool = True
+    max_error_rate: Annotated[float, msgspec.Meta(gt=0, lt=1, extra=expected("a share between 0 and 1"))] | None = None
+    max_p99_ms: Annotated[float, msgspec.Meta(gt=0, le=10_000, extra=expected("milliseconds up to 10000"))] | None = (
+        None
+    )
+
+
+class RolloutBody(ReasonBody, forbid_unknown_fields=True):
+    """An automated canary rollout. `steps` (the canary's weights, rising; promotion to 100 follows), or
+    `step_weight` and `max_weight` as Flagger has them; neither: 5, 10, 25, 50. `primary` defaults to the subset
+    with the most weight now."""
+
+    canary: Annotated[str, msgspec.Meta(max_length=63, extra=expected("a subset name"))]
+    primary: Annotated[str, msgspec.Meta(max_length=63, extra=expected("a subset name"))] | None = None
+    steps: Annotated[list[Percent], msgspec.Meta(min_length=1, max_length=20)] | None = None
+    step_weight: Percent | None = None
+    max_weight: Percent | None = None
+    interval: Seconds = 60.0
+    max_hold: Seconds = 1800.0
+    judges: JudgesBody = msgspec.field(default_factory=JudgesBody)
+    approval: bool = False
+    gate: Url | None = None
+    events: Url | None = None
+
+
+class RolloutActionBody(ReasonBody, forbid_unknown_fields=True):
+    """Why an operator pauses, resumes, promotes, aborts or approves a rollout."""
+
+
+OPERATOR_BODIES = (
+    WeightsBody,
+    ServiceBody,
+    RoutesBody,
+    SubsetBody,
+    EndpointBody,
+    ConfigBody,
+    RevertBody,
+    JoinBody,
+    RolloutBody,
+    RolloutActionBody,
+)
 
 
 async def read_json(request: Request) -> object:

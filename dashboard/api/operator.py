@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,7 +167,7 @@ class OperatorApi:
         """Edit the current mesh and commit it as a new version: the one write path of the API and the pages."""
         expected = if_match(request)
         async with self._writing:
-            return await self._commit(principal, edit, expected, action=action, target=target, reason=reason)
+            return await self._commit(principal.who, edit, expected, action=action, target=target, reason=reason)
 
     async def set_weights(
         self, principal: Principal, request: Request, name: str, weights: object, reason: str
@@ -183,8 +183,21 @@ class OperatorApi:
             reason=reason,
         )
 
+    async def commit_split(self, who: str, name: str, split: Mapping[str, int], action: str, reason: str) -> int:
+        """Set `name`'s weights for a writer that is not a request (a rollout's steps); the config version live."""
+        async with self._writing:
+            committed = await self._commit(
+                who,
+                lambda mesh: mesh.with_weights(name, dict(split)),
+                None,
+                action=action,
+                target=f"services/{name}/routes",
+                reason=reason,
+            )
+        return committed.version
+
     async def _commit(
-        self, principal: Principal, edit: Edit, expected: int | None, *, action: str, target: str, reason: str
+        self, who: str, edit: Edit, expected: int | None, *, action: str, target: str, reason: str
     ) -> Committed:
         for _ in range(COMMIT_ATTEMPTS):
             current = await self.store.current()
@@ -202,7 +215,7 @@ class OperatorApi:
             try:
                 revision = await self.store.commit(
                     after,
-                    author=principal.who,
+                    author=who,
                     reason=reason,
                     action=action,
                     target=target,

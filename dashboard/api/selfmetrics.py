@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,7 +23,18 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dashboard.store.model import MAX_GATEWAYS_PER_GROUP, ROLES, AuditEntry, GatewayRecord, Revision, Store, TokenRecord
+from dashboard.rollout.spec import PHASES
+from dashboard.store.model import (
+    MAX_GATEWAYS_PER_GROUP,
+    ROLES,
+    AuditEntry,
+    GatewayRecord,
+    LogEntry,
+    Revision,
+    RolloutRecord,
+    Store,
+    TokenRecord,
+)
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -70,6 +81,47 @@ class DashboardMetrics:
         self.gateways = Gauge(
             "meshgate_dashboard_gateways", "Gateways known from heartbeats, live or stale", ["state"], registry=registry
         )
+        self.rollout_phase = Gauge(
+            "meshgate_rollout_phase",
+            "1 for the phase a service's rollout (running or last ended) is in, 0 for the others",
+            ["service", "phase"],
+            registry=registry,
+        )
+        self.rollout_weight = Gauge(
+            "meshgate_rollout_canary_weight", "The canary's weight in percent", ["service", "canary"], registry=registry
+        )
+        self.rollout_verdict = Gauge(
+            "meshgate_rollout_verdict",
+            "1 for the rollout's latest verdict (pass, hold, harm), 0 for the others",
+            ["service", "verdict"],
+            registry=registry,
+        )
+        self.rollout_evidence = Gauge(
+            "meshgate_rollout_evidence",
+            "The judge's evidence of harm (an e-value: rolled back at 1/alpha, 100 by default)",
+            ["service"],
+            registry=registry,
+        )
+
+    def rollouts(self, records: list[RolloutRecord]) -> None:
+        """The rollout gauges, from the stored rollouts at scrape time."""
+        metrics = self
+        for gauge in (metrics.rollout_phase, metrics.rollout_weight, metrics.rollout_verdict, metrics.rollout_evidence):
+            gauge.clear()  # a deleted service's rollout goes
+        for record in records:
+            data = record.data
+            service = record.service
+            for phase in PHASES:
+                metrics.rollout_phase.labels(service, phase).set(data.get("phase") == phase)
+            metrics.rollout_weight.labels(service, str(data.get("spec", {}).get("canary", ""))).set(
+                data.get("weight", 0)
+            )
+            verdict = data.get("verdict") or {}
+            for outcome in ("pass", "hold", "harm"):
+                metrics.rollout_verdict.labels(service, outcome).set(verdict.get("outcome") == outcome)
+            evidence = verdict.get("evidence")
+            if isinstance(evidence, int | float):
+                metrics.rollout_evidence.labels(service).set(evidence)
 
 
 class RequestMetrics:
@@ -184,6 +236,42 @@ class TimedStore:
         async with self._timed("forget_gateways"):
             return await self.inner.forget_gateways(before)
 
+    async def rollouts(self) -> list[RolloutRecord]:
+        async with self._timed("rollouts"):
+            return await self.inner.rollouts()
+
+    async def get_rollout(self, service: str) -> RolloutRecord | None:
+        async with self._timed("get_rollout"):
+            return await self.inner.get_rollout(service)
+
+    async def put_rollout(self, service: str, data: Mapping[str, Any], expect: int) -> RolloutRecord:
+        async with self._timed("put_rollout"):
+            return await self.inner.put_rollout(service, data, expect)
+
+    async def delete_rollout(self, service: str) -> None:
+        async with self._timed("delete_rollout"):
+            await self.inner.delete_rollout(service)
+
+    async def append_rollout_log(self, rollout_id: str, entries: Sequence[LogEntry]) -> None:
+        async with self._timed("append_rollout_log"):
+            await self.inner.append_rollout_log(rollout_id, entries)
+
+    async def rollout_log(self, rollout_id: str, after: int = -1, limit: int = 1000) -> list[LogEntry]:
+        async with self._timed("rollout_log"):
+            return await self.inner.rollout_log(rollout_id, after, limit)
+
+    async def forget_rollout_logs(self, keep: Collection[str]) -> int:
+        async with self._timed("forget_rollout_logs"):
+            return await self.inner.forget_rollout_logs(keep)
+
+    async def lead(self, name: str, holder: str, ttl: float) -> bool:
+        async with self._timed("lead"):
+            return await self.inner.lead(name, holder, ttl)
+
+    async def resign(self, name: str, holder: str) -> None:
+        async with self._timed("resign"):
+            await self.inner.resign(name, holder)
+
     async def close(self) -> None:
         await self.inner.close()
 
@@ -214,4 +302,5 @@ class MetricsEndpoint:
         stale = sum(now - record.seen > self.stale_after for record in gateways)
         self.metrics.gateways.labels("live").set(len(gateways) - stale)
         self.metrics.gateways.labels("stale").set(stale)
+        self.metrics.rollouts(await self.store.rollouts())
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -592,6 +592,25 @@ class SpanStore:
         """Summaries of the most recent traces that pass `filters`, newest first."""
         return await self._read(self._recent, filters)
 
+    async def examples(self, service: str, subset: str, since: float, limit: int = 3) -> list[dict[str, Any]]:
+        """Request IDs of `service`'s `subset` answered by its owner's gateway since `since` (seconds since the
+        epoch), failed ones first, then the slowest: what a rollout decision shows from the canary."""
+        return await self._read(self._examples, service, subset, int(since * 1e9), limit)
+
+    def _examples(self, service: str, subset: str, since_ns: int, limit: int) -> list[dict[str, Any]]:
+        query = """
+            SELECT request_id, trace_id, http_status, error, (end_ns - start_ns) / 1e6 FROM spans
+            WHERE start_ns >= ? AND mesh_service = ? AND request_id IS NOT NULL AND unverified IS NULL
+              AND json_extract(attributes, '$."meshgate.subset"') = ?
+              AND json_extract(attributes, '$."meshgate.reporter"') = 'destination'
+            ORDER BY error DESC, end_ns - start_ns DESC LIMIT ?
+        """
+        rows = self._reader.execute(query, (since_ns, service, subset, limit))
+        return [
+            {"request_id": request_id, "trace_id": trace_id, "status": status, "error": bool(error), "ms": ms}
+            for request_id, trace_id, status, error, ms in rows
+        ]
+
     def _by_request(self, request_id: str, limit: int) -> list[StoredSpan]:
         query = "SELECT DISTINCT trace_id FROM spans WHERE request_id = ? LIMIT ?"
         return self._by_traces([trace_id for (trace_id,) in self._reader.execute(query, (request_id, limit))])

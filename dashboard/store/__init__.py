@@ -1,7 +1,7 @@
 """Where the dashboard keeps its state (the `Store` protocol in `model`), in SQLite or etcd v3.
 
-- `model`: the `Store` protocol, its records (`Revision`, `AuditEntry`, `TokenRecord`, `GatewayRecord`), errors,
-  and the helpers both backends share.
+- `model`: the `Store` protocol, its records (`Revision`, `AuditEntry`, `TokenRecord`, `GatewayRecord`,
+  `RolloutRecord` and a rollout's log entries), errors, and the helpers both backends share.
 - `sqlite`: `SQLiteStore`, one file in the data directory, for a single dashboard.
 - `etcd`: `EtcdStore`, several dashboard replicas sharing one etcd cluster.
 """

@@ -10,12 +10,21 @@ gateway/etcd.py's client, so there is no gRPC dependency. Keys:
     /meshgate/tokens/<sha256 digest>   API tokens
     /meshgate/gateways/<group>/<instance>        each gateway's last heartbeat, without its stats
     /meshgate/gateway-stats/<group>/<instance>   and its stats, read only by the golden-signal sampler
+    /meshgate/rollouts/<service>       each service's rollout document (its revision is the key's mod_revision)
+    /meshgate/rollout-log/<rollout ID>/<seq, 12 digits>   each rollout's log entries
+    /meshgate/leases/<name>            the holder of a leader lease, attached to an etcd lease of its TTL
 
 A commit reads both counters, then writes version N+1, revision N+1, the audit entry and its id in one txn that
 compares both counters' mod_revision with what it read: when two replicas race, exactly one txn succeeds. The
 loser re-reads, and raises `VersionConflict` if it was given `expect_version`. Dense numbering lets `history` and
 `audit` read one key range instead of sorting the whole prefix. `wait_for_change` is woken by one watch stream on
 `/meshgate/version` per store, so a commit through any replica wakes the waiters of every replica.
+
+A rollout is written by a txn comparing its key's mod_revision with the one the writer read (0: absent); etcd's
+revisions are never reused, so a writer holding a deleted rollout's revision fails against any later one. A leader
+lease is taken by a txn that creates its key (create_revision == 0) under a fresh etcd lease, and renewed by a
+keepalive of the etcd lease its key carries: when that lease expires etcd deletes the key, so a live key always
+names the live holder. A renewal keeps the TTL the lease was granted with.
 
 Gateway records carry no lease: the API forgets silent ones (`forget_gateways`) by the same rule on etcd and on
 SQLite. Records that dashboards before 0.2 wrote under `/meshgate/gateways/<instance>` expire with their leases.
@@ -28,22 +37,33 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from dashboard.mesh import diff
 from dashboard.store.model import (
     MAX_GATEWAYS_PER_GROUP,
+    MAX_LOG_SEQ,
     AuditEntry,
     ChangeSignal,
     GatewayRecord,
+    LogEntry,
     Revision,
+    RolloutConflict,
+    RolloutRecord,
     StoreError,
     TokenRecord,
     VersionConflict,
     canonical,
+    check_lease,
+    check_rollout_id,
+    check_service,
     empty_revision,
+    encode_document,
+    encode_log,
+    log_window,
     part,
     split_stats,
     wait_for_version,
@@ -60,6 +80,9 @@ _AUDIT = "/meshgate/audit/"
 _TOKENS = "/meshgate/tokens/"
 _GATEWAYS = "/meshgate/gateways/"
 _GATEWAY_STATS = "/meshgate/gateway-stats/"  # outside the range of _GATEWAYS: "-" sorts before "s"
+_ROLLOUTS = "/meshgate/rollouts/"
+_ROLLOUT_LOG = "/meshgate/rollout-log/"  # outside the range of _ROLLOUTS, as above
+_LEASES = "/meshgate/leases/"
 ATTEMPTS = 50  # commits retried after losing a race, before giving up
 MAX_TRIM = 16  # gateway records one heartbeat deletes to make room in its group
 _KV = dict[str, Any]
@@ -92,6 +115,32 @@ def _exists(key: str) -> _KV:
 def _unchanged(key: str, mod_revision: int) -> _KV:
     """A txn compare: `key` was not written since `mod_revision` (0: the key still does not exist)."""
     return {"key": b64(key), "result": "EQUAL", "target": "MOD", "mod_revision": str(mod_revision)}
+
+
+def _created_by_no_one(key: str) -> _KV:
+    return {"key": b64(key), "result": "EQUAL", "target": "CREATE", "create_revision": "0"}
+
+
+def _read(key: str) -> _KV:
+    return {"request_range": {"key": b64(key)}}
+
+
+def _failure_read(response: _KV) -> _KV | None:
+    """The key a failed txn read in its `failure` branch (`_read`), None if absent."""
+    kvs: list[_KV] = response["responses"][0]["response_range"].get("kvs", [])
+    return kvs[0] if kvs else None
+
+
+def _text(kv: _KV) -> str:
+    return value_of(kv).decode("utf-8", "replace")
+
+
+def _rollout(kv: _KV) -> RolloutRecord:
+    return RolloutRecord(key_of(kv).removeprefix(_ROLLOUTS), _json(kv), int(kv["mod_revision"]))
+
+
+def _log_prefix(rollout_id: str) -> str:
+    return f"{_ROLLOUT_LOG}{check_rollout_id(rollout_id)}/"
 
 
 def _revision(data: Any) -> Revision:
@@ -347,6 +396,96 @@ class EtcdStore:
             ):
                 forgotten += 1
         return forgotten
+
+    # Rollouts
+
+    async def rollouts(self) -> list[RolloutRecord]:
+        records = [_rollout(kv) for kv in await self._range(_ROLLOUTS, prefix_end(_ROLLOUTS))]
+        return sorted(records, key=lambda record: record.service)
+
+    async def get_rollout(self, service: str) -> RolloutRecord | None:
+        kv = await self._get(_ROLLOUTS + check_service(service))
+        return None if kv is None else _rollout(kv)
+
+    async def put_rollout(self, service: str, data: Mapping[str, Any], expect: int) -> RolloutRecord:
+        key = _ROLLOUTS + check_service(service)
+        text = encode_document(data)
+        # An absent key's mod_revision compares as 0, so expect=0 means "none stored".
+        body = {"compare": [_unchanged(key, expect)], "success": [_put(key, text)], "failure": [_read(key)]}
+        response = await self._call("kv/txn", body)
+        if response.get("succeeded"):  # the txn's revision is the one its put gave the key
+            return RolloutRecord(service, json.loads(text), int(response["header"]["revision"]))
+        stored = _failure_read(response)
+        raise RolloutConflict(service, expect, 0 if stored is None else int(stored["mod_revision"]))
+
+    async def delete_rollout(self, service: str) -> None:
+        await self._call("kv/deleterange", {"key": b64(_ROLLOUTS + check_service(service))})
+
+    async def append_rollout_log(self, rollout_id: str, entries: Sequence[LogEntry]) -> None:
+        prefix = _log_prefix(rollout_id)
+        encoded = encode_log(entries)
+        if encoded:
+            await self._txn([], [_put(f"{prefix}{seq:012d}", text) for seq, text in encoded.items()])
+
+    async def rollout_log(self, rollout_id: str, after: int = -1, limit: int = 1000) -> list[LogEntry]:
+        prefix = _log_prefix(rollout_id)
+        after, limit = log_window(after, limit)
+        if limit == 0 or after == MAX_LOG_SEQ:  # (one more would be 13 digits, which sort before 12 nines)
+            return []
+        kvs = await self._range(f"{prefix}{after + 1:012d}", prefix_end(prefix), limit)
+        return [(int(key_of(kv).removeprefix(prefix)), _json(kv)) for kv in kvs]
+
+    async def forget_rollout_logs(self, keep: Collection[str]) -> int:
+        # One key per rollout ID, skipping each ID's entries: reading every entry's key would cost far more.
+        kept = frozenset(keep)
+        gone = 0
+        start = _ROLLOUT_LOG
+        while kvs := await self._range(start, prefix_end(_ROLLOUT_LOG), limit=1, keys_only=True):
+            rollout_id = key_of(kvs[0]).removeprefix(_ROLLOUT_LOG).split("/", 1)[0]
+            prefix = f"{_ROLLOUT_LOG}{rollout_id}/"
+            if rollout_id not in kept:
+                body = {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}
+                deleted = await self._call("kv/deleterange", body)
+                gone += int(deleted.get("deleted", 0)) > 0  # 0: another replica forgot it meanwhile
+            start = prefix_end(prefix)
+        return gone
+
+    # Leader lease
+
+    async def lead(self, name: str, holder: str, ttl: float) -> bool:
+        check_lease(name, holder, ttl)
+        key = _LEASES + name
+        kv = await self._get(key)
+        if kv is not None:
+            if _text(kv) != holder:
+                return False  # the key outlives no lease: its holder's is live
+            # Ours when read. A TTL of 0 means the lease expired since: another replica may lead now.
+            answer = await self._call("lease/keepalive", {"ID": kv.get("lease", "0")})
+            return int(answer.get("result", {}).get("TTL", 0)) > 0
+        lease = str((await self._call("lease/grant", {"TTL": str(math.ceil(ttl))}))["ID"])
+        body = {"compare": [_created_by_no_one(key)], "success": [_put(key, holder, lease)], "failure": [_read(key)]}
+        response = await self._call("kv/txn", body)
+        if response.get("succeeded"):
+            return True
+        await self._revoke(lease)
+        stored = _failure_read(response)
+        return stored is not None and _text(stored) == holder  # taken by a call of the same holder meanwhile
+
+    async def resign(self, name: str, holder: str) -> None:
+        check_lease(name, holder)
+        key = _LEASES + name
+        kv = await self._get(key)
+        if kv is None or _text(kv) != holder:
+            return
+        # Revoking the lease deletes the key with it; if the lease expired since the read and another holder took
+        # the key, that key is under the other holder's lease and stays.
+        await self._revoke(kv.get("lease", "0"))
+
+    async def _revoke(self, lease: str) -> None:
+        if lease == "0":
+            return
+        with contextlib.suppress(StoreError):  # left alone, a lease ends at its TTL, and an expired one is gone
+            await self._call("lease/revoke", {"ID": lease})
 
     async def close(self) -> None:
         if self._closed:

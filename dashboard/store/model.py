@@ -1,4 +1,6 @@
-"""Where the dashboard keeps its state: the versioned mesh document, the audit log, API tokens and gateways.
+"""Where the dashboard keeps its state: the versioned mesh document, the audit log, API tokens, gateways, and the
+automated canary rollouts (each service's rollout document, each rollout's log, and the leader lease that lets one
+dashboard replica drive them).
 
 `Store` is the interface the API uses; `dashboard.store.sqlite` and `dashboard.store.etcd` implement it, and
 `dashboard.store.open_store` picks one.
@@ -10,6 +12,10 @@ waits on. Writes that are not config changes (tokens, joins) are audited through
 An audit entry's `before`/`after` hold the part of the mesh named by the commit's `target`, a path of names
 separated by "/" (names never contain "/"): `services/catalog`, `services/catalog/subsets/v2`, `groups/shop`.
 `mesh` (or "") means the whole document; a part that does not exist on one side is None.
+
+A rollout document is written by compare-and-set on its `RolloutRecord.revision`, so two replicas (or a replica
+and an operator) never overwrite each other's step; its log is keyed by sequence number, so a retried append
+rewrites what it already wrote instead of repeating it.
 """
 
 from __future__ import annotations
@@ -17,17 +23,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Mapping
+import math
+import re
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from dashboard.errors import DashboardError
 from dashboard.mesh import EMPTY, Mesh
+from gateway.config import _is_name  # the mesh's name rule (private there), as dashboard.mesh uses it
 
 _T = TypeVar("_T")
 DB_FILE = "mesh.db"
 ROLES = ("operator", "viewer", "gateway")
 MAX_GATEWAYS_PER_GROUP = 1024  # records a group keeps; a new gateway beyond that replaces the least recently heard
+MAX_LOG_BATCH = 100  # log entries one append may hold: one etcd txn takes at most 128 operations
+MAX_LOG_SEQ = 10**12 - 1  # log sequence numbers are 0..MAX_LOG_SEQ (etcd keys hold them as 12 digits)
+LogEntry = tuple[int, dict[str, Any]]  # a rollout log entry: (sequence number, JSON object)
+_LEASE_NAME = re.compile(r"[a-z0-9-]{1,64}")  # rollout IDs and lease names
 
 
 class StoreError(DashboardError):
@@ -48,6 +61,19 @@ class VersionConflict(DashboardError):
 
     def __init__(self, expected: int, current: int) -> None:
         super().__init__(f"config version {expected} is not current (current is {current})")
+        self.expected = expected
+        self.current = current
+
+
+class RolloutConflict(DashboardError):
+    """A rollout write named a revision (`expect`, 0 for "none stored yet") that is not the stored one."""
+
+    status = 409
+
+    def __init__(self, service: str, expected: int, current: int) -> None:
+        stored = f"revision {current} is stored" if current else "none is stored"
+        super().__init__(f"the rollout of {service!r} is not at revision {expected} ({stored})")
+        self.service = service
         self.expected = expected
         self.current = current
 
@@ -109,6 +135,16 @@ class GatewayRecord:
     @property
     def key(self) -> str:
         return f"{self.group}/{self.instance}"  # names never contain "/"
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutRecord:
+    """A service's rollout, running or the last one ended: `data` is its JSON document (dashboard.rollout owns
+    its shape), `revision` the store's compare-and-set token for it (> 0)."""
+
+    service: str
+    data: dict[str, Any]
+    revision: int
 
 
 class Store(Protocol):
@@ -179,6 +215,44 @@ class Store(Protocol):
         """Delete the records of gateways last heard from before `before`; how many went."""
         ...
 
+    async def rollouts(self) -> list[RolloutRecord]:
+        """Every stored rollout, sorted by service."""
+        ...
+
+    async def get_rollout(self, service: str) -> RolloutRecord | None: ...
+
+    async def put_rollout(self, service: str, data: Mapping[str, Any], expect: int) -> RolloutRecord:
+        """Store `data` as the service's rollout, atomically, if the stored revision is `expect` (0: if none is
+        stored); the new record. Raises `RolloutConflict` otherwise, and `ValueError` for a bad service name."""
+        ...
+
+    async def delete_rollout(self, service: str) -> None:
+        """Forget the service's rollout (as when the service is deleted); nothing happens if none is stored."""
+        ...
+
+    async def append_rollout_log(self, rollout_id: str, entries: Sequence[LogEntry]) -> None:
+        """Store `entries` (at most `MAX_LOG_BATCH`) in the log of rollout `rollout_id`, atomically. An entry
+        whose sequence number is stored replaces it, so a retried append is idempotent. Raises `ValueError` for
+        a bad ID, sequence number or entry."""
+        ...
+
+    async def rollout_log(self, rollout_id: str, after: int = -1, limit: int = 1000) -> list[LogEntry]:
+        """The log's entries numbered above `after`, ascending, at most `limit`."""
+        ...
+
+    async def forget_rollout_logs(self, keep: Collection[str]) -> int:
+        """Delete the log of every rollout ID not in `keep`; how many IDs went."""
+        ...
+
+    async def lead(self, name: str, holder: str, ttl: float) -> bool:
+        """Whether `holder` holds the lease `name` for the next `ttl` seconds: taken when free or expired, renewed
+        when `holder` holds it, False while another holder's lease is live. Call it again well within `ttl`."""
+        ...
+
+    async def resign(self, name: str, holder: str) -> None:
+        """Give the lease `name` up now if `holder` holds it, so another replica can take it at once."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -207,6 +281,55 @@ def split_stats(data: Mapping[str, Any]) -> tuple[dict[str, Any], object]:
     """A heartbeat's data without its `stats`, and the stats (None when it sent none): stored apart."""
     rest = dict(data)
     return rest, rest.pop("stats", None)
+
+
+def check_service(service: str) -> str:
+    if not _is_name(service):
+        raise ValueError(f"not a service name: {service!r}")
+    return service
+
+
+def check_rollout_id(rollout_id: str) -> str:
+    if not isinstance(rollout_id, str) or not _LEASE_NAME.fullmatch(rollout_id):
+        raise ValueError(f"not a rollout ID ([a-z0-9-]{{1,64}}): {rollout_id!r}")
+    return rollout_id
+
+
+def check_lease(name: str, holder: str, ttl: float = 1.0) -> None:
+    if not isinstance(name, str) or not _LEASE_NAME.fullmatch(name):
+        raise ValueError(f"not a lease name ([a-z0-9-]{{1,64}}): {name!r}")
+    if not isinstance(holder, str) or not holder:
+        raise ValueError("a lease holder is a non-empty string")
+    if not (isinstance(ttl, int | float) and math.isfinite(ttl) and ttl > 0):
+        raise ValueError(f"a lease's ttl is a positive number of seconds, not {ttl!r}")
+
+
+def encode_document(data: Mapping[str, Any]) -> str:
+    """A rollout document or log entry as compact JSON; `ValueError` unless it is a JSON object."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"expected a JSON object, not {type(data).__name__}")
+    try:
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"not JSON: {err}") from None
+
+
+def log_window(after: int, limit: int) -> tuple[int, int]:
+    """`rollout_log`'s bounds clamped to what can be stored: (-1..MAX_LOG_SEQ, 0..MAX_LOG_SEQ + 1)."""
+    return max(-1, min(after, MAX_LOG_SEQ)), max(0, min(limit, MAX_LOG_SEQ + 1))
+
+
+def encode_log(entries: Sequence[LogEntry]) -> dict[int, str]:
+    """The entries of one append by sequence number, encoded; the last of repeated numbers wins, as it would
+    if they came one call at a time."""
+    if len(entries) > MAX_LOG_BATCH:
+        raise ValueError(f"{len(entries)} log entries in one append (at most {MAX_LOG_BATCH})")
+    encoded = {}
+    for seq, entry in entries:
+        if type(seq) is not int or not 0 <= seq <= MAX_LOG_SEQ:
+            raise ValueError(f"a log sequence number is an integer in 0..{MAX_LOG_SEQ}, not {seq!r}")
+        encoded[seq] = encode_document(entry)
+    return encoded
 
 
 class ChangeSignal:

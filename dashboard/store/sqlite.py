@@ -1,4 +1,9 @@
-"""The SQLite `Store`: one file, `mesh.db`, in the dashboard's data directory, for a single dashboard."""
+"""The SQLite `Store`: one file, `mesh.db`, in the dashboard's data directory, for a single dashboard.
+
+Rollout revisions come from one counter (`rollout_revision`) shared by every service, so a revision is never
+reused, not even by a rollout stored after its service's last one was deleted: a stale compare-and-set fails.
+The leader lease is a row whose expiry is wall-clock time, in one transaction per call.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
@@ -21,12 +26,21 @@ from dashboard.store.model import (
     AuditEntry,
     ChangeSignal,
     GatewayRecord,
+    LogEntry,
     Revision,
+    RolloutConflict,
+    RolloutRecord,
     StoreError,
     TokenRecord,
     VersionConflict,
     canonical,
+    check_lease,
+    check_rollout_id,
+    check_service,
     empty_revision,
+    encode_document,
+    encode_log,
+    log_window,
     part,
     split_stats,
     wait_for_version,
@@ -71,6 +85,15 @@ _SCHEMA = [
     DROP TABLE gateways;
     ALTER TABLE gateways_by_group RENAME TO gateways;
     CREATE INDEX gateways_seen ON gateways (seen);
+    """,
+    # version 3: automated rollouts, their logs, and the leader lease
+    """
+    CREATE TABLE rollouts (service TEXT PRIMARY KEY, data TEXT NOT NULL, revision INTEGER NOT NULL);
+    CREATE TABLE rollout_revision (last INTEGER NOT NULL);
+    INSERT INTO rollout_revision VALUES (0);
+    CREATE TABLE rollout_log (
+        rollout TEXT NOT NULL, seq INTEGER NOT NULL, entry TEXT NOT NULL, PRIMARY KEY (rollout, seq)) WITHOUT ROWID;
+    CREATE TABLE leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires REAL NOT NULL);
     """,
 ]
 _REVISION = "SELECT version, mesh, author, reason, time, diff FROM revisions"
@@ -233,6 +256,62 @@ class _Database:
         with self._transaction():
             return self.conn.execute("DELETE FROM gateways WHERE seen < ?", (before,)).rowcount
 
+    def rollouts(self) -> list[RolloutRecord]:
+        rows = self.conn.execute("SELECT service, data, revision FROM rollouts ORDER BY service")
+        return [RolloutRecord(service, json.loads(data), revision) for service, data, revision in rows]
+
+    def get_rollout(self, service: str) -> RolloutRecord | None:
+        row = self.conn.execute("SELECT data, revision FROM rollouts WHERE service = ?", (service,)).fetchone()
+        return None if row is None else RolloutRecord(service, json.loads(row[0]), row[1])
+
+    def put_rollout(self, service: str, text: str, expect: int) -> RolloutRecord:
+        with self._transaction():
+            row = self.conn.execute("SELECT revision FROM rollouts WHERE service = ?", (service,)).fetchone()
+            current = 0 if row is None else row[0]
+            if current != expect:
+                raise RolloutConflict(service, expect, current)
+            (revision,) = self.conn.execute("UPDATE rollout_revision SET last = last + 1 RETURNING last").fetchone()
+            self.conn.execute("INSERT OR REPLACE INTO rollouts VALUES (?, ?, ?)", (service, text, revision))
+        return RolloutRecord(service, json.loads(text), revision)
+
+    def delete_rollout(self, service: str) -> None:
+        with self._transaction():
+            self.conn.execute("DELETE FROM rollouts WHERE service = ?", (service,))
+
+    def append_rollout_log(self, rollout_id: str, entries: dict[int, str]) -> None:
+        with self._transaction():
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO rollout_log VALUES (?, ?, ?)",
+                [(rollout_id, seq, text) for seq, text in entries.items()],
+            )
+
+    def rollout_log(self, rollout_id: str, after: int, limit: int) -> list[LogEntry]:
+        rows = self.conn.execute(
+            "SELECT seq, entry FROM rollout_log WHERE rollout = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (rollout_id, after, limit),
+        )
+        return [(seq, json.loads(entry)) for seq, entry in rows]
+
+    def forget_rollout_logs(self, keep: frozenset[str]) -> int:
+        with self._transaction():
+            stored = [rollout for (rollout,) in self.conn.execute("SELECT DISTINCT rollout FROM rollout_log")]
+            gone = [(rollout,) for rollout in stored if rollout not in keep]
+            self.conn.executemany("DELETE FROM rollout_log WHERE rollout = ?", gone)
+        return len(gone)
+
+    def lead(self, name: str, holder: str, ttl: float) -> bool:
+        with self._transaction():
+            now = time.time()
+            row = self.conn.execute("SELECT holder, expires FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != holder and row[1] > now:
+                return False
+            self.conn.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (name, holder, now + ttl))
+        return True
+
+    def resign(self, name: str, holder: str) -> None:
+        with self._transaction():
+            self.conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
 
 def _below(before: int | None) -> int:
     return 2**62 if before is None else before
@@ -344,6 +423,35 @@ class SQLiteStore:
 
     async def forget_gateways(self, before: float) -> int:
         return await self._run(self._db.forget_gateways, before)
+
+    async def rollouts(self) -> list[RolloutRecord]:
+        return await self._run(self._db.rollouts)
+
+    async def get_rollout(self, service: str) -> RolloutRecord | None:
+        return await self._run(self._db.get_rollout, check_service(service))
+
+    async def put_rollout(self, service: str, data: Mapping[str, Any], expect: int) -> RolloutRecord:
+        return await self._run(self._db.put_rollout, check_service(service), encode_document(data), expect)
+
+    async def delete_rollout(self, service: str) -> None:
+        await self._run(self._db.delete_rollout, check_service(service))
+
+    async def append_rollout_log(self, rollout_id: str, entries: Sequence[LogEntry]) -> None:
+        await self._run(self._db.append_rollout_log, check_rollout_id(rollout_id), encode_log(entries))
+
+    async def rollout_log(self, rollout_id: str, after: int = -1, limit: int = 1000) -> list[LogEntry]:
+        return await self._run(self._db.rollout_log, check_rollout_id(rollout_id), *log_window(after, limit))
+
+    async def forget_rollout_logs(self, keep: Collection[str]) -> int:
+        return await self._run(self._db.forget_rollout_logs, frozenset(keep))
+
+    async def lead(self, name: str, holder: str, ttl: float) -> bool:
+        check_lease(name, holder, ttl)
+        return await self._run(self._db.lead, name, holder, ttl)
+
+    async def resign(self, name: str, holder: str) -> None:
+        check_lease(name, holder)
+        await self._run(self._db.resign, name, holder)
 
     async def close(self) -> None:
         if self._closed:

@@ -1,9 +1,10 @@
 """What the pages show, gathered and shaped for the templates: `PageData`.
 
-It reads the config store (services, weights, the change timeline), the gateways' view (`GatewayApi`, so "in sync"
-means the same as in the API), golden signals (`dashboard.api.signals.SignalsApi` over the embedded history or
-Prometheus, the same calls as the JSON API) and traces (`dashboard.api.traces.Traces`). The geometry of the SVG (the
-topology graph, charts, waterfalls) comes from `dashboard.ui.charts`, never from templates.
+It reads the config store (services, weights, the change timeline with the rollouts' audited state changes), the
+rollout driver (`dashboard.rollout.driver.Rollouts`: a service's rollout and its decision log), the gateways' view
+(`GatewayApi`, so "in sync" means the same as in the API), golden signals (`dashboard.api.signals.SignalsApi` over
+the embedded history or Prometheus, the same calls as the JSON API) and traces (`dashboard.api.traces.Traces`). The
+geometry of the SVG (the topology graph, charts, waterfalls) comes from `dashboard.ui.charts`, never from templates.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 from dashboard.api.gateways import GatewayApi
 from dashboard.api.operator import OperatorApi
@@ -20,6 +22,8 @@ from dashboard.api.signals import SignalsApi, chart_series
 from dashboard.api.traces import TraceResult, Traces, not_found
 from dashboard.errors import ApiError
 from dashboard.mesh import Mesh
+from dashboard.rollout.driver import Rollouts
+from dashboard.rollout.spec import DEFAULT_INTERVAL, DEFAULT_STEPS, ENDED, Rollout
 from dashboard.signals import topology as topo
 from dashboard.spans.jaeger import JaegerError
 from dashboard.spans.store import TraceFilters
@@ -31,6 +35,10 @@ from gateway import rpc
 WINDOWS = {"5m": 300.0, "1h": 3600.0, "6h": 21600.0}
 RECENT = 15.0  # seconds of traffic behind a subset's "measured share": what the split does now
 TIMELINE = 50  # config versions searched for a service's weight changes
+AUDIT = 200  # audit entries searched for a service's rollout state changes
+LOG_PAGE = 20  # rollout decisions shown at once, newest first; "older" pages back
+MAX_DECISIONS = 5000  # decisions read from a rollout's log (a decision is an action, not a tick: few per step)
+ROLLOUT_TARGET = "services/{}/rollout"  # the audit target of a service's rollout actions (dashboard.rollout.driver)
 _TRACE_ID = re.compile(r"[0-9a-fA-F]{32}")
 Series = list[tuple[float, float | None]]
 _T = TypeVar("_T")
@@ -74,12 +82,14 @@ class PageData:
         *,
         signals: SignalsApi | None = None,
         traces: Traces | None = None,
+        rollouts: Rollouts | None = None,
     ) -> None:
         self.store = store
         self.operator = operator
         self.gateway_api = gateway_api
         self.signals = signals
         self.traces = traces
+        self.rollouts = rollouts
 
     async def _mesh(self) -> tuple[Revision, Mesh]:
         revision = await self.store.current()
@@ -213,7 +223,7 @@ class PageData:
         timeline = await self.timeline(name)
         end = time.time()
         start = end - window
-        markers = [(item["time"], item["version"], item["label"]) for item in timeline]
+        markers = [(item["time"], item["marker"], item["label"]) for item in timeline]
         per_subset = {
             name: chart_series(found["subsets"][name]["points"]) for name in names if name in found["subsets"]
         }
@@ -236,7 +246,9 @@ class PageData:
         }
 
     async def timeline(self, name: str) -> list[dict[str, Any]]:
-        """The config versions that changed `name`'s weights, newest first, with who, why and the split before."""
+        """The config versions that changed `name`'s weights, with who, why and the split before, and the audited
+        state changes of its rollouts (`kind` "rollout", never revertible), newest first. `marker` is what a chart
+        marker links to: the config version, or minus the audit entry's id for a rollout's change."""
         revisions = await self.store.history(TIMELINE + 1)
         current = split_of(revisions[0].mesh, name) if revisions else None
         changes = []
@@ -247,6 +259,8 @@ class PageData:
             label = ", ".join(f"{subset} {weight}" for subset, weight in after.items() if weight)
             changes.append(
                 {
+                    "kind": "weights",
+                    "marker": newer.version,
                     "version": newer.version,
                     "time": newer.time,
                     "author": newer.author,
@@ -257,7 +271,64 @@ class PageData:
                     "revertible": before != current,
                 }
             )
+        since = revisions[-1].time if len(revisions) > TIMELINE else None  # the stretch of history searched
+        changes += await self._rollout_changes(name, since)
+        return sorted(changes, key=lambda change: change["time"], reverse=True)
+
+    async def _rollout_changes(self, name: str, since: float | None) -> list[dict[str, Any]]:
+        """The audit log's rollout state changes of `name` (start, pause, resume, promote, abort, approve)."""
+        target = ROLLOUT_TARGET.format(name)
+        changes = []
+        for entry in await self.store.audit(AUDIT):
+            if not entry.action.startswith("rollout.") or entry.target != target:
+                continue
+            if since is not None and entry.time < since:
+                break  # older than the weight changes shown: the two stay one stretch of time
+            after = entry.after if isinstance(entry.after, Mapping) else {}
+            action = entry.action.removeprefix("rollout.")
+            changes.append(
+                {
+                    "kind": "rollout",
+                    "marker": -entry.id,
+                    "id": entry.id,
+                    "time": entry.time,
+                    "action": action,
+                    "rollout": str(after.get("id", "")),
+                    "phase": str(after.get("phase", "")),
+                    "message": str(after.get("message", "")),
+                    "author": entry.who,
+                    "reason": entry.reason,
+                    "label": f"rollout {action} by {entry.who}" + (f" ({entry.reason})" if entry.reason else ""),
+                    "revertible": False,
+                }
+            )
         return changes
+
+    # Rollouts
+
+    async def rollout(self, name: str, older: int | None = None, log: bool = True) -> dict[str, Any] | None:
+        """`name`'s rollout panel: the running or last rollout (None without one), the start form's defaults and,
+        with `log`, a page of its decisions newest first (those numbered below `older`). None: no driver here."""
+        if self.rollouts is None:
+            return None
+        weights = await self.weights_of(name)
+        found = await self.rollouts.get(name)
+        panel: dict[str, Any] = {
+            "service": name,
+            "current": None if found is None else rollout_view(found),
+            "key": "none" if found is None else f"{found.id}.{found.phase}",
+            "start": start_defaults(weights),
+            "log": [],
+            "older": None,
+        }
+        if found is not None and log:
+            entries = await self.rollouts.decisions(found.id, -1, MAX_DECISIONS)
+            if older is not None:
+                entries = [(seq, entry) for seq, entry in entries if seq < older]
+            shown = entries[-LOG_PAGE:]
+            panel["log"] = [decision_view(seq, entry) for seq, entry in reversed(shown)]
+            panel["older"] = shown[0][0] if len(entries) > len(shown) else None
+        return panel
 
     async def weights_before(self, name: str, version: int) -> dict[str, int]:
         """The split `name` had just before config `version` (what a timeline marker's revert restores)."""
@@ -324,6 +395,92 @@ class PageData:
                 found = await _signals(self.signals.gateway(item["instance"], WINDOWS["5m"], item["group"]))
                 item["saturation"] = found["latest"] or {}
         return listing
+
+
+def rollout_view(rollout: Rollout) -> dict[str, Any]:
+    """What the panel shows of a rollout: the phase, each step marked done, current or next, and the verdict."""
+    spec = rollout.spec
+    weights = [*spec.steps, 100]
+    steps = []
+    for index, weight in enumerate(weights):
+        if index < rollout.step or (rollout.phase == "promoted" and index == rollout.step):
+            state = "done"
+        elif index == rollout.step:
+            state = "stopped" if rollout.phase in ENDED else "current"
+        else:
+            state = "next"
+        steps.append({"index": index, "weight": weight, "state": state, "promotion": index == len(spec.steps)})
+    verdict = rollout.verdict or {}
+    return {
+        "id": rollout.id,
+        "phase": rollout.phase,
+        "phase_text": rollout.phase.replace("_", " "),
+        "active": rollout.active,
+        "paused": rollout.phase == "paused",
+        "primary": spec.primary,
+        "canary": spec.canary,
+        "weight": rollout.weight,
+        "step": rollout.step,
+        "steps": steps,
+        "interval": spec.interval,
+        "approval": spec.approval,
+        "approved": rollout.approved,
+        "message": rollout.message,
+        "sentence": str(verdict.get("sentence") or ""),
+        "outcome": str(verdict.get("outcome") or ""),
+        "needs": verdict.get("needs"),
+        "by": rollout.by,
+        "reason": rollout.reason,
+        "started": rollout.started,
+        "ended": rollout.ended,
+    }
+
+
+def decision_view(seq: int, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """One decision of the log, with its example request IDs (errors first, as the driver picked them)."""
+    found = entry.get("verdict")
+    verdict: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+    examples = []
+    for example in entry.get("examples") or []:
+        if isinstance(example, Mapping) and example.get("request_id"):
+            request_id = str(example["request_id"])
+            examples.append(
+                {
+                    "request_id": request_id,
+                    "href": "/traces?" + urlencode({"q": request_id}),
+                    "error": bool(example.get("error")),
+                    "status": example.get("status"),
+                    "ms": _number(example.get("ms")),
+                }
+            )
+    action = str(entry.get("action", ""))
+    return {
+        "seq": seq,
+        "time": entry.get("time"),
+        "action": action,
+        "bad": action in ("rollback", "alert", "abort") or verdict.get("outcome") == "harm",
+        "weight": entry.get("weight"),
+        "message": str(entry.get("message", "")),
+        "sentence": str(verdict.get("sentence") or ""),
+        "who": str(entry.get("who") or ""),
+        "reason": str(entry.get("reason") or ""),
+        "examples": examples,
+    }
+
+
+def start_defaults(weights: Mapping[str, int]) -> dict[str, Any]:
+    """The start form's choices: the primary is the subset with the most weight now (the first on a tie, as the API
+    picks it), the canary the last other subset."""
+    names = list(weights)
+    primary = max(names, key=lambda name: (weights[name], -names.index(name))) if names else ""
+    others = [name for name in names if name != primary]
+    return {
+        "subsets": names,
+        "primary": primary,
+        "canary": others[-1] if others else "",
+        "steps": ", ".join(str(step) for step in DEFAULT_STEPS),
+        "interval": f"{DEFAULT_INTERVAL:g}",
+    }
 
 
 async def _signals(call: Awaitable[_T]) -> _T:

@@ -8,7 +8,11 @@ operator, like the API (`auth.READ`); writes need an operator and, for a cookie 
 
 Canary changes do not validate anything here: they go through `OperatorApi.commit` with the same `Mesh` edit,
 action and target as `PUT /api/v1/services/{name}/weights`, so the same rules, the same one-writer lock and the
-same audit entry apply. The form only turns text fields into numbers.
+same audit entry apply. The form only turns text fields into numbers. Rollouts likewise: the start form becomes the
+API's `RolloutBody` and spec (`dashboard.api.rollouts.spec_of`), and every control calls `Rollouts.start` or
+`Rollouts.act` as the API does. The rollout panel polls on its own (`/ui/services/{name}/rollout`); its controls sit
+outside the polled part and are fetched again when the rollout's phase changes (the poll's answer fires
+`meshgate-rollout` then), so typing a reason is not interrupted every refresh.
 
 Templates autoescape everything (service names are restricted, but span attributes, hosts and paths are not).
 Data comes from `PageData` (`dashboard.ui.pagedata`): the store, the gateways' view, golden signals and traces.
@@ -33,10 +37,13 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from dashboard.api.auth import READ, WRITE, Auth, Principal
-from dashboard.api.bodies import operator_reason
+from dashboard.api.bodies import RolloutBody, convert_body, operator_reason
 from dashboard.api.operator import OperatorApi
+from dashboard.api.rollouts import ACTIONS, spec_of
 from dashboard.attempts import client_address
 from dashboard.errors import ApiError, DashboardError, one_line
+from dashboard.rollout.driver import Rollouts
+from dashboard.store.model import RolloutConflict
 from dashboard.ui.charts import clock, fmt
 from dashboard.ui.pagedata import WINDOWS, PageData, short_id
 from dashboard.ui.sessions import CSRF_HEADER, LoginError, Sessions, form_field
@@ -56,6 +63,8 @@ HTMX_CONFIG = {
 LOGIN_COOKIE = "meshgate_login"  # pre-login CSRF: the login form must come from our own page
 REFRESH = 2.0
 _WEIGHT = re.compile(r"-?[0-9]{1,9}")
+_STEP = re.compile(r"[0-9]{1,3}")
+_SECONDS = re.compile(r"[0-9]{1,7}(\.[0-9]{1,3})?")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -129,6 +138,22 @@ def weights_from_form(fields: Mapping[str, str], subsets: list[str]) -> dict[str
     return weights
 
 
+def rollout_from_form(fields: Mapping[str, str]) -> RolloutBody:
+    """The start form as the API's body: `steps` "5, 10, 25, 50" and `interval` seconds become numbers (text that is
+    not one is passed on, so the body's own validation names the field), `approval` is a checkbox."""
+    data: dict[str, object] = {"canary": fields.get("canary", ""), "reason": fields.get("reason", "")}
+    if fields.get("primary"):
+        data["primary"] = fields["primary"]
+    steps = [part.strip() for part in fields.get("steps", "").replace(";", ",").split(",") if part.strip()]
+    if steps:
+        data["steps"] = [int(part) if _STEP.fullmatch(part) else part for part in steps]
+    interval = fields.get("interval", "").strip()
+    if interval:
+        data["interval"] = float(interval) if _SECONDS.fullmatch(interval) else interval
+    data["approval"] = fields.get("approval") in ("on", "true", "1")
+    return convert_body(data, RolloutBody)
+
+
 def describe(weights: Mapping[str, object]) -> str:
     return ", ".join(f"{subset} {weight} %" for subset, weight in weights.items())
 
@@ -147,6 +172,7 @@ class Views:
         sessions: Sessions,
         operator: OperatorApi,
         data: PageData,
+        rollouts: Rollouts | None = None,
         refresh: float = REFRESH,
         templates: Path = TEMPLATES,
         static: Path | None = None,
@@ -155,6 +181,7 @@ class Views:
         self.sessions = sessions
         self.operator = operator
         self.data = data
+        self.rollouts = rollouts
         self.refresh = refresh
         self.env = environment(templates)
         self.static = static or static_dir()
@@ -174,6 +201,10 @@ class Views:
             Route("/ui/services/{name}", page(self.service_live), methods=["GET"]),
             Route("/services/{name}/weights", page(self.set_weights), methods=["POST"]),
             Route("/services/{name}/revert", page(self.revert_weights), methods=["POST"]),
+            Route("/ui/services/{name}/rollout", page(self.rollout_live), methods=["GET"]),
+            Route("/ui/services/{name}/rollout/controls", page(self.rollout_controls), methods=["GET"]),
+            Route("/services/{name}/rollout", page(self.start_rollout), methods=["POST"]),
+            Route("/services/{name}/rollout/{action}", page(self.act_on_rollout), methods=["POST"]),
             Route("/traces", page(self.traces), methods=["GET"]),
             Route("/gateways", page(self.gateways), methods=["GET"]),
             Route("/ui/gateways", page(self.gateways_live), methods=["GET"]),
@@ -353,7 +384,16 @@ class Views:
             "window": window,
             "windows": list(WINDOWS),
             "service": service,
+            "rollout": await self.data.rollout(service["name"], self._older(request)),
         }
+
+    def _older(self, request: Request) -> int | None:
+        text = request.query_params.get("older", "")
+        if not text:
+            return None
+        if not re.fullmatch(r"[0-9]{1,18}", text):
+            raise ApiError(400, f"older: expected a decision number, got {text!r}")
+        return int(text)
 
     async def service(self, request: Request) -> Response:
         return self.render(request, "service.html", await self._service_context(request))
@@ -399,6 +439,66 @@ class Views:
         service = {"name": name, "subsets": [{"name": subset, "weight": weight} for subset, weight in current.items()]}
         context = {"ok": True, "message": message, "principal": principal, "service": service, "oob": True}
         return self.render(request, "partials/changed.html", context, headers={"hx-trigger": "meshgate-changed"})
+
+    # Rollouts
+
+    async def _rollout_context(self, request: Request, log: bool = True) -> dict[str, Any]:
+        principal = await self._principal(request)
+        name = request.path_params["name"]
+        rollout = await self.data.rollout(name, self._older(request), log)
+        if rollout is None:
+            raise ApiError(404, "rollouts are not run by this dashboard")
+        return {"principal": principal, "section": "services", "rollout": rollout}
+
+    async def rollout_live(self, request: Request) -> Response:
+        """The polled panel; when the rollout's phase differs from the one the page shows (`shown`), the answer
+        fires `meshgate-rollout` so the controls are fetched again."""
+        context = await self._rollout_context(request)
+        shown = request.query_params.get("shown")
+        changed = shown is not None and shown != context["rollout"]["key"]
+        headers = {"hx-trigger": "meshgate-rollout"} if changed else None
+        return self.render(request, "partials/rollout_live.html", context, headers=headers)
+
+    async def rollout_controls(self, request: Request) -> Response:
+        return self.render(request, "partials/rollout_controls.html", await self._rollout_context(request, log=False))
+
+    def _driver(self) -> Rollouts:
+        if self.rollouts is None:
+            raise ApiError(404, "rollouts are not run by this dashboard")
+        return self.rollouts
+
+    async def start_rollout(self, request: Request) -> Response:
+        """The start form: the API's body, spec and `Rollouts.start`, so the same rules and the same audit entry."""
+        principal = await self._principal(request, WRITE)
+        name = request.path_params["name"]
+        driver = self._driver()
+        body = rollout_from_form(await self._form(request))
+        spec = spec_of(body, await self.data.weights_of(name))
+        try:
+            rollout = await driver.start(name, spec, principal.who, body.reason)
+        except RolloutConflict as err:
+            raise ApiError(409, str(err)) from None
+        return self._rollout_done(request, name, f"{name}: rollout {rollout.id} started; {rollout.message}")
+
+    async def act_on_rollout(self, request: Request) -> Response:
+        """Pause, resume, promote, abort or approve: `Rollouts.act`, the API's path."""
+        principal = await self._principal(request, WRITE)
+        name, action = request.path_params["name"], request.path_params["action"]
+        if action not in ACTIONS:
+            raise ApiError(404, f"no rollout action {action!r} (one of {', '.join(ACTIONS)})")
+        driver = self._driver()
+        reason = operator_reason((await self._form(request)).get("reason", ""))
+        try:
+            rollout = await driver.act(name, action, principal.who, reason)
+        except RolloutConflict as err:
+            raise ApiError(409, f"{err}; try again") from None
+        return self._rollout_done(request, name, f"{name}: rollout {rollout.id} {rollout.phase}; {rollout.message}")
+
+    def _rollout_done(self, request: Request, name: str, message: str) -> Response:
+        if not is_htmx(request):
+            return RedirectResponse(f"/services/{quote(name, '')}#rollout", 303)
+        context = {"ok": True, "message": message}
+        return self.render(request, "partials/flash.html", context, headers={"hx-trigger": "meshgate-changed"})
 
     # Traces
 

@@ -247,11 +247,11 @@ async def test_sqlite_schema_is_versioned(tmp_path: Path) -> None:
     store = SQLiteStore.open(str(tmp_path))
     await store.close()
     with sqlite3.connect(tmp_path / DB_FILE) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         conn.execute("PRAGMA user_version = 99")
     conn.close()
-    with pytest.raises(StoreError, match=r"schema version 99 is newer than this meshgate's \(2\)"):
+    with pytest.raises(StoreError, match=r"schema version 99 is newer than this meshgate's \(3\)"):
         SQLiteStore.open(str(tmp_path))
 
 

@@ -1,0 +1,582 @@
+"""Runs rollouts: each tick, judge every running one on the gateways' latest counts and act on the verdict.
+
+One dashboard replica drives (`Store.lead`: an etcd lease, trivially the only one on SQLite); the others serve the
+API, whose actions (start, pause, resume, promote, abort, approve) are writes to the stored rollout that the driver
+reads on its next tick. Every `TICK` seconds the driver, for each running rollout:
+
+1. reads the owner gateways' heartbeats (`signals.Increments`) into a `judge.Tick` and folds it into the judge;
+2. pauses the rollout if someone else changed the service's weights since the rollout's own last write (the
+   config history says who), and puts back the rollout's weights if its own write did not land;
+3. decides (`decide`): roll back at once on harm; when the step's `interval` has passed, step up (or promote) on
+   a pass, once the gates agree; hold on lack of evidence or stale signals, and pause with an alert after `max_hold`;
+4. writes the tick and any decision to the rollout's log (each decision keeps its verdict, its counts and example
+   request IDs from the canary, errors and slow ones first), then the rollout (compare-and-set), then the weights.
+
+The judge holds no state the log does not: after a restart, or when another replica takes over, the driver replays
+the rollout's logged ticks into a new judge and goes on where it was. A rollout that another writer changed in
+between (a conflict) is dropped from memory and replayed on the next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from dashboard.errors import ApiError, DashboardError
+from dashboard.mesh import Mesh
+from dashboard.rollout.judge import Judge, Tick, Verdict
+from dashboard.rollout.signals import Increments
+from dashboard.rollout.spec import Rollout, RolloutSpec, weights_text
+from dashboard.rollout.webhooks import Webhooks
+from dashboard.store.model import MAX_LOG_BATCH, Revision, RolloutConflict, Store, StoreError
+from gateway.config import ConfigError
+from gateway.units import format_duration
+
+log = logging.getLogger("meshgate.rollouts")
+
+TICK = 2.0  # seconds between ticks: a gateway's heartbeat interval
+STALE = 10.0  # seconds without an owner gateway's heartbeat before the signals count as stale
+LEASE = "rollouts"
+LEASE_TTL = 10.0
+AUTHOR = "rollout:"  # config commits made by a rollout are authored "rollout:<id>"
+MAX_ENTRIES = 100_000  # log entries a rollout may write (about 55 hours of ticks); then it pauses, for good
+EXAMPLES = 3
+
+# commit(who, service, split, action, reason) -> the config version it made (or that was already live)
+Commit = Callable[[str, str, Mapping[str, int], str, str], Awaitable[int]]
+# examples(service, subset, since) -> up to EXAMPLES request IDs, errors and slow requests first
+Examples = Callable[[str, str, float], Awaitable[list[dict[str, Any]]]]
+
+
+def split_of(mesh: Mapping[str, Any], service: str) -> dict[str, int] | None:
+    """The catch-all route's split of `service` in a stored mesh document, with every subset named (0 if absent)."""
+    try:
+        parsed = Mesh.parse(mesh, source="mesh")
+    except ConfigError:
+        return None
+    found = parsed.service(service)
+    if found is None:
+        return None
+    split = dict.fromkeys((subset.name for subset in found.subsets), 0)
+    split.update(found.routes[-1].split)
+    return split
+
+
+@dataclass(slots=True)
+class _Running:
+    """What the driver keeps in memory for a rollout: rebuilt from the log after a restart."""
+
+    judge: Judge
+    increments: Increments
+    last: float
+    verdict: Verdict | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What a tick decided: the new rollout, the log entry explaining it, the split to commit, the event to send."""
+
+    rollout: Rollout
+    action: str | None = None  # step | promote | rollback | hold | alert | awaiting_approval; None: nothing new
+    split: dict[str, int] | None = None
+
+
+class Rollouts:
+    """The rollout driver and the actions the API calls.
+
+    >>> rollouts = Rollouts(store, commit=operator.commit_split, webhooks=Webhooks(secret))
+    >>> spawn(rollouts.run())                                          # serve.py, beside the signals sampler
+    >>> await rollouts.start("catalog", spec, who="alice", reason="v2 canary")
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        commit: Commit,
+        webhooks: Webhooks | None = None,
+        examples: Examples | None = None,
+        clock: Callable[[], float] = time.time,
+        tick: float = TICK,
+        holder: str | None = None,
+    ) -> None:
+        self.store = store
+        self.commit = commit
+        self.webhooks = webhooks or Webhooks()
+        self.examples = examples
+        self.clock = clock
+        self.tick = tick
+        self.holder = holder or uuid.uuid4().hex
+        self.leading = False
+        self.running: dict[str, _Running] = {}
+        self.lock = asyncio.Lock()  # one tick or action at a time in this process
+
+    # The loop
+
+    async def run(self) -> None:
+        sender = asyncio.ensure_future(self.webhooks.run())
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                due = loop.time() + self.tick
+                try:
+                    await self.step()
+                except StoreError as err:
+                    log.warning("rollouts: cannot reach the store: %s", err)
+                    self.running.clear()  # replayed from the log when it answers again
+                except Exception:  # a bug in one rollout must not stop the others' next tick
+                    log.exception("rollouts: a tick failed")
+                    self.running.clear()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            if self.leading:
+                with contextlib.suppress(StoreError):
+                    await self.store.resign(LEASE, self.holder)
+            await self.webhooks.close()
+
+    async def step(self) -> None:
+        """One tick over every running rollout (when this replica leads)."""
+        self.leading = await self.store.lead(LEASE, self.holder, LEASE_TTL)
+        if not self.leading:
+            self.running.clear()
+            return
+        async with self.lock:
+            records = await self.store.rollouts()
+            active = [Rollout.from_json(record.data, record.revision) for record in records]
+            active = [rollout for rollout in active if rollout.active]
+            for rollout_id in set(self.running) - {rollout.id for rollout in active}:
+                del self.running[rollout_id]
+            if not active:
+                return
+            revision = await self.store.current()
+            gateways = await self.store.gateways(stats=True)
+            for rollout in active:
+                try:
+                    await self._tick(rollout, revision, gateways)
+                except RolloutConflict:
+                    self.running.pop(rollout.id, None)  # changed by an action meanwhile: replay next tick
+
+    async def _running(self, rollout: Rollout, revision: Revision) -> _Running:
+        found = self.running.get(rollout.id)
+        if found is not None:
+            return found
+        owner = owner_of(revision.mesh, rollout.service) or ""
+        failures = failure_codes(revision.mesh, rollout.service)
+        spec = rollout.spec
+        judge = Judge(spec.criteria)
+        after = -1
+        while True:
+            entries = await self.store.rollout_log(rollout.id, after, 1000)
+            for _, entry in entries:
+                if entry.get("kind") == "tick":
+                    judge.update(Tick.from_json(entry["tick"]))
+            if len(entries) < 1000:
+                break
+            after = entries[-1][0]
+        increments = Increments(rollout.service, owner, (spec.primary, spec.canary), failures)
+        running = self.running[rollout.id] = _Running(judge, increments, self.clock())
+        return running
+
+    async def _tick(self, rollout: Rollout, revision: Revision, gateways: list[Any]) -> None:
+        if rollout.ticks + 2 > MAX_ENTRIES:
+            return  # paused for good when its log filled up
+        running = await self._running(rollout, revision)
+        now = self.clock()
+        strata = running.increments.take(gateways)
+        # Fresh: a heartbeat within STALE, and one since the current step began, so that no step (or promotion)
+        # follows another on the evidence of the weights before it alone.
+        newest = running.increments.newest
+        fresh = now - newest <= STALE and newest > rollout.step_started
+        tick = Tick(round(now, 3), round(max(0.0, now - running.last), 3), tuple(strata), fresh)
+        running.last = now
+        verdict = running.verdict = running.judge.update(tick)
+        entries: list[tuple[int, dict[str, Any]]] = [
+            (rollout.ticks, {"kind": "tick", "tick": tick.to_json(), "outcome": verdict.outcome})
+        ]
+        rollout = rollout.but(ticks=rollout.ticks + 1, updated=now, verdict=brief(verdict))
+        split = split_of(revision.mesh, rollout.service)
+        decision = await self._manual_change(rollout, split, revision)
+        if decision is None and rollout.ticks + 2 >= MAX_ENTRIES:
+            message = (
+                f"paused for good: {MAX_ENTRIES:,} log entries written (its log is full) at {rollout.weight} %; "
+                "promote or abort it, or start a new rollout"
+            )
+            full = rollout.but(phase="paused", paused_from=rollout.phase, alerted=True, message=message)
+            decision = Decision(full, "alert")
+        if decision is None:
+            decision = await self.decide(rollout, verdict, now)
+        rollout = decision.rollout
+        if decision.action is not None:
+            entry = await self._explain(rollout, decision.action, verdict, now)
+            entries.append((rollout.ticks, entry))
+            rollout = rollout.but(ticks=rollout.ticks + 1)
+        for start in range(0, len(entries), MAX_LOG_BATCH):
+            await self.store.append_rollout_log(rollout.id, entries[start : start + MAX_LOG_BATCH])
+        stored = await self.store.put_rollout(rollout.service, rollout.to_json(), rollout.revision)
+        rollout = Rollout.from_json(stored.data, stored.revision)
+        wanted = decision.split or (rollout.expected if rollout.phase != "paused" else None)
+        if wanted is not None and split is not None and wanted != {k: split.get(k, 0) for k in wanted}:
+            await self._commit(rollout, wanted, decision.action or "restore", rollout.message)
+        if decision.action is not None:
+            self._event(rollout, decision.action)
+
+    async def _commit(self, rollout: Rollout, split: Mapping[str, int], action: str, reason: str) -> None:
+        try:
+            await self.commit(AUTHOR + rollout.id, rollout.service, split, f"rollout.{action}.weights", reason)
+        except (DashboardError, ConfigError) as err:
+            log.warning("rollout %s: cannot set %s: %s", rollout.id, weights_text(split), err)
+
+    async def _manual_change(
+        self, rollout: Rollout, split: dict[str, int] | None, revision: Revision
+    ) -> Decision | None:
+        """Someone other than the rollout changed the weights since its last write: pause, saying who."""
+        if rollout.phase == "paused" or split is None:
+            return None
+        if {name: split.get(name, 0) for name in rollout.expected} == rollout.expected:
+            return None
+        for newer in await self.store.history(50):
+            older = await self.store.get(newer.version - 1)
+            if older is None or split_of(newer.mesh, rollout.service) == split_of(older.mesh, rollout.service):
+                continue
+            # The newest change of these weights decides. Its order in the history, not its time, says whether it
+            # came after the rollout's own last write: commit times are other replicas' clocks.
+            if newer.author.startswith(AUTHOR) or newer.time < rollout.started:
+                return None  # the rollout's own write (or one before it began): put the rollout's weights back
+            by = f" by {newer.author}" + (f" ({newer.reason})" if newer.reason else "")
+            message = (
+                f"paused: the weights were changed{by} at config version {newer.version} "
+                f"to {weights_text(split, (rollout.spec.primary, rollout.spec.canary))}; resume to go on from "
+                f"step {rollout.step + 1} at {rollout.weight} %"
+            )
+            paused = rollout.but(phase="paused", paused_from=rollout.phase, message=message)
+            return Decision(paused, "pause")
+        return None
+
+    async def decide(self, rollout: Rollout, verdict: Verdict, now: float) -> Decision:
+        """What the rollout does after `verdict` (gates are called here)."""
+        spec = rollout.spec
+        if rollout.phase == "paused":
+            return Decision(rollout.but(message=rollout.message))
+        if verdict.outcome == "harm":
+            message = f"rolled back at {rollout.weight} %: {verdict.sentence}"
+            ended = rollout.but(phase="rolled_back", weight=0, ended=now, message=message, expected=spec.split(0))
+            return Decision(ended, "rollback", spec.split(0))
+        waited = now - rollout.step_started
+        if waited < spec.interval:
+            left = format_duration(max(1.0, spec.interval - waited))
+            message = f"step {rollout.step + 1} of {len(spec.steps)} at {rollout.weight} %, next decision in {left}: "
+            return Decision(rollout.but(phase="progressing", message=message + verdict.sentence))
+        if verdict.outcome == "hold":
+            return self._hold(rollout, verdict.sentence, now)
+        promoting = rollout.step + 1 >= len(spec.steps)
+        if promoting and spec.approval and not rollout.approved:
+            message = f"awaiting approval to promote {spec.canary} to 100 %: {verdict.sentence}"
+            action = None if rollout.phase == "awaiting_approval" else "awaiting_approval"
+            return Decision(rollout.but(phase="awaiting_approval", message=message), action)
+        if spec.gate is not None:
+            answer = await self.webhooks.post(spec.gate, self._payload(rollout, "gate"))
+            if not answer.ok:
+                return self._hold(rollout, f"hold: the gate webhook {answer.text}", now)
+        return self.advance(rollout, now, verdict.sentence)
+
+    def advance(self, rollout: Rollout, now: float, why: str) -> Decision:
+        spec = rollout.spec
+        step = rollout.step + 1
+        weight = spec.weight(step)
+        fields = {"step": step, "weight": weight, "step_started": now, "held_since": None, "alerted": False}
+        if weight == 100:
+            message = f"promoted {spec.canary} to 100 %, the new primary ({spec.primary} stays defined at 0 %): {why}"
+            done = rollout.but(
+                phase="promoted",
+                ended=now,
+                message=message,
+                expected=spec.split(100),
+                new_primary=spec.canary,
+                **fields,
+            )
+            return Decision(done, "promote", spec.split(100))
+        message = f"step {step + 1} of {len(spec.steps)}: {spec.canary} to {weight} %: {why}"
+        return Decision(
+            rollout.but(phase="progressing", message=message, expected=spec.split(weight), **fields),
+            "step",
+            spec.split(weight),
+        )
+
+    def _hold(self, rollout: Rollout, sentence: str, now: float) -> Decision:
+        held_since = rollout.held_since if rollout.held_since is not None else now
+        spec = rollout.spec
+        if now - held_since >= spec.max_hold and not rollout.alerted:
+            message = (
+                f"paused: held for {format_duration(now - held_since)} at {rollout.weight} % without evidence enough "
+                f"(max_hold {format_duration(spec.max_hold)}); {sentence}"
+            )
+            paused = rollout.but(
+                phase="paused", paused_from="holding", alerted=True, held_since=held_since, message=message
+            )
+            return Decision(paused, "alert")
+        action = None if rollout.phase == "holding" else "hold"
+        return Decision(rollout.but(phase="holding", held_since=held_since, message=sentence), action)
+
+    async def _explain(self, rollout: Rollout, action: str, verdict: Verdict, now: float) -> dict[str, Any]:
+        examples: list[dict[str, Any]] = []
+        if self.examples is not None:
+            with contextlib.suppress(DashboardError, OSError, ValueError):
+                examples = await self.examples(rollout.service, rollout.spec.canary, rollout.started)
+        return {
+            "kind": "decision",
+            "time": now,
+            "action": action,
+            "phase": rollout.phase,
+            "step": rollout.step,
+            "weight": rollout.weight,
+            "message": rollout.message,
+            "verdict": verdict.to_json(),
+            "examples": examples,
+        }
+
+    def _payload(self, rollout: Rollout, event: str) -> dict[str, Any]:
+        return {
+            "event": event,
+            "rollout": rollout.id,
+            "service": rollout.service,
+            "phase": rollout.phase,
+            "step": rollout.step,
+            "weight": rollout.weight,
+            "primary": rollout.spec.primary,
+            "canary": rollout.spec.canary,
+            "message": rollout.message,
+            "time": rollout.updated,
+        }
+
+    def _event(self, rollout: Rollout, action: str) -> None:
+        url = rollout.spec.events
+        if url is not None:
+            names = {"rollback": "rolled_back", "promote": "promoted", "alert": "held", "hold": "holding"}
+            self.webhooks.event(url, self._payload(rollout, names.get(action, action)))
+
+    # Actions (the API)
+
+    async def get(self, service: str) -> Rollout | None:
+        record = await self.store.get_rollout(service)
+        return None if record is None else Rollout.from_json(record.data, record.revision)
+
+    def verdict(self, rollout_id: str) -> Verdict | None:
+        running = self.running.get(rollout_id)
+        return None if running is None else running.verdict
+
+    async def start(self, service: str, spec: RolloutSpec, who: str, reason: str) -> Rollout:
+        revision = await self.store.current()
+        split = split_of(revision.mesh, service)
+        if split is None:
+            raise ApiError(404, f"services.{service}: no such service")
+        for role, name in (("primary", spec.primary), ("canary", spec.canary)):
+            if name not in split:
+                raise ApiError(422, f"{role}: {service} has no subset {name!r} (it has {', '.join(split) or 'none'})")
+        async with self.lock:
+            current = await self.get(service)
+            if current is not None and current.active:
+                raise ApiError(409, f"{service} already has a running rollout ({current.id}, {current.phase})")
+            now = self.clock()
+            rollout_id = f"{service[:40]}-{uuid.uuid4().hex[:12]}".lower().replace("_", "-").replace(".", "-")
+            weight = spec.weight(0)
+            message = f"step 1 of {len(spec.steps)}: {spec.canary} to {weight} %, judged against {spec.primary}"
+            rollout = Rollout(
+                id=rollout_id,
+                service=service,
+                spec=spec,
+                phase="progressing",
+                step=0,
+                weight=weight,
+                by=who,
+                reason=reason,
+                started=now,
+                step_started=now,
+                updated=now,
+                message=message,
+                expected=spec.split(weight),
+                ticks=1,
+            )
+            entry = {
+                "kind": "decision",
+                "time": now,
+                "action": "start",
+                "phase": "progressing",
+                "step": 0,
+                "weight": weight,
+                "message": message,
+                "who": who,
+                "reason": reason,
+                "spec": spec.to_json(),
+            }
+            await self.store.append_rollout_log(rollout_id, [(0, entry)])
+            stored = await self.store.put_rollout(service, rollout.to_json(), current.revision if current else 0)
+            await self.store.record_audit(
+                who=who,
+                action="rollout.start",
+                target=f"services/{service}/rollout",
+                before=None,
+                after=stored.data,
+                reason=reason,
+            )
+            await self._commit(rollout, spec.split(weight), "start", f"rollout {rollout_id}: {message}")
+            await self._forget_old()
+        rollout = Rollout.from_json(stored.data, stored.revision)
+        self._event(rollout, "started")
+        return rollout
+
+    async def act(self, service: str, action: str, who: str, reason: str) -> Rollout:
+        """pause | resume | promote | abort | approve, by an operator."""
+        async with self.lock:
+            rollout = await self.get(service)
+            if rollout is None or not rollout.active:
+                raise ApiError(
+                    409, f"{service} has no running rollout" + (f" (the last one {rollout.phase})" if rollout else "")
+                )
+            now = self.clock()
+            before = rollout.to_json()
+            spec = rollout.spec
+            split: dict[str, int] | None = None
+            said = f" by {who}" + (f": {reason}" if reason else "")
+            if action == "pause":
+                if rollout.phase == "paused":
+                    raise ApiError(409, f"{service}'s rollout is already paused")
+                rollout = rollout.but(phase="paused", paused_from=rollout.phase, message=f"paused{said}")
+            elif action == "resume":
+                if rollout.phase != "paused":
+                    raise ApiError(409, f"{service}'s rollout is not paused ({rollout.phase})")
+                if rollout.ticks + 2 >= MAX_ENTRIES:
+                    raise ApiError(409, f"{service}'s rollout log is full; promote or abort it, or start a new one")
+                split = spec.split(rollout.weight)
+                rollout = rollout.but(
+                    phase="progressing",
+                    paused_from=None,
+                    held_since=None,
+                    alerted=False,
+                    step_started=now,
+                    expected=split,
+                    message=f"resumed{said}; step {rollout.step + 1} at {rollout.weight} %",
+                )
+            elif action == "approve":
+                if not spec.approval:
+                    raise ApiError(409, f"{service}'s rollout has no approval gate; promote it instead")
+                rollout = rollout.but(approved=True, message=f"promotion approved{said}")
+            elif action == "promote":
+                decision = self.advance(rollout.but(step=len(spec.steps) - 1), now, f"promoted{said}")
+                rollout, split = decision.rollout, decision.split
+            elif action == "abort":
+                split = spec.split(0)
+                rollout = rollout.but(
+                    phase="aborted",
+                    weight=0,
+                    ended=now,
+                    expected=split,
+                    message=f"aborted{said}; {spec.primary} back to 100 %",
+                )
+            else:
+                raise ApiError(404, f"no rollout action {action!r} (pause, resume, promote, abort, approve)")
+            rollout = rollout.but(updated=now, ticks=rollout.ticks + 1)
+            entry = {
+                "kind": "decision",
+                "time": now,
+                "action": action,
+                "phase": rollout.phase,
+                "step": rollout.step,
+                "weight": rollout.weight,
+                "message": rollout.message,
+                "who": who,
+                "reason": reason,
+            }
+            await self.store.append_rollout_log(rollout.id, [(rollout.ticks - 1, entry)])
+            stored = await self.store.put_rollout(service, rollout.to_json(), rollout.revision)
+            await self.store.record_audit(
+                who=who,
+                action=f"rollout.{action}",
+                target=f"services/{service}/rollout",
+                before=before,
+                after=stored.data,
+                reason=reason,
+            )
+            rollout = Rollout.from_json(stored.data, stored.revision)
+            self.running.pop(rollout.id, None)  # its tick numbering moved on: replayed next tick
+            if split is not None:
+                await self._commit(rollout, split, action, f"rollout {rollout.id}: {rollout.message}")
+        self._event(rollout, {"abort": "aborted", "pause": "paused", "resume": "resumed"}.get(action, action))
+        return rollout
+
+    async def _forget_old(self) -> None:
+        records = await self.store.rollouts()
+        keep = {record.data["id"] for record in records}
+        await self.store.forget_rollout_logs(keep)
+
+    async def decisions(self, rollout_id: str, after: int = -1, limit: int = 100) -> list[tuple[int, dict[str, Any]]]:
+        """The rollout's decision entries (not its ticks), oldest first, numbered above `after`."""
+        found: list[tuple[int, dict[str, Any]]] = []
+        while len(found) < limit:
+            entries = await self.store.rollout_log(rollout_id, after, 1000)
+            found += [(seq, entry) for seq, entry in entries if entry.get("kind") == "decision"]
+            if len(entries) < 1000:
+                break
+            after = entries[-1][0]
+        return found[:limit]
+
+    async def replay(self, rollout: Rollout) -> list[dict[str, Any]]:
+        """Re-judge the rollout's logged ticks: each tick's stored outcome beside the one the judge gives now."""
+        judge = Judge(rollout.spec.criteria)
+        rows = []
+        after = -1
+        while True:
+            entries = await self.store.rollout_log(rollout.id, after, 1000)
+            for seq, entry in entries:
+                if entry.get("kind") == "tick":
+                    verdict = judge.update(Tick.from_json(entry["tick"]))
+                    rows.append(
+                        {
+                            "seq": seq,
+                            "stored": entry.get("outcome"),
+                            "replayed": verdict.outcome,
+                            "evidence": round(verdict.evidence, 4),
+                            "sentence": verdict.sentence,
+                        }
+                    )
+            if len(entries) < 1000:
+                break
+            after = entries[-1][0]
+        return rows
+
+
+def brief(verdict: Verdict) -> dict[str, Any]:
+    """What the stored rollout keeps of its latest verdict (the log keeps the whole of each decision's)."""
+    return {
+        "outcome": verdict.outcome,
+        "evidence": round(verdict.evidence, 4),
+        "threshold": verdict.threshold,
+        "needs": verdict.needs,
+        "canary_rate": None if verdict.canary_rate is None else round(verdict.canary_rate, 4),
+        "stale": verdict.stale,
+        "sentence": verdict.sentence,
+    }
+
+
+def owner_of(mesh: Mapping[str, Any], service: str) -> str | None:
+    for group, services in (mesh.get("groups") or {}).items():
+        if service in services:
+            return str(group)
+    return None
+
+
+def failure_codes(mesh: Mapping[str, Any], service: str) -> frozenset[int]:
+    from gateway import rpc
+
+    try:
+        found = Mesh.parse(mesh, source="mesh").service(service)
+    except ConfigError:
+        found = None
+    return found.grpc.failure_codes if found is not None else rpc.DEFAULT_FAILURE_CODES
