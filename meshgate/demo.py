@@ -13,7 +13,11 @@ DATA/logs/:
 Start-up, every step waited for with a deadline: all ports free (else one line naming the port, exit 2, nothing
 started); the dashboard serving; the mesh document put through the API (catalog v1 90 / v2 10); a join token per
 group; the gateways ready; the home page and a checkout answered 200 through the edge; traffic on. Then one block
-with the URL, the operator token, a `curl` and how to stop.
+with the URL, the operator token, a `curl`, the `meshgate rollout` command that follows a rollout, and how to stop.
+
+With `--rollout`, once the traffic is on, the demo starts an automated canary rollout of catalog v2 against v1
+through the API (`ROLLOUT`: steps 10, 25, 50, a decision every 30 s). v2 fails every 33rd request and is 60 ms
+slower, so the judge rolls it back by itself, v1 back to 100 %, and `meshgate rollout status catalog` explains why.
 
 Ctrl-C, SIGTERM or the end of `--duration` stops the traffic first, then the services and gateways, then the
 dashboard, and checks that no process of any of their groups is left (exit 0). A child that exits on its own
@@ -47,6 +51,16 @@ LISTENERS = ("inbound", "outbound", "admin")
 EDGE_OFFSET = 80
 HOST = "127.0.0.1"
 DRAIN = "3s"  # gateways and the dashboard, on the way out: the traffic has stopped by then
+# `--rollout`: the body of POST /api/v1/services/catalog/rollout (dashboard.api.bodies.RolloutBody)
+ROLLOUT_STEPS = (10, 25, 50)  # the first is the mesh document's v2 weight: the rollout begins where the demo is
+ROLLOUT_INTERVAL = 30  # seconds between decisions to step up (a rollback needs no wait)
+ROLLOUT = {
+    "canary": "v2",
+    "primary": "v1",
+    "steps": list(ROLLOUT_STEPS),
+    "interval": float(ROLLOUT_INTERVAL),
+    "reason": "demo: automated canary analysis of catalog v2",
+}
 
 
 @dataclass(frozen=True)
@@ -172,16 +186,25 @@ class Interrupted(Exception):
 class Demo:
     """The running demo: start it, print how to use it, wait, stop it.
 
-    >>> demo = Demo(Ports(19000), Path("/tmp/demo"), rate=5.0, access_log=True)
+    >>> demo = Demo(Ports(19000), Path("/tmp/demo"), rate=5.0, access_log=True, rollout=True)
     >>> demo.start(); print(demo.block(None)); demo.wait(60.0); demo.stop()
     """
 
-    def __init__(self, ports: Ports, data: Path, rate: float, access_log: bool, temporary: bool = False) -> None:
+    def __init__(
+        self,
+        ports: Ports,
+        data: Path,
+        rate: float,
+        access_log: bool,
+        temporary: bool = False,
+        rollout: bool = False,
+    ) -> None:
         self.ports = ports
         self.data = data
         self.temporary = temporary
         self.rate = rate
         self.access_log = access_log
+        self.rollout = rollout
         self.logs = data / "logs"
         self.children = Children(self.logs)
         self.dashboard_url = f"http://{HOST}:{ports.dashboard}"
@@ -210,6 +233,10 @@ class Demo:
         print(
             f"meshgate demo: traffic         {self.rate:g} req/s at the shop gateway's edge {self.edge_url}", flush=True
         )
+        if self.rollout:
+            detail = f"catalog v2 against v1, steps {self._steps(' %, ')} %, a decision every {ROLLOUT_INTERVAL}s"
+            self._step("rollout", detail, self._start_rollout, lambda rollout_id: f"{rollout_id}, ")
+            print(f"meshgate demo: follow it       {self.status_command()}", flush=True)
 
     def _step(
         self, label: str, detail: str, action: Callable[[], Any], note: Callable[[Any], str] | None = None
@@ -310,6 +337,29 @@ class Demo:
             raise DemoError(f"the dashboard refused the demo mesh: {answer.status_code} {answer.text.strip()}")
         return int(answer.json()["version"])
 
+    def _start_rollout(self) -> str:
+        url = f"{self.dashboard_url}/api/v1/services/catalog/rollout"
+        answer = self.http.post(url, json=ROLLOUT, headers=self._auth())
+        if answer.status_code != 201:
+            raise DemoError(f"the dashboard refused the catalog rollout: {answer.status_code} {answer.text.strip()}")
+        return str(answer.json()["id"])
+
+    @staticmethod
+    def _steps(separator: str) -> str:
+        return separator.join(str(weight) for weight in ROLLOUT_STEPS)
+
+    def _connection(self) -> str:
+        return f"--server {self.dashboard_url} --token-file {self.data / 'operator-token'}"
+
+    def status_command(self) -> str:
+        return f"meshgate rollout status catalog {self._connection()}"
+
+    def start_command(self) -> str:
+        return (
+            f"meshgate rollout start catalog --canary v2 --steps {self._steps(',')} --interval {ROLLOUT_INTERVAL}s "
+            f"{self._connection()}"
+        )
+
     def _auth(self) -> dict[str, str]:
         return {"authorization": f"Bearer {self.operator_token()}"}
 
@@ -373,6 +423,15 @@ class Demo:
             if duration is not None
             else f"Ctrl-C (or kill {os.getpid()}) stops every process it started"
         )
+        if self.rollout:
+            rollout = [
+                f"  Rollout    catalog v2 against v1, steps {self._steps(', ')} %, a decision every "
+                f"{ROLLOUT_INTERVAL}s; v2 fails every 33rd request",
+                f"             and is 60 ms slower, so it rolls back by itself: {self.dashboard_url}/services/catalog",
+                f"             {self.status_command()}",
+            ]
+        else:
+            rollout = [f"  Try        {self.start_command()}"]
         rule = "-" * 100
         return "\n".join(
             [
@@ -385,6 +444,7 @@ class Demo:
                 f"             (saved in {token_file})",
                 f"  Try        curl -i -H 'Host: storefront' {self.edge_url}/",
                 "             paste the x-request-id it returns on the Traces page",
+                *rollout,
                 f"  Stop       {stop}",
                 f"  Logs       {self.logs}" + (" (removed at exit; --data DIR keeps them)" if self.temporary else ""),
                 rule,
@@ -431,7 +491,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     where = "temporary, removed at exit; --data DIR keeps it" if temporary else "kept"
     print(f"meshgate demo: data directory {data} ({where})", flush=True)
-    demo = Demo(ports, data, args.rate, not args.no_access_log, temporary)
+    demo = Demo(ports, data, args.rate, not args.no_access_log, temporary, rollout=args.rollout)
     previous = {signum: signal.signal(signum, demo.on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     status = 0
     try:

@@ -20,17 +20,20 @@ a canary as good as the primary is rolled back with probability at most `alpha` 
 however long. Comparing inside each stratum means a canary that gets more of a slow or failing route (a header
 match) is compared with the primary on that route only. Retries hide faults, so first attempts are a component.
 
-Latency is judged the same way on "slower than a boundary": the bucket bound that splits the primary's requests
-closest to its median (`p50`), and the one closest to its 99th percentile (`p99`), fixed once the primary has served
-`MIN_BOUNDARY_REQUESTS` (chosen from the past only, which keeps the test valid).
+Latency is judged the same way on "slower than a boundary": the smallest bucket bound at or above the primary's
+median (`latency_p50`), and its 99th percentile (`latency_p99`), each plus a tolerated slowdown (`LATENCY_SLACK`,
+20 %, and at least `LATENCY_MARGIN`, 1 ms). They are fixed once the primary has served `MIN_BOUNDARY_REQUESTS`,
+chosen from the past only (which keeps the test valid). So a canary 0.1 ms slower on a sub-millisecond service, or
+10 % slower on any, is not harm; one whose median or tail moved by more puts requests past the bound.
 
 Evidence enough to go on. For each component, the likelihood ratio of ψ = 1 against the design harm ψ = `tolerance`
 (2: twice the odds of a failure, or of a slow request) is a supermartingale if the canary is that bad or worse
 (monotone likelihood ratio), so when it reaches 1/β' the canary is, with error at most β', not that bad. A service
-with no failures at all gives the relative test nothing to go on; a failure share provably below an absolute `floor`
-(1 % of requests failing, 2 % slower than the primary's p99 boundary) then also counts, by the same argument on the
-canary's own requests. β' is β/8: four components with two ways each, so a canary that is that bad on any component
-is let through with probability at most `beta` (5 %). A component that lacks evidence holds the rollout, and the
+with no failures at all gives the relative test nothing to go on; a share of bad events provably below an absolute
+floor then also counts, by the same argument on the canary's own requests: 1 % failing, and for latency twice the
+primary's share past the bound (at least 5 % past the median's, 2 % past the tail's). β' is β/8: four components
+with two ways each, so a canary that is that bad on any component is let through with probability at most `beta`
+(5 %). A component that lacks evidence holds the rollout, and the
 verdict says how many more canary requests it needs if the canary is like the primary (the expected growth of the log
 likelihood ratio per canary request at the observed rates).
 
@@ -50,6 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from dashboard.signals.history import histogram_quantile
 from gateway.telemetry import BUCKETS
 
 BOUNDS: tuple[float, ...] = tuple(float(bound) for bound in BUCKETS)  # finite bucket bounds, in seconds
@@ -60,6 +64,9 @@ ARM = FIRST_BUCKET + len(BOUNDS) + 1  # numbers per arm: the three counts, then 
 HARM = (1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 100.0)
 HARM_WEIGHTS = (0.1, 0.2, 0.2, 0.2, 0.15, 0.1, 0.05)
 MIN_BOUNDARY_REQUESTS = 100  # primary requests before the latency boundaries are chosen
+LATENCY_SLACK = 0.2  # a canary this much slower than the primary's median or p99 is not a regression
+LATENCY_MARGIN = 0.001  # nor one slower by less than this many seconds
+LATENCY_FLOORS = {"latency_p50": 0.05, "latency_p99": 0.02}  # the least absolute floor of each latency judge
 RATE_WINDOW = 60.0  # seconds of ticks behind "the current rate"
 COMPONENTS = ("errors", "first_attempts", "latency_p50", "latency_p99")
 WEIGHTS = {"errors": 1.0, "first_attempts": 1.0, "latency_p50": 0.25, "latency_p99": 0.25, "limit": 0.5}
@@ -82,7 +89,6 @@ class Criteria:
     beta: float = 0.05
     tolerance: float = 2.0
     error_floor: float = 0.01
-    tail_floor: float = 0.02
 
     def enabled(self) -> tuple[str, ...]:
         wanted = {
@@ -356,8 +362,7 @@ class Judge:
         self.names = criteria.enabled()
         self.relative = {name: Relative.new(criteria.tolerance) for name in self.names}
         floors = {"errors": criteria.error_floor, "first_attempts": criteria.error_floor}
-        floors["latency_p99"] = criteria.tail_floor
-        self.absolute = {name: Absolute(floors[name]) for name in self.names if name in floors}
+        self.absolute = {name: Absolute(floors[name]) for name in self.names if name in floors}  # latency: later
         self.limits: dict[str, Limit] = {}
         self.limit_bound: int | None = None
         if criteria.max_error_rate is not None:
@@ -382,14 +387,20 @@ class Judge:
         return self.verdict(stale=not tick.fresh)
 
     def _choose_boundaries(self) -> None:
-        """Latency boundaries, from the primary's requests before this tick only (so the test stays valid)."""
+        """Latency boundaries and their floors, from the primary's requests before this tick only (so the test stays
+        valid): `latency_boundary` above the primary's median and 99th percentile, and as floor twice the primary's
+        share above it (at least `LATENCY_FLOORS`)."""
         if "latency_p50" not in self.relative or self.boundaries:
             return
-        if sum(self.primary_buckets) >= MIN_BOUNDARY_REQUESTS:
-            self.boundaries = {
-                "latency_p50": nearest_bound(self.primary_buckets, 0.5),
-                "latency_p99": nearest_bound(self.primary_buckets, 0.99),
-            }
+        buckets = self.primary_buckets
+        total = sum(buckets)
+        if total < MIN_BOUNDARY_REQUESTS:
+            return
+        for name, quantile in (("latency_p50", 0.5), ("latency_p99", 0.99)):
+            bound = latency_boundary(buckets, quantile)
+            above = sum(buckets[bound + 1 :]) / total
+            self.boundaries[name] = bound
+            self.absolute[name] = Absolute(min(0.5, max(LATENCY_FLOORS[name], 2 * above)))
 
     def _add(self, stratum: Stratum) -> None:
         primary, canary = stratum.primary, stratum.canary
@@ -521,17 +532,12 @@ def slower(counts: Sequence[int], bound: int) -> int:
     return sum(counts[FIRST_BUCKET + bound + 1 : FIRST_BUCKET + len(BOUNDS) + 1])
 
 
-def nearest_bound(buckets: Sequence[int], quantile: float) -> int:
-    """The finite bucket bound whose share of requests at or below it is closest to `quantile` (ties: the lower)."""
-    total = sum(buckets)
-    best, best_gap = 0, math.inf
-    running = 0
-    for index in range(len(BOUNDS)):
-        running += buckets[index]
-        gap = abs(running / total - quantile)
-        if gap < best_gap:
-            best, best_gap = index, gap
-    return best
+def latency_boundary(buckets: Sequence[int], quantile: float) -> int:
+    """The bucket bound a latency judge counts "slower" against: the smallest at or above the primary's `quantile`
+    plus the tolerated slowdown (`LATENCY_SLACK` of it, and at least `LATENCY_MARGIN`), so a canary a little slower
+    (0.1 ms on a sub-millisecond service, 10 % on any) is never harm, and a real regression moves requests past it."""
+    seconds = histogram_quantile(quantile, buckets) or 0.0
+    return bound_index(max(seconds * (1 + LATENCY_SLACK), seconds + LATENCY_MARGIN))
 
 
 def bound_index(seconds: float) -> int:

@@ -119,13 +119,19 @@ class Increments:
         if state is not None and record.seen <= state.seen:
             return []  # no heartbeat since the last call
         self.newest = max(self.newest, record.seen)
-        counts = self._read(record.data)
+        read = self._read(record.data)
         started = record.data.get("started")
         if state is None:
-            self.gateways[record.key] = _Gateway(record.seen, started, counts)
+            self.gateways[record.key] = _Gateway(record.seen, started, read or {})
             return []  # a baseline: what it counted before we watched is not ours
+        if read is None:  # no stats in this heartbeat: the next one is differenced against the last that had them
+            state.seen = record.seen
+            return []
+        counts = read
         previous = state.counts if started == state.started else {}
-        state.seen, state.started, state.counts = record.seen, started, counts
+        # A series this heartbeat leaves out (malformed, or over MAX_SERIES) keeps its last counts, so when it comes
+        # back only its increase is counted, not its whole total again.
+        state.seen, state.started, state.counts = record.seen, started, {**previous, **counts}
         tables: dict[tuple[str, str], list[list[int]]] = {}
         for (source, route, subset), now in counts.items():
             before = previous.get((source, route, subset))
@@ -146,11 +152,12 @@ class Increments:
             kept = [*kept[: MAX_STRATA - 1], (OTHER, rest)]
         return [Stratum(source, route, tuple(primary), tuple(canary)) for (source, route), (primary, canary) in kept]
 
-    def _read(self, data: Mapping[str, Any]) -> dict[tuple[str, str, str], list[int]]:
+    def _read(self, data: Mapping[str, Any]) -> dict[tuple[str, str, str], list[int]] | None:
+        """The service's series in a heartbeat; None when it carries no readable stats at all."""
         stats = data.get("stats")
         series = stats.get("series") if isinstance(stats, dict) else None
         if not isinstance(series, list):
-            return {}
+            return None
         found: dict[tuple[str, str, str], list[int]] = {}
         for item in series[:MAX_SERIES]:
             if not isinstance(item, dict):
