@@ -330,17 +330,7 @@ class Rollouts:
         if self.examples is not None:
             with contextlib.suppress(DashboardError, OSError, ValueError):
                 examples = await self.examples(rollout.service, rollout.spec.canary, rollout.started)
-        return {
-            "kind": "decision",
-            "time": now,
-            "action": action,
-            "phase": rollout.phase,
-            "step": rollout.step,
-            "weight": rollout.weight,
-            "message": rollout.message,
-            "verdict": verdict.to_json(),
-            "examples": examples,
-        }
+        return decision_entry(rollout, action, now, verdict=verdict.to_json(), examples=examples)
 
     def _payload(self, rollout: Rollout, event: str) -> dict[str, Any]:
         return {
@@ -404,18 +394,7 @@ class Rollouts:
                 expected=spec.split(weight),
                 ticks=1,
             )
-            entry = {
-                "kind": "decision",
-                "time": now,
-                "action": "start",
-                "phase": "progressing",
-                "step": 0,
-                "weight": weight,
-                "message": message,
-                "who": who,
-                "reason": reason,
-                "spec": spec.to_json(),
-            }
+            entry = decision_entry(rollout, "start", now, who=who, reason=reason, spec=spec.to_json())
             await self.store.append_rollout_log(rollout_id, [(0, entry)])
             stored = await self.store.put_rollout(service, rollout.to_json(), current.revision if current else 0)
             await self.store.record_audit(
@@ -483,17 +462,7 @@ class Rollouts:
             else:
                 raise ApiError(404, f"no rollout action {action!r} (pause, resume, promote, abort, approve)")
             rollout = rollout.but(updated=now, ticks=rollout.ticks + 1)
-            entry = {
-                "kind": "decision",
-                "time": now,
-                "action": action,
-                "phase": rollout.phase,
-                "step": rollout.step,
-                "weight": rollout.weight,
-                "message": rollout.message,
-                "who": who,
-                "reason": reason,
-            }
+            entry = decision_entry(rollout, action, now, who=who, reason=reason)
             await self.store.append_rollout_log(rollout.id, [(rollout.ticks - 1, entry)])
             stored = await self.store.put_rollout(service, rollout.to_json(), rollout.revision)
             await self.store.record_audit(
@@ -554,14 +523,21 @@ class Rollouts:
 
 def brief(verdict: Verdict) -> dict[str, Any]:
     """What the stored rollout keeps of its latest verdict (the log keeps the whole of each decision's)."""
+    return {key: value for key, value in verdict.to_json().items() if key != "findings"}
+
+
+def decision_entry(rollout: Rollout, action: str, now: float, **more: Any) -> dict[str, Any]:
+    """A decision in the rollout's log: what was done, where the rollout then stood, and why (`more`: the verdict
+    and examples of the driver's decisions, who and why for an operator's)."""
     return {
-        "outcome": verdict.outcome,
-        "evidence": round(verdict.evidence, 4),
-        "threshold": verdict.threshold,
-        "needs": verdict.needs,
-        "canary_rate": None if verdict.canary_rate is None else round(verdict.canary_rate, 4),
-        "stale": verdict.stale,
-        "sentence": verdict.sentence,
+        "kind": "decision",
+        "time": now,
+        "action": action,
+        "phase": rollout.phase,
+        "step": rollout.step,
+        "weight": rollout.weight,
+        "message": rollout.message,
+        **more,
     }
 
 

@@ -323,6 +323,31 @@ async def test_a_restarted_driver_replays_the_log_and_goes_on(store: Store) -> N
         await harness.webhooks.close()
 
 
+async def test_of_two_replicas_one_drives_and_the_other_takes_over_when_it_stops(store: Store) -> None:
+    """Two dashboards on one store: only the lease holder ticks the rollout (its log grows by one entry a tick, not
+    two); when it resigns (its run() does on the way out) the other takes the lease and goes on from the log."""
+    await store.commit(mesh(), author="test", reason="seed", action="config.seed", target="mesh")
+    harness = Harness(store)
+    try:
+        rollout = await harness.start(interval=3600.0)
+        other = harness.driver()
+        for _ in range(3):
+            harness.clock.now += 2.0
+            await harness.gateway.beat(harness.clock.now, await harness.split())
+            await harness.rollouts.step()
+            await other.step()
+        assert harness.rollouts.leading and not other.leading
+        ticks = [entry for _, entry in await store.rollout_log(rollout.id, -1, 1000) if entry["kind"] == "tick"]
+        assert len(ticks) == 3, "both replicas ticked"
+        await store.resign(LEASE, harness.rollouts.holder)
+        await harness.tick(rollouts=other)
+        assert other.leading
+        ticks = [entry for _, entry in await store.rollout_log(rollout.id, -1, 1000) if entry["kind"] == "tick"]
+        assert len(ticks) == 4
+    finally:
+        await harness.webhooks.close()
+
+
 # 5. Stale signals
 
 

@@ -102,9 +102,10 @@ MESH: dict[str, Any] = {
 }
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    directory = tmp_path_factory.mktemp("browser")
+@contextlib.contextmanager
+def running_mesh(directory: Path, traffic_limit: float = 300.0, **config: Any) -> Iterator[Mesh]:
+    """`MESH` on loopback: upstream servers, a dashboard seeded with it, a joined gateway per group (`config`: their
+    gateway config, such as telemetry), and steady traffic; all stopped at the end."""
     upstreams = {name: UpstreamServer(name).start() for name in ("store", "v1", "v2", "pay")}
     document = yaml.safe_load(yaml.safe_dump(MESH))
     for service, subset, upstream in (
@@ -120,9 +121,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     traffic: Traffic | None = None
     try:
         for group in ("shop", "catalog", "payments"):
-            gateways[group] = joined_gateway(dashboard, directory, group)
+            gateways[group] = joined_gateway(dashboard, directory, group, **config)
         wait_ready(*gateways.values())
-        found = Mesh(dashboard, gateways, Traffic(gateways))
+        found = Mesh(dashboard, gateways, Traffic(gateways, limit=traffic_limit))
         traffic = found.traffic
         wait_for(lambda: found.call("shop", "catalog").status_code == 200, 20, what="shop reaches catalog")
         yield found
@@ -134,6 +135,12 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         dashboard.stop()
         for server in upstreams.values():
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    with running_mesh(tmp_path_factory.mktemp("browser")) as found:
+        yield found
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,9 @@ from urllib.parse import unquote
 
 import httpx
 import pytest
-import yaml
 from playwright.sync_api import Browser, Page
 
-from tests.conftest import Gateway, wait_for
-from tests.e2e.mesh import Dashboard, joined_gateway, wait_ready
-from tests.e2e.test_browser import MESH, Mesh, Traffic, browser, session, until
-from tests.e2e.upstream_app import UpstreamServer
+from tests.e2e.test_browser import Mesh, browser, running_mesh, session, until
 
 pytestmark = pytest.mark.browser
 __all__ = ["browser"]  # test_browser's fixture: one Chromium for this file
@@ -50,36 +46,8 @@ def weight(page: Page, subset: str) -> str:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     """test_browser's mesh (catalog's v1 and v2 owned by group catalog, called from shop), every trace sampled."""
-    directory = tmp_path_factory.mktemp("rollouts")
-    upstreams = {name: UpstreamServer(name).start() for name in ("store", "v1", "v2", "pay")}
-    document = yaml.safe_load(yaml.safe_dump(MESH))
-    for service, subset, upstream in (
-        ("storefront", "v1", "store"),
-        ("catalog", "v1", "v1"),
-        ("catalog", "v2", "v2"),
-        ("payments", "v1", "pay"),
-    ):
-        document["services"][service]["subsets"][subset]["endpoints"] = [upstreams[upstream].address]
-    (directory / "mesh.yaml").write_text(yaml.safe_dump(document))
-    dashboard = Dashboard(directory / "dashboard", "--config", str(directory / "mesh.yaml"), "--signals-step", "1")
-    gateways: dict[str, Gateway] = {}
-    traffic: Traffic | None = None
-    try:
-        for group in ("shop", "catalog", "payments"):
-            gateways[group] = joined_gateway(dashboard, directory, group, telemetry=TELEMETRY)
-        wait_ready(*gateways.values())
-        found = Mesh(dashboard, gateways, Traffic(gateways, limit=600.0))
-        traffic = found.traffic
-        wait_for(lambda: found.call("shop", "catalog").status_code == 200, 20, what="shop reaches catalog")
+    with running_mesh(tmp_path_factory.mktemp("rollouts"), traffic_limit=600.0, telemetry=TELEMETRY) as found:
         yield found
-    finally:
-        if traffic is not None:
-            traffic.stop()
-        for gateway in gateways.values():
-            gateway.stop()
-        dashboard.stop()
-        for server in upstreams.values():
-            server.stop()
 
 
 def api(mesh: Mesh) -> httpx.Client:
