@@ -293,6 +293,42 @@ def test_get_prints_services_history_and_gateways(running: tuple[DashboardProces
     assert gateways.returncode == 0 and gateways.stdout.split()[:2] == ["GROUP", "INSTANCE"]
 
 
+def test_rollout_commands_start_follow_act_and_refuse_bad_input(running: tuple[DashboardProcess, str]) -> None:
+    """`meshgate rollout start|status|pause|resume|abort` and `meshgate get rollouts` against a real dashboard (no
+    gateways: the rollout holds for lack of signals, which is all these commands need)."""
+    dashboard, token = running
+    env = {"MESHGATE_SERVER": dashboard.url, "MESHGATE_TOKEN": token}
+    started = meshgate(
+        "rollout", "start", "catalog", "--canary", "v2", "--steps", "20,50", "--interval", "1m",
+        "--max-error-rate", "0.05", "--max-p99", "500ms", "--reason", "v2 canary", env=env,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    assert re.fullmatch(r"catalog: rollout catalog-[0-9a-f]{12} progressing at 20 %: step 1 of 2: .*\n", started.stdout)
+    status = meshgate("rollout", "status", "catalog", env=env)
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0].startswith("catalog: rollout catalog-") and "of v2 against v1, started by" in lines[0]
+    assert "phase progressing, canary at 20 %, steps [20] 50 100" in lines[1]
+    assert any(line.split()[1:3] == ["start", "20%"] for line in lines if line[:2].isdigit()), status.stdout
+    spec = json.loads(meshgate("rollout", "status", "catalog", "-o", "json", env=env).stdout)["spec"]
+    assert spec["judges"]["max_error_rate"] == 0.05 and spec["judges"]["max_p99_ms"] == 500.0
+    listed = meshgate("get", "rollouts", env=env)
+    header, row = listed.stdout.splitlines()
+    assert header.split()[:4] == ["SERVICE", "PHASE", "CANARY", "WEIGHT"]
+    assert row.split()[:6] == ["catalog", "progressing", "v2", "vs", "v1", "20%"]
+    assert_bad_input(meshgate("rollout", "start", "catalog", "--canary", "v2", env=env), "409", "already has")
+    assert_bad_input(meshgate("rollout", "resume", "catalog", env=env), "409", "not paused")
+    for action, phase in (("pause", "paused"), ("resume", "progressing"), ("abort", "aborted")):
+        done = meshgate("rollout", action, "catalog", "--reason", f"test {action}", env=env)
+        assert done.returncode == 0 and f" {phase} at " in done.stdout, done.stdout + done.stderr
+    services = json.loads(meshgate("get", "services", "-o", "json", env=env).stdout)["services"]
+    assert services[0]["weights"] == {"v1": 100, "v2": 0}
+    assert_bad_input(meshgate("rollout", "start", "catalog", "--canary", "v9", env=env), "422", "v9")
+    assert_bad_input(meshgate("rollout", "start", "catalog", "--canary", "v2", "--steps", "50,20", env=env), "rising")
+    assert_bad_input(meshgate("rollout", "promote", "nothing", env=env), "409", "no running rollout")
+    assert meshgate("rollout", "start", "catalog", "--canary", "v2", "--steps", "x", env=env).returncode == 2
+
+
 def test_apply_replaces_the_config_and_is_idempotent(running: tuple[DashboardProcess, str], tmp_path: Path) -> None:
     dashboard, token = running
     env = {"MESHGATE_SERVER": dashboard.url, "MESHGATE_TOKEN": token}

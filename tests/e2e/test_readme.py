@@ -95,6 +95,7 @@ SYNOPSES = (
     "meshgate gateway --config FILE [--advertise HOST:PORT]",
     "meshgate dashboard [--listen 127.0.0.1:9000]",
     "meshgate gateway --control URL --group NAME",
+    "meshgate rollout start SERVICE --canary SUBSET",
 )
 
 
