@@ -46,11 +46,23 @@ LEASE = "rollouts"
 LEASE_TTL = 10.0
 AUTHOR = "rollout:"  # config commits made by a rollout are authored "rollout:<id>"
 MAX_ENTRIES = 100_000  # log entries a rollout may write (about 55 hours of ticks); then it pauses, for good
-EXAMPLES = 3
+EVENTS = {  # decision -> the event the events webhook gets
+    "start": "started",
+    "step": "step",
+    "hold": "holding",
+    "alert": "held",
+    "awaiting_approval": "awaiting_approval",
+    "pause": "paused",
+    "resume": "resumed",
+    "approve": "approved",
+    "promote": "promoted",
+    "rollback": "rolled_back",
+    "abort": "aborted",
+}
 
 # commit(who, service, split, action, reason) -> the config version it made (or that was already live)
 Commit = Callable[[str, str, Mapping[str, int], str, str], Awaitable[int]]
-# examples(service, subset, since) -> up to EXAMPLES request IDs, errors and slow requests first
+# examples(service, subset, since) -> a few request IDs of the canary since `since`, errors and slow requests first
 Examples = Callable[[str, str, float], Awaitable[list[dict[str, Any]]]]
 
 
@@ -203,7 +215,14 @@ class Rollouts:
         ]
         rollout = rollout.but(ticks=rollout.ticks + 1, updated=now, verdict=brief(verdict))
         split = split_of(revision.mesh, rollout.service)
-        decision = await self._manual_change(rollout, split, revision)
+        spec = rollout.spec
+        decision = None
+        if split is None or spec.primary not in split or spec.canary not in split:
+            gone = f"the service {rollout.service}" if split is None else f"subset {spec.primary} or {spec.canary}"
+            message = f"aborted: {gone} is no longer in the config (version {revision.version})"
+            decision = Decision(rollout.but(phase="aborted", ended=now, message=message), "abort")
+        if decision is None:
+            decision = await self._manual_change(rollout, split, revision)
         if decision is None and rollout.ticks + 2 >= MAX_ENTRIES:
             message = (
                 f"paused for good: {MAX_ENTRIES:,} log entries written (its log is full) at {rollout.weight} %; "
@@ -349,8 +368,7 @@ class Rollouts:
     def _event(self, rollout: Rollout, action: str) -> None:
         url = rollout.spec.events
         if url is not None:
-            names = {"rollback": "rolled_back", "promote": "promoted", "alert": "held", "hold": "holding"}
-            self.webhooks.event(url, self._payload(rollout, names.get(action, action)))
+            self.webhooks.event(url, self._payload(rollout, EVENTS.get(action, action)))
 
     # Actions (the API)
 
@@ -408,7 +426,7 @@ class Rollouts:
             await self._commit(rollout, spec.split(weight), "start", f"rollout {rollout_id}: {message}")
             await self._forget_old()
         rollout = Rollout.from_json(stored.data, stored.revision)
-        self._event(rollout, "started")
+        self._event(rollout, "start")
         return rollout
 
     async def act(self, service: str, action: str, who: str, reason: str) -> Rollout:
@@ -477,7 +495,7 @@ class Rollouts:
             self.running.pop(rollout.id, None)  # its tick numbering moved on: replayed next tick
             if split is not None:
                 await self._commit(rollout, split, action, f"rollout {rollout.id}: {rollout.message}")
-        self._event(rollout, {"abort": "aborted", "pause": "paused", "resume": "resumed"}.get(action, action))
+        self._event(rollout, action)
         return rollout
 
     async def _forget_old(self) -> None:

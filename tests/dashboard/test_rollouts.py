@@ -8,6 +8,7 @@ on 127.0.0.1 that check the HMAC signature. The API tests go through a real uvic
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import json
@@ -346,6 +347,17 @@ async def test_of_two_replicas_one_drives_and_the_other_takes_over_when_it_stops
         assert len(ticks) == 4
     finally:
         await harness.webhooks.close()
+
+
+async def test_a_rollout_of_a_deleted_service_is_aborted(harness: Harness) -> None:
+    rollout = await harness.start()
+    document = copy.deepcopy((await harness.store.current()).mesh)
+    del document["services"][SERVICE]
+    document["groups"] = {group: [s for s in names if s != SERVICE] for group, names in document["groups"].items()}
+    await harness.store.commit(document, author="bob", reason="retire", action="config.put", target="mesh")
+    rollout = await harness.tick(traffic=False)
+    assert rollout.phase == "aborted" and "no longer in the config" in rollout.message, rollout.message
+    assert (await harness.decisions(rollout))[-1]["action"] == "abort"
 
 
 # 5. Stale signals
