@@ -26,7 +26,7 @@ from dashboard.api.selfmetrics import DashboardMetrics, MetricsEndpoint, Request
 from dashboard.api.signals import SignalsApi
 from dashboard.api.traces import TraceApi
 from dashboard.attempts import FailedAttempts
-from dashboard.errors import DashboardError, ErrorBoundary, on_dashboard_error, on_http_exception
+from dashboard.errors import DashboardError, ErrorBoundary, on_dashboard_error
 from dashboard.headers import SecurityHeaders
 from dashboard.rollout.driver import Rollouts
 from dashboard.rollout.webhooks import Webhooks
@@ -107,7 +107,8 @@ def create_app(settings: Settings) -> Starlette:
                 paths={"/v1/traces": MAX_SPAN_BATCH, "/api/v1/heartbeat": MAX_HEARTBEAT},
             ),
         ],
-        exception_handlers={DashboardError: on_dashboard_error, HTTPException: on_http_exception},
+        # UI: a browser asking for a page that does not exist gets a page saying so, with the navigation
+        exception_handlers={DashboardError: on_dashboard_error, HTTPException: views.on_http_exception},
     )
     app.state.auth = auth  # for pages and login added by the UI, which authenticate the same way
     app.state.store = store

@@ -818,8 +818,8 @@ class Exchange:
         if service is not None and (self.head or self.fields is not None):  # counted in `active` by start()
             service.load.active -= 1
         downstream = self.downstream
-        if downstream.listener.reporter is not None:
-            self.record()
+        if downstream.listener.reporter is not None and downstream.local is None:
+            self.record()  # traffic only: the dashboard's lookups of hop records (answered locally) are not
         if downstream.paused & (PAUSE_PEER | PAUSE_BUFFER):
             downstream.resume(PAUSE_PEER | PAUSE_BUFFER)  # the upstream that caused the pause is gone
         if self.request_done or not self.keep_alive:

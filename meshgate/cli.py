@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from importlib.metadata import version as package_version
 from typing import TypeAlias
 
 from gateway import cli as gateway_cli
@@ -31,6 +32,7 @@ Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshgate", description="An observability-first service mesh.")
+    parser.add_argument("--version", action="version", version=f"meshgate {package_version('meshgate')}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gateway_cli.add_parser(subparsers)
     register_cli.add_parser(subparsers)
@@ -46,7 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def add_dashboard_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser("dashboard", help="run the control server (config store, CA, API)")
-    parser.add_argument("--listen", type=_address, default=DEFAULT_LISTEN, metavar="HOST:PORT")
+    parser.add_argument(
+        "--listen",
+        type=_address,
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"where the API, the pages and the gateways' protocol are served (default {DEFAULT_LISTEN}; HTTPS "
+        "beyond loopback)",
+    )
     _store_arguments(parser)
     parser.add_argument("--config", metavar="FILE", help="mesh YAML that seeds an empty store (ignored otherwise)")
     _trust_domain_argument(parser)
@@ -170,7 +179,7 @@ def add_client_parsers(subparsers: Subparsers) -> None:
     apply = subparsers.add_parser("apply", help="replace the mesh config on the dashboard with a mesh YAML file")
     apply.add_argument("file", metavar="FILE")
     apply.add_argument("--reason", help="recorded in the history and audit log (default: the file name)")
-    _connection_arguments(apply)
+    _connection_arguments(apply, "an operator")
     apply.set_defaults(run=_run_apply)
     get = subparsers.add_parser("get", help="show services, gateways, rollouts or the config history")
     get.add_argument("what", choices=("services", "gateways", "rollouts", "history"))
@@ -215,7 +224,7 @@ def add_rollout_parser(subparsers: Subparsers) -> None:
     start.add_argument("--max-p99", type=_positive_duration, metavar="DURATION", help="absolute limit, e.g. 500ms")
     start.add_argument("--no-latency", action="store_true", help="do not judge latency")
     start.add_argument("--reason", default="", help="recorded in the audit log and the config history")
-    _connection_arguments(start)
+    _connection_arguments(start, "an operator")
     start.set_defaults(run=_run_rollout)
     for name, text in (
         ("status", "the rollout's state, latest verdict and decision log"),
@@ -231,7 +240,7 @@ def add_rollout_parser(subparsers: Subparsers) -> None:
             action.add_argument("--reason", default="", help="recorded in the audit log")
         else:
             action.add_argument("-o", "--output", choices=("text", "json"), default="text")
-        _connection_arguments(action)
+        _connection_arguments(action, "an operator or viewer" if name == "status" else "an operator")
         action.set_defaults(run=_run_rollout)
 
 
@@ -281,12 +290,13 @@ def _trust_domain_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-domain", default="meshgate.local", metavar="TD", help="SPIFFE trust domain")
 
 
-def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+def _connection_arguments(parser: argparse.ArgumentParser, role: str = "an operator or viewer") -> None:
+    """--server and the token; `role`: whose token the command needs."""
     help_text = f"dashboard URL (env MESHGATE_SERVER, default {DEFAULT_SERVER})"
     server = os.environ.get("MESHGATE_SERVER") or DEFAULT_SERVER
     parser.add_argument("--server", metavar="URL", default=server, help=help_text)
-    parser.add_argument("--token", help="operator or viewer token (env MESHGATE_TOKEN; the env keeps it out of ps)")
-    parser.add_argument("--token-file", metavar="FILE", help="read the operator or viewer token from FILE")
+    parser.add_argument("--token", help=f"{role} token (env MESHGATE_TOKEN; the env keeps it out of ps)")
+    parser.add_argument("--token-file", metavar="FILE", help=f"read {role} token from FILE")
 
 
 def _address(text: str) -> Address:

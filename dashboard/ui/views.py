@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import jinja2
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -41,7 +42,7 @@ from dashboard.api.bodies import RolloutBody, convert_body, operator_reason
 from dashboard.api.operator import OperatorApi
 from dashboard.api.rollouts import ACTIONS, spec_of
 from dashboard.attempts import client_address
-from dashboard.errors import ApiError, DashboardError, one_line
+from dashboard.errors import ApiError, DashboardError, on_http_exception, one_line
 from dashboard.rollout.driver import Rollouts
 from dashboard.store.model import RolloutConflict
 from dashboard.ui.charts import clock, fmt
@@ -62,6 +63,7 @@ HTMX_CONFIG = {
 }
 LOGIN_COOKIE = "meshgate_login"  # pre-login CSRF: the login form must come from our own page
 REFRESH = 2.0
+NOT_PAGES = ("/api/", "/v1/", "/ui/", "/static/", "/metrics", "/healthz")  # their 404s stay JSON (or plain)
 _WEIGHT = re.compile(r"-?[0-9]{1,9}")
 _STEP = re.compile(r"[0-9]{1,3}")
 _SECONDS = re.compile(r"[0-9]{1,7}(\.[0-9]{1,3})?")
@@ -267,7 +269,25 @@ class Views:
         if is_htmx(request):
             context = {"ok": False, "message": one_line(reason)}
             return self.render(request, "partials/flash.html", context, status, extra)
-        return self.render(request, "error.html", {"status": status, "reason": one_line(reason)}, status, extra)
+        return self.error_page(request, status, reason, extra)
+
+    def error_page(
+        self, request: Request, status: int, reason: str, headers: Mapping[str, str] | None = None
+    ) -> Response:
+        """A page saying what went wrong, with the navigation when the browser is logged in."""
+        session = self.sessions.current(request)
+        principal = session.principal if session is not None else None
+        context = {"status": status, "reason": one_line(reason), "principal": principal}
+        return self.render(request, "error.html", context, status, headers)
+
+    async def on_http_exception(self, request: Request, exc: Exception) -> Response:
+        """Starlette's own 404/405 (no route): a page for a browser asking for a page, else the API's JSON."""
+        assert isinstance(exc, HTTPException)
+        accepts_html = "text/html" in request.headers.get("accept", "")
+        if accepts_html and request.method in ("GET", "HEAD") and not request.url.path.startswith(NOT_PAGES):
+            reason = {404: f"no page at {request.url.path}"}.get(exc.status_code, str(exc.detail))
+            return self.error_page(request, exc.status_code, reason, dict(exc.headers or {}))
+        return await on_http_exception(request, exc)
 
     async def _principal(self, request: Request, roles: frozenset[str] = READ) -> Principal:
         return await self.auth.require(request, roles)

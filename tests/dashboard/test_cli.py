@@ -595,3 +595,14 @@ def test_healthz_answers_without_a_token(start: Any, tmp_path: Path) -> None:
     dashboard = start("--data", str(tmp_path / "data"))
     answer = httpx.get(f"{dashboard.url}/healthz")
     assert (answer.status_code, answer.text) == (200, "ok\n")
+
+
+def test_version_and_help_say_what_each_option_is() -> None:
+    version = meshgate("--version")
+    assert version.returncode == 0 and re.fullmatch(r"meshgate \d+\.\d+\.\d+\S*\n", version.stdout), version
+    dashboard = " ".join(meshgate("dashboard", "--help").stdout.split())
+    assert "--listen HOST:PORT where the API, the pages and the gateways' protocol are served" in dashboard
+    apply = " ".join(meshgate("apply", "--help").stdout.split())
+    assert "an operator token" in apply and "viewer" not in apply  # a viewer cannot apply
+    get = " ".join(meshgate("get", "--help").stdout.split())
+    assert "an operator or viewer token" in get

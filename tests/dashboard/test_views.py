@@ -237,8 +237,41 @@ def test_unknown_services_are_404_pages(operator: tuple[httpx.Client, str]) -> N
     client, csrf = operator
     page = client.get("/services/nope")
     assert page.status_code == 404 and "no such service" in page.text and "<h1>404</h1>" in page.text
+    assert '<a href="/services"' in page.text, "an error page keeps the navigation"
     assert client.post("/services/nope/weights", data={"w.v1": "100"}, headers=htmx(csrf)).status_code == 404
     assert client.get("/topology?window=2d").status_code == 400
+
+
+def test_a_page_that_does_not_exist_is_a_page_with_navigation_and_an_api_path_stays_json(
+    dash: Dashboard, operator: tuple[httpx.Client, str]
+) -> None:
+    client, _ = operator
+    browser = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    page = client.get("/no/such/page", headers=browser)
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+    assert "no page at /no/such/page" in page.text and '<a href="/topology"' in page.text
+    assert '<a href="/traces"' in page.text and "Log out" in page.text
+    hostile = client.get("/<script>x</script>", headers=browser)
+    assert hostile.status_code == 404 and "<script>x" not in hostile.text
+    for path in ("/api/v1/nope", "/v1/nope", "/ui/nope", "/static/nope.css"):
+        answer = client.get(path, headers=browser)
+        assert answer.status_code == 404 and not answer.headers["content-type"].startswith("text/html"), path
+    assert client.get("/no/such/page").json() == {"error": "not found"}  # not asking for HTML: the API's answer
+    with dash.client() as anonymous:
+        page = anonymous.get("/no/such/page", headers=browser)
+    assert page.status_code == 404 and "Back to the topology" in page.text and "Log out" not in page.text
+
+
+def test_the_canary_button_of_the_live_weight_is_pressed(dash: Dashboard, operator: tuple[httpx.Client, str]) -> None:
+    client, csrf = operator
+    page = client.get("/services/catalog").text
+    pressed = re.findall(r'id="(canary-\d+|promote|rollback)"[^>]*aria-pressed="true"', page)
+    assert pressed == ["canary-10"]
+    form = {"percent": "100", "primary": "v1", "canary": "v2"}
+    client.post("/services/catalog/weights", data=form, headers=htmx(csrf))
+    page = client.get("/services/catalog").text
+    assert re.findall(r'id="(canary-\d+|promote|rollback)"[^>]*aria-pressed="true"', page) == ["canary-100", "promote"]
+    assert "data-clear-reason" in page  # app.js empties the reason once a change went through
 
 
 def test_the_timeline_marks_weight_changes_and_revert_restores_the_weights_before(

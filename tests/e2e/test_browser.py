@@ -155,11 +155,16 @@ def browser() -> Iterator[Browser]:
 
 @contextlib.contextmanager
 def session(
-    browser: Browser, dashboard: Dashboard, role: str = "operator", expected: str = "NONE", height: int = 900
+    browser: Browser,
+    dashboard: Dashboard,
+    role: str = "operator",
+    expected: str = "NONE",
+    height: int = 900,
+    width: int = 1400,
 ) -> Iterator[Page]:
     """A fresh browser context logged in through the login page with a new `role` token. Console errors fail the
     test, except those containing `expected`."""
-    context = browser.new_context(viewport=ViewportSize(width=1400, height=height))
+    context = browser.new_context(viewport=ViewportSize(width=width, height=height))
     page = context.new_page()
     problems: list[str] = []
     page.on(
@@ -315,10 +320,14 @@ def test_canary_50_percent_moves_the_weights_and_then_the_traffic(
         page.goto(mesh.dashboard.url + "/services/catalog")
         page.wait_for_selector('#weight-value-v2[data-weight="0"]')
         page.fill("#reason", "canary step: half the traffic to v2")
+        assert page.get_attribute("#canary-0", "aria-pressed") == "true"  # the button of the live weight
         page.click("#canary-50")
         page.wait_for_selector("#flash .flash.ok")
         assert "v1 50 %, v2 50 %" in page.inner_text("#flash")
+        assert page.input_value("#reason") == "", "the reason went with the change; the next must not reuse it"
         page.wait_for_selector('#weight-value-v2[data-weight="50"]', timeout=10_000)  # the live weights
+        page.wait_for_selector('#canary-50[aria-pressed="true"]')
+        assert page.get_attribute("#canary-0", "aria-pressed") == "false"
         assert page.input_value("#weight-v2") == "50"  # the exact-weights form follows too
         # The gateways apply it within a second; the measured split (last 15 s) follows as heartbeats arrive.
         until(page, "Number(document.getElementById('share-v2').dataset.share || 0) >= 0.3", 40, "v2 traffic")
@@ -389,3 +398,17 @@ def test_thirty_services_with_traffic_no_edge_label_covers_another_or_a_box(brow
         assert_labels_clear(page.evaluate(LABELS), 31)
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("width", [800, 1024])
+def test_the_header_fits_a_narrow_window(browser: Browser, mesh: Mesh, width: int) -> None:
+    """Every part of the header, "Log out" last, lies inside the window: it wraps rather than running off the edge."""
+    with session(browser, mesh.dashboard, expected="404 (Not Found)", width=width) as page:
+        page.goto(mesh.dashboard.url + "/services/catalog")
+        for selector in (".top .brand", ".top nav", "#header-lookup", ".top .who .user", ".top .who button"):
+            box = page.locator(selector).bounding_box()
+            assert box is not None, selector
+            assert box["x"] >= 0 and box["x"] + box["width"] <= width, (selector, box)
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        page.goto(mesh.dashboard.url + "/no/such/page")
+        assert page.locator("h1").inner_text() == "404" and page.locator(".top nav a").count() == 4

@@ -161,12 +161,19 @@ def test_the_dashboard_identity_looks_up_hop_records_over_mtls(mesh: Mesh, worke
     ca = MeshCA.load_or_create(str(mesh.dashboard.data / "ca"), "meshgate.local")
     key, chain, _ = ca.issue(ca.dashboard_id)
     host, port = catalog.inbound
+    served = metric(catalog, "meshgate_requests_total", reporter="destination")
     with httpx.Client(verify=tls.mesh_client_context(chain, key, ca.root_pem), timeout=5) as dashboard:
         for request_id in ids:
             found = dashboard.get(f"https://{host}:{port}/requests/{request_id}")
             assert found.status_code == 200, found.text
             assert [hop["source"] for hop in found.json()["hops"]] == ["shop"]
         assert dashboard.get(f"https://{host}:{port}/config").status_code == 404  # lookups, nothing else
+        lookup = dashboard.get(f"https://{host}:{port}/requests/{ids[0]}").headers["x-request-id"]
+    # The lookups are not traffic: no series counts them (an `unknown -> unknown` edge on the graph, before) and no
+    # hop record was kept for them.
+    assert metric(catalog, "meshgate_requests_total", reporter="destination") == served
+    with httpx.Client(verify=tls.mesh_client_context(chain, key, ca.root_pem), timeout=5) as dashboard:
+        assert dashboard.get(f"https://{host}:{port}/requests/{lookup}").status_code == 404
     # A group's identity is a caller, not the dashboard: its /requests/... is just a path on the service.
     shop_key, csr = tls.new_key_and_csr()
     shop = tls.mesh_client_context(ca.sign_csr(csr, "shop").chain_pem, shop_key, ca.root_pem)
