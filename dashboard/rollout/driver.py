@@ -5,8 +5,9 @@ API, whose actions (start, pause, resume, promote, abort, approve) are writes to
 reads on its next tick. Every `TICK` seconds the driver, for each running rollout:
 
 1. reads the owner gateways' heartbeats (`signals.Increments`) into a `judge.Tick` and folds it into the judge;
-2. pauses the rollout if someone else changed the service's weights since the rollout's own last write (the
-   config history says who), and puts back the rollout's weights if its own write did not land;
+2. pauses the rollout if someone else changed the service's weights since the rollout's own last write, or its
+   routes, retries or timeouts since it started or resumed (the config history says who), and puts back the
+   rollout's weights if its own write did not land;
 3. decides (`decide`): roll back at once on harm; when the step's `interval` has passed, step up (or promote) on
    a pass, once the gates agree; hold on lack of evidence or stale signals, and pause with an alert after `max_hold`;
 4. writes the tick and any decision to the rollout's log (each decision keeps its verdict, its counts and example
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -64,6 +67,22 @@ EVENTS = {  # decision -> the event the events webhook gets
 Commit = Callable[[str, str, Mapping[str, int], str, str], Awaitable[int]]
 # examples(service, subset, since) -> a few request IDs of the canary since `since`, errors and slow requests first
 Examples = Callable[[str, str, float], Awaitable[list[dict[str, Any]]]]
+
+
+def routing_of(mesh: Mapping[str, Any], service: str) -> str | None:
+    """A digest of how `service` routes, but for its catch-all split (a rollout's own to set): its routes' matches
+    and splits, retries, timeouts, limits and the rest of its spec, not its subsets' endpoints. A rollout pauses
+    when it changes under it."""
+    try:
+        found = Mesh.parse(mesh, source="mesh").service(service)
+    except ConfigError:
+        return None
+    if found is None:
+        return None
+    spec: dict[str, Any] = {key: value for key, value in found.to_dict().items() if key != "subsets"}
+    routes = [route.to_dict() for route in found.routes]
+    spec["routes"] = [*routes[:-1], {**routes[-1], "split": None}]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def split_of(mesh: Mapping[str, Any], service: str) -> dict[str, int] | None:
@@ -259,6 +278,9 @@ class Rollouts:
         """Someone other than the rollout changed the weights since its last write: pause, saying who."""
         if rollout.phase == "paused" or split is None:
             return None
+        routing = routing_of(revision.mesh, rollout.service)
+        if rollout.routing and routing != rollout.routing:
+            return await self._route_change(rollout)
         if {name: split.get(name, 0) for name in rollout.expected} == rollout.expected:
             return None
         for newer in await self.store.history(50):
@@ -278,6 +300,26 @@ class Rollouts:
             paused = rollout.but(phase="paused", paused_from=rollout.phase, message=message)
             return Decision(paused, "pause")
         return None
+
+    async def _route_change(self, rollout: Rollout) -> Decision:
+        """The service's routes, retries or timeouts were edited under the rollout: pause, saying who (the newest
+        config version that changed them)."""
+        by = ""
+        for newer in await self.store.history(50):
+            older = await self.store.get(newer.version - 1)
+            if older is not None and routing_of(newer.mesh, rollout.service) != routing_of(older.mesh, rollout.service):
+                by = (
+                    f" by {newer.author}"
+                    + (f" ({newer.reason})" if newer.reason else "")
+                    + f" at config version {newer.version}"
+                )
+                break
+        message = (
+            f"paused: the routes of {rollout.service} (matches, retries or timeouts) were changed{by}; the judge "
+            f"compares like with like, so resume once they are as meant, to go on from step {rollout.step + 1} at "
+            f"{rollout.weight} %"
+        )
+        return Decision(rollout.but(phase="paused", paused_from=rollout.phase, message=message), "pause")
 
     async def decide(self, rollout: Rollout, verdict: Verdict, now: float) -> Decision:
         """What the rollout does after `verdict` (gates are called here)."""
@@ -411,6 +453,7 @@ class Rollouts:
                 message=message,
                 expected=spec.split(weight),
                 ticks=1,
+                routing=routing_of(revision.mesh, service) or "",
             )
             entry = decision_entry(rollout, "start", now, who=who, reason=reason, spec=spec.to_json())
             await self.store.append_rollout_log(rollout_id, [(0, entry)])
@@ -452,6 +495,7 @@ class Rollouts:
                 if rollout.ticks + 2 >= MAX_ENTRIES:
                     raise ApiError(409, f"{service}'s rollout log is full; promote or abort it, or start a new one")
                 split = spec.split(rollout.weight)
+                routing = routing_of((await self.store.current()).mesh, service) or ""
                 rollout = rollout.but(
                     phase="progressing",
                     paused_from=None,
@@ -459,6 +503,7 @@ class Rollouts:
                     alerted=False,
                     step_started=now,
                     expected=split,
+                    routing=routing,
                     message=f"resumed{said}; step {rollout.step + 1} at {rollout.weight} %",
                 )
             elif action == "approve":

@@ -178,6 +178,7 @@ class Rollout:
     new_primary: str | None = None
     verdict: dict[str, Any] | None = None
     ticks: int = 0  # log entries so far (ticks and decisions): the next entry's number
+    routing: str = ""  # the service's routing when the rollout started or resumed (driver.routing_of)
     revision: int = 0  # the store's, not part of the document
 
     def __post_init__(self) -> None:
@@ -214,6 +215,7 @@ class Rollout:
             "new_primary": self.new_primary,
             "verdict": self.verdict,
             "ticks": self.ticks,
+            "routing": self.routing,
         }
 
     @classmethod
@@ -240,6 +242,7 @@ class Rollout:
             new_primary=data.get("new_primary"),
             verdict=data.get("verdict"),
             ticks=int(data.get("ticks", 0)),
+            routing=str(data.get("routing", "")),
             revision=revision,
         )
 

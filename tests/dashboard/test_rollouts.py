@@ -286,6 +286,27 @@ async def test_a_manual_weight_change_pauses_and_resume_puts_the_step_back(harne
     assert await harness.split() == {"v1": 100 - rollout.weight, "v2": rollout.weight}
 
 
+async def test_a_route_edit_during_a_rollout_pauses_it_and_its_own_steps_do_not(harness: Harness) -> None:
+    """The judge compares like with like: retries, timeouts or route matches edited under a rollout pause it (and
+    say who), as a weight change does; the rollout's own weight steps never do."""
+    rollout = await harness.start(interval=2.0, steps=(5, 10, 25, 50, 60, 70, 80, 90))
+    for _ in range(3):
+        rollout = await harness.tick()
+    assert rollout.active and rollout.phase != "paused" and rollout.weight > 5, rollout.message  # it stepped
+    document = copy.deepcopy((await harness.store.current()).mesh)
+    document["services"][SERVICE]["retries"] = {"attempts": 3}
+    await harness.store.commit(document, author="carol", reason="more retries", action="config.put", target="mesh")
+    rollout = await harness.tick()
+    assert rollout.phase == "paused", rollout.message
+    assert "routes of catalog" in rollout.message and "by carol (more retries)" in rollout.message
+    weight = rollout.weight
+    rollout = await harness.rollouts.act(SERVICE, "resume", "carol", "retries are as meant")
+    for _ in range(3):
+        rollout = await harness.tick()
+        assert rollout.phase != "paused", rollout.message
+    assert rollout.weight >= weight
+
+
 # 4. A restart
 
 
