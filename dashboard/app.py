@@ -76,7 +76,7 @@ def create_app(settings: Settings) -> Starlette:
     rollouts = Rollouts(  # serve.py runs `rollouts.run()`, the driver; the API hands actions to it
         store,
         commit=operator.commit_split,
-        webhooks=Webhooks(settings.webhook_secret, settings.webhook_allow),
+        webhooks=Webhooks(settings.webhook_secret, settings.webhook_allow, events=metrics.rollout_events),
         examples=settings.spans.examples if settings.spans is not None else None,
         tick=settings.rollout_tick,
     )

@@ -6,12 +6,11 @@ loop per process). A retried request also leaves the code of its first attempt (
 attempt are the final counts with those requests moved back, derived only when scraped (`first_attempts`), so the
 faults that retries hid still show (a canary's, say). A request whose span is exported also leaves its trace and
 request IDs as the exemplar of its latency bucket (`Series.exemplar`); the others pay nothing for exemplars.
-Everything else is read from the
-runtime's own state when /metrics is scraped: requests in flight, pools, pending requests, ejected and unhealthy
-endpoints, open connections. `snapshot()` turns all of it into plain data, which is what a worker sends its
-supervisor; `merge()` adds snapshots up (keeping each bucket's latest exemplar), and `SnapshotCollector` renders
-the sum through prometheus-client, as Prometheus text or, when negotiated, OpenMetrics with the exemplars, so one
-scrape shows the whole gateway.
+Everything else is read from the runtime's own state when /metrics is scraped: requests in flight, pools, pending
+requests, ejected and unhealthy endpoints, open connections. `snapshot()` turns all of it into plain data, which
+is what a worker sends its supervisor; `merge()` adds snapshots up (keeping each bucket's latest exemplar), and
+`SnapshotCollector` renders the sum through prometheus-client, as Prometheus text or, when negotiated, OpenMetrics
+with the exemplars, so one scrape shows the whole gateway.
 """
 
 from __future__ import annotations

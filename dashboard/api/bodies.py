@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dashboard.errors import ApiError, error_response
+from dashboard.rollout.spec import DEFAULT_INTERVAL, DEFAULT_MAX_HOLD, MAX_DURATION, MAX_STEPS, MAX_URL, MIN_INTERVAL
 
 MAX_OPERATOR_REASON = 500  # characters in an operator's reason for a change
 MAX_CSR = 16 * 1024  # characters of a PEM certificate request sent to /join
@@ -218,9 +219,14 @@ class JoinBody(msgspec.Struct, forbid_unknown_fields=True):
     ]
 
 
-Seconds = Annotated[float, msgspec.Meta(ge=2, le=7 * 86400, extra=expected("seconds from 2 to 604800"))]
+Seconds = Annotated[
+    float,
+    msgspec.Meta(
+        ge=MIN_INTERVAL, le=MAX_DURATION, extra=expected(f"seconds from {MIN_INTERVAL:g} to {MAX_DURATION:g}")
+    ),
+]
 Percent = Annotated[int, msgspec.Meta(ge=1, le=99, extra=expected("a whole percent from 1 to 99"))]
-Url = Annotated[str, msgspec.Meta(max_length=2048, pattern=ONE_LINE, extra=expected("an http(s) URL"))]
+Url = Annotated[str, msgspec.Meta(max_length=MAX_URL, pattern=ONE_LINE, extra=expected("an http(s) URL"))]
 
 
 class JudgesBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -242,11 +248,11 @@ class RolloutBody(ReasonBody, forbid_unknown_fields=True):
 
     canary: Annotated[str, msgspec.Meta(max_length=63, extra=expected("a subset name"))]
     primary: Annotated[str, msgspec.Meta(max_length=63, extra=expected("a subset name"))] | None = None
-    steps: Annotated[list[Percent], msgspec.Meta(min_length=1, max_length=20)] | None = None
+    steps: Annotated[list[Percent], msgspec.Meta(min_length=1, max_length=MAX_STEPS)] | None = None
     step_weight: Percent | None = None
     max_weight: Percent | None = None
-    interval: Seconds = 60.0
-    max_hold: Seconds = 1800.0
+    interval: Seconds = DEFAULT_INTERVAL
+    max_hold: Seconds = DEFAULT_MAX_HOLD
     judges: JudgesBody = msgspec.field(default_factory=JudgesBody)
     approval: bool = False
     gate: Url | None = None

@@ -23,9 +23,6 @@ from dashboard.errors import ApiError
 from dashboard.rollout.driver import Rollouts, split_of
 from dashboard.rollout.judge import Criteria
 from dashboard.rollout.spec import DEFAULT_STEPS, Rollout, RolloutSpec, SpecError
-from dashboard.store.model import RolloutConflict
-
-ACTIONS = ("pause", "resume", "promote", "abort", "approve")
 
 
 def spec_of(body: RolloutBody, split: dict[str, int]) -> RolloutSpec:
@@ -156,11 +153,7 @@ class RolloutApi:
         split = split_of(revision.mesh, name)
         if split is None:
             raise ApiError(404, f"services.{name}: no such service")
-        spec = spec_of(body, split)
-        try:
-            rollout = await self.rollouts.start(name, spec, principal.who, body.reason)
-        except RolloutConflict as err:
-            raise ApiError(409, str(err)) from None
+        rollout = await self.rollouts.start(name, spec_of(body, split), principal.who, body.reason)
         return json_response(rollout_json(rollout), 201)
 
     async def act(self, request: Request) -> Response:
@@ -180,16 +173,10 @@ class RolloutApi:
         """
         principal = await self.auth.require(request, WRITE)
         name, action = request.path_params["name"], request.path_params["action"]
-        if action not in ACTIONS:
-            raise ApiError(404, f"no rollout action {action!r} (one of {', '.join(ACTIONS)})")
         reason = ""
         if (await request.body()).strip():
             reason = (await read_body(request, RolloutActionBody)).reason
-        try:
-            rollout = await self.rollouts.act(name, action, principal.who, reason)
-        except RolloutConflict as err:
-            raise ApiError(409, f"{err}; try again") from None
-        return json_response(rollout_json(rollout))
+        return json_response(rollout_json(await self.rollouts.act(name, action, principal.who, reason)))
 
     async def decisions(self, request: Request) -> Response:
         """---

@@ -96,6 +96,12 @@ class DashboardMetrics:
             ["service", "verdict"],
             registry=registry,
         )
+        self.rollout_events = Counter(
+            "meshgate_rollout_events",
+            "Rollout events for the events webhook, by outcome (sent, failed, dropped from a full queue)",
+            ["outcome"],
+            registry=registry,
+        )
         self.rollout_evidence = Gauge(
             "meshgate_rollout_evidence",
             "The judge's evidence of harm (an e-value: rolled back at 1/alpha, 100 by default)",

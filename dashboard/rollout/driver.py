@@ -27,17 +27,18 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from dashboard.errors import ApiError, DashboardError
 from dashboard.mesh import Mesh
-from dashboard.rollout.judge import Judge, Tick, Verdict
+from dashboard.rollout.judge import Judge, Tick, Verdict, replay
 from dashboard.rollout.signals import Increments
 from dashboard.rollout.spec import Rollout, RolloutSpec, weights_text
 from dashboard.rollout.webhooks import Webhooks
-from dashboard.store.model import MAX_LOG_BATCH, Revision, RolloutConflict, Store, StoreError
+from dashboard.signals.history import MeshRules
+from dashboard.store.model import MAX_LOG_BATCH, Revision, RolloutConflict, RolloutRecord, Store, StoreError
 from gateway.config import ConfigError
 from gateway.units import format_duration
 
@@ -48,6 +49,8 @@ STALE = 10.0  # seconds without an owner gateway's heartbeat before the signals 
 LEASE = "rollouts"
 LEASE_TTL = 10.0
 AUTHOR = "rollout:"  # config commits made by a rollout are authored "rollout:<id>"
+ACTIONS = ("pause", "resume", "promote", "abort", "approve")  # what an operator may do to a running rollout
+LOG_PAGE = 1000  # log entries read at a time
 MAX_ENTRIES = 100_000  # log entries a rollout may write (about 55 hours of ticks); then it pauses, for good
 EVENTS = {  # decision -> the event the events webhook gets
     "start": "started",
@@ -199,19 +202,12 @@ class Rollouts:
         found = self.running.get(rollout.id)
         if found is not None:
             return found
-        owner = owner_of(revision.mesh, rollout.service) or ""
-        failures = failure_codes(revision.mesh, rollout.service)
+        rules = MeshRules.of(revision)  # which group owns the service, and its failing gRPC codes
+        owner, failures = rules.owners.get(rollout.service, ""), rules.failures(rollout.service)
         spec = rollout.spec
         judge = Judge(spec.criteria)
-        after = -1
-        while True:
-            entries = await self.store.rollout_log(rollout.id, after, 1000)
-            for _, entry in entries:
-                if entry.get("kind") == "tick":
-                    judge.update(Tick.from_json(entry["tick"]))
-            if len(entries) < 1000:
-                break
-            after = entries[-1][0]
+        async for _, entry in self.log(rollout.id, "tick"):
+            judge.update(Tick.from_json(entry["tick"]))
         increments = Increments(rollout.service, owner, (spec.primary, spec.canary), failures)
         running = self.running[rollout.id] = _Running(judge, increments, self.clock())
         return running
@@ -457,7 +453,7 @@ class Rollouts:
             )
             entry = decision_entry(rollout, "start", now, who=who, reason=reason, spec=spec.to_json())
             await self.store.append_rollout_log(rollout_id, [(0, entry)])
-            stored = await self.store.put_rollout(service, rollout.to_json(), current.revision if current else 0)
+            stored = await self._put(rollout, current.revision if current else 0)
             await self.store.record_audit(
                 who=who,
                 action="rollout.start",
@@ -473,7 +469,9 @@ class Rollouts:
         return rollout
 
     async def act(self, service: str, action: str, who: str, reason: str) -> Rollout:
-        """pause | resume | promote | abort | approve, by an operator."""
+        """pause | resume | promote | abort | approve (`ACTIONS`), by an operator."""
+        if action not in ACTIONS:
+            raise ApiError(404, f"no rollout action {action!r} (one of {', '.join(ACTIONS)})")
         async with self.lock:
             rollout = await self.get(service)
             if rollout is None or not rollout.active:
@@ -513,7 +511,7 @@ class Rollouts:
             elif action == "promote":
                 decision = self.advance(rollout.but(step=len(spec.steps) - 1), now, f"promoted{said}")
                 rollout, split = decision.rollout, decision.split
-            elif action == "abort":
+            else:  # abort
                 split = spec.split(0)
                 rollout = rollout.but(
                     phase="aborted",
@@ -522,12 +520,10 @@ class Rollouts:
                     expected=split,
                     message=f"aborted{said}; {spec.primary} back to 100 %",
                 )
-            else:
-                raise ApiError(404, f"no rollout action {action!r} (pause, resume, promote, abort, approve)")
             rollout = rollout.but(updated=now, ticks=rollout.ticks + 1)
             entry = decision_entry(rollout, action, now, who=who, reason=reason)
             await self.store.append_rollout_log(rollout.id, [(rollout.ticks - 1, entry)])
-            stored = await self.store.put_rollout(service, rollout.to_json(), rollout.revision)
+            stored = await self._put(rollout, rollout.revision)
             await self.store.record_audit(
                 who=who,
                 action=f"rollout.{action}",
@@ -543,45 +539,53 @@ class Rollouts:
         self._event(rollout, action)
         return rollout
 
+    async def _put(self, rollout: Rollout, expect: int) -> RolloutRecord:
+        """An operator's write of the rollout: a conflict (another replica wrote it meanwhile) is their 409."""
+        try:
+            return await self.store.put_rollout(rollout.service, rollout.to_json(), expect)
+        except RolloutConflict as err:
+            raise ApiError(409, f"{err}; try again") from None
+
     async def _forget_old(self) -> None:
         records = await self.store.rollouts()
         keep = {record.data["id"] for record in records}
         await self.store.forget_rollout_logs(keep)
 
+    async def log(self, rollout_id: str, kind: str, after: int = -1) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """The rollout's log entries of `kind` ("tick" or "decision") numbered above `after`, oldest first, read a
+        page at a time."""
+        while True:
+            entries = await self.store.rollout_log(rollout_id, after, LOG_PAGE)
+            for seq, entry in entries:
+                if entry.get("kind") == kind:
+                    yield seq, entry
+            if len(entries) < LOG_PAGE:
+                return
+            after = entries[-1][0]
+
     async def decisions(self, rollout_id: str, after: int = -1, limit: int = 100) -> list[tuple[int, dict[str, Any]]]:
         """The rollout's decision entries (not its ticks), oldest first, numbered above `after`."""
         found: list[tuple[int, dict[str, Any]]] = []
-        while len(found) < limit:
-            entries = await self.store.rollout_log(rollout_id, after, 1000)
-            found += [(seq, entry) for seq, entry in entries if entry.get("kind") == "decision"]
-            if len(entries) < 1000:
+        async for item in self.log(rollout_id, "decision", after):
+            found.append(item)
+            if len(found) >= limit:
                 break
-            after = entries[-1][0]
-        return found[:limit]
+        return found
 
     async def replay(self, rollout: Rollout) -> list[dict[str, Any]]:
         """Re-judge the rollout's logged ticks: each tick's stored outcome beside the one the judge gives now."""
-        judge = Judge(rollout.spec.criteria)
-        rows = []
-        after = -1
-        while True:
-            entries = await self.store.rollout_log(rollout.id, after, 1000)
-            for seq, entry in entries:
-                if entry.get("kind") == "tick":
-                    verdict = judge.update(Tick.from_json(entry["tick"]))
-                    rows.append(
-                        {
-                            "seq": seq,
-                            "stored": entry.get("outcome"),
-                            "replayed": verdict.outcome,
-                            "evidence": round(verdict.evidence, 4),
-                            "sentence": verdict.sentence,
-                        }
-                    )
-            if len(entries) < 1000:
-                break
-            after = entries[-1][0]
-        return rows
+        logged = [item async for item in self.log(rollout.id, "tick")]
+        verdicts = replay(rollout.spec.criteria, [Tick.from_json(entry["tick"]) for _, entry in logged])
+        return [
+            {
+                "seq": seq,
+                "stored": entry.get("outcome"),
+                "replayed": verdict.outcome,
+                "evidence": round(verdict.evidence, 4),
+                "sentence": verdict.sentence,
+            }
+            for (seq, entry), verdict in zip(logged, verdicts, strict=True)
+        ]
 
 
 def brief(verdict: Verdict) -> dict[str, Any]:
@@ -602,20 +606,3 @@ def decision_entry(rollout: Rollout, action: str, now: float, **more: Any) -> di
         "message": rollout.message,
         **more,
     }
-
-
-def owner_of(mesh: Mapping[str, Any], service: str) -> str | None:
-    for group, services in (mesh.get("groups") or {}).items():
-        if service in services:
-            return str(group)
-    return None
-
-
-def failure_codes(mesh: Mapping[str, Any], service: str) -> frozenset[int]:
-    from gateway import rpc
-
-    try:
-        found = Mesh.parse(mesh, source="mesh").service(service)
-    except ConfigError:
-        found = None
-    return found.grpc.failure_codes if found is not None else rpc.DEFAULT_FAILURE_CODES

@@ -136,13 +136,6 @@ class Tick:
         )
         return cls(float(data["t"]), float(data["s"]), strata, bool(data.get("fresh", True)))
 
-    def totals(self, arm: str) -> tuple[int, ...]:
-        total = [0] * ARM
-        for stratum in self.strata:
-            for i, count in enumerate(stratum.canary if arm == "canary" else stratum.primary):
-                total[i] += count
-        return tuple(total)
-
 
 def _kl(p: float, q: float) -> float:
     """Kullback-Leibler divergence of Bernoulli(p) from Bernoulli(q)."""

@@ -8,7 +8,9 @@ fd00:ec2::254), private, multicast or unspecified address is refused unless the 
 TLS), so a DNS answer that changes between the check and the call (rebinding) cannot reach an inner address.
 
 Events never block a rollout: they are queued (at most `MAX_QUEUED`, the oldest dropped beyond) and sent one at a
-time; a failed one is logged and counted, not retried.
+time; a failed one is logged, not retried. Each is counted by outcome (the dashboard's
+`meshgate_rollout_events_total`). A gate's answer is read up to `MAX_ANSWER` bytes, and the whole call, answer
+included, ends after `TIMEOUT`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+from prometheus_client import Counter
 
 log = logging.getLogger("meshgate.rollouts")
 
@@ -72,16 +75,21 @@ def _forbidden(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
 class Webhooks:
     """Sends rollout webhooks. `allow`: hosts (names or addresses) that may be internal, as `--webhook-allow`."""
 
-    def __init__(self, secret: bytes | None = None, allow: Collection[str] = (), timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self,
+        secret: bytes | None = None,
+        allow: Collection[str] = (),
+        timeout: float = TIMEOUT,
+        events: Counter | None = None,
+    ) -> None:
         self.secret = secret
         self.allow = frozenset(host.lower().strip("[]") for host in allow)
         self.timeout = timeout
         self.client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
-        self.queue: deque[tuple[str, bytes]] = deque()
+        self.queue: deque[tuple[str, Mapping[str, Any]]] = deque()
         self.wakeup = asyncio.Event()
-        self.sent = 0
-        self.failed = 0
-        self.dropped = 0
+        # Events by outcome (sent, failed, dropped): the dashboard's meshgate_rollout_events_total
+        self.events = events or Counter("rollout_events", "", ["outcome"], registry=None)
 
     async def resolve(self, url: str) -> tuple[str, str]:
         """The URL to call (its host replaced by the checked address) and the original host; raises WebhookRefused."""
@@ -124,21 +132,36 @@ class Webhooks:
         if self.secret is not None:
             headers[SIGNATURE] = sign(self.secret, body)
         try:
-            response = await self.client.post(target, content=body, headers=headers, extensions={"sni_hostname": host})
-        except httpx.TimeoutException:
+            status, text = await asyncio.wait_for(self._send(target, body, headers, host), self.timeout)
+        except (httpx.TimeoutException, TimeoutError):
             return Answer(False, f"timed out after {self.timeout:g} s")
         except httpx.HTTPError as err:
             return Answer(False, f"failed: {type(err).__name__}: {str(err)[:200]}")
-        text = response.text[:MAX_ANSWER].replace("\n", " ").strip()
-        line = f"answered {response.status_code}" + (f": {text[:200]}" if text else "")
-        return Answer(200 <= response.status_code < 300, line)
+        line = f"answered {status}" + (f": {text[:200]}" if text else "")
+        return Answer(200 <= status < 300, line)
+
+    async def _send(self, target: str, body: bytes, headers: Mapping[str, str], host: str) -> tuple[int, str]:
+        """The status and the first `MAX_ANSWER` bytes of the answer (the rest is never read)."""
+        request = self.client.build_request(
+            "POST", target, content=body, headers=headers, extensions={"sni_hostname": host}
+        )
+        response = await self.client.send(request, stream=True)
+        try:
+            kept = b""
+            async for chunk in response.aiter_raw():
+                kept += chunk
+                if len(kept) >= MAX_ANSWER:
+                    break
+        finally:
+            await response.aclose()
+        return response.status_code, kept[:MAX_ANSWER].decode("utf-8", "replace").replace("\n", " ").strip()
 
     def event(self, url: str, payload: Mapping[str, Any]) -> None:
         """Queue an event for `url`; never waits."""
         if len(self.queue) >= MAX_QUEUED:
             self.queue.popleft()
-            self.dropped += 1
-        self.queue.append((url, json.dumps(payload).encode()))
+            self.events.labels("dropped").inc()
+        self.queue.append((url, payload))
         self.wakeup.set()
 
     async def run(self) -> None:
@@ -147,12 +170,10 @@ class Webhooks:
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.queue:
-                url, body = self.queue.popleft()
-                answer = await self.post(url, json.loads(body))
-                if answer.ok:
-                    self.sent += 1
-                else:
-                    self.failed += 1
+                url, payload = self.queue.popleft()
+                answer = await self.post(url, payload)
+                self.events.labels("sent" if answer.ok else "failed").inc()
+                if not answer.ok:
                     log.warning("rollout event to %s not delivered: %s", url, answer.text)
 
     async def close(self) -> None:

@@ -39,12 +39,11 @@ from starlette.staticfiles import StaticFiles
 
 from dashboard.api.auth import READ, WRITE, Auth, Principal
 from dashboard.api.bodies import RolloutBody, convert_body, operator_reason
-from dashboard.api.operator import OperatorApi
-from dashboard.api.rollouts import ACTIONS, spec_of
+from dashboard.api.operator import OperatorApi, int_param
+from dashboard.api.rollouts import spec_of
 from dashboard.attempts import client_address
 from dashboard.errors import ApiError, DashboardError, on_http_exception, one_line
 from dashboard.rollout.driver import Rollouts
-from dashboard.store.model import RolloutConflict
 from dashboard.ui.charts import clock, fmt
 from dashboard.ui.pagedata import WINDOWS, PageData, short_id
 from dashboard.ui.sessions import CSRF_HEADER, LoginError, Sessions, form_field
@@ -408,12 +407,7 @@ class Views:
         }
 
     def _older(self, request: Request) -> int | None:
-        text = request.query_params.get("older", "")
-        if not text:
-            return None
-        if not re.fullmatch(r"[0-9]{1,18}", text):
-            raise ApiError(400, f"older: expected a decision number, got {text!r}")
-        return int(text)
+        return int_param(request, "older", None, 0)  # decisions numbered below it
 
     async def service(self, request: Request) -> Response:
         return self.render(request, "service.html", await self._service_context(request))
@@ -493,25 +487,16 @@ class Views:
         name = request.path_params["name"]
         driver = self._driver()
         body = rollout_from_form(await self._form(request))
-        spec = spec_of(body, await self.data.weights_of(name))
-        try:
-            rollout = await driver.start(name, spec, principal.who, body.reason)
-        except RolloutConflict as err:
-            raise ApiError(409, str(err)) from None
+        rollout = await driver.start(name, spec_of(body, await self.data.weights_of(name)), principal.who, body.reason)
         return self._rollout_done(request, name, f"{name}: rollout {rollout.id} started; {rollout.message}")
 
     async def act_on_rollout(self, request: Request) -> Response:
         """Pause, resume, promote, abort or approve: `Rollouts.act`, the API's path."""
         principal = await self._principal(request, WRITE)
         name, action = request.path_params["name"], request.path_params["action"]
-        if action not in ACTIONS:
-            raise ApiError(404, f"no rollout action {action!r} (one of {', '.join(ACTIONS)})")
         driver = self._driver()
         reason = operator_reason((await self._form(request)).get("reason", ""))
-        try:
-            rollout = await driver.act(name, action, principal.who, reason)
-        except RolloutConflict as err:
-            raise ApiError(409, f"{err}; try again") from None
+        rollout = await driver.act(name, action, principal.who, reason)
         return self._rollout_done(request, name, f"{name}: rollout {rollout.id} {rollout.phase}; {rollout.message}")
 
     def _rollout_done(self, request: Request, name: str, message: str) -> Response:

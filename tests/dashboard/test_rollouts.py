@@ -8,6 +8,8 @@ on 127.0.0.1 that check the HMAC signature. The API tests go through a real uvic
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import hashlib
 import hmac
@@ -15,7 +17,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Counter
 
 from dashboard.api.auth import Auth
 from dashboard.api.bodies import MAX_OPERATOR_REASON
@@ -33,7 +36,7 @@ from dashboard.rollout.driver import LEASE, Rollouts, split_of
 from dashboard.rollout.judge import ARM, FIRST_BUCKET, Tick
 from dashboard.rollout.signals import Increments
 from dashboard.rollout.spec import Rollout, RolloutSpec
-from dashboard.rollout.webhooks import SIGNATURE, Webhooks
+from dashboard.rollout.webhooks import MAX_QUEUED, SIGNATURE, Webhooks
 from dashboard.store import open_store
 from dashboard.store.model import GatewayRecord, Store
 from tests.dashboard.dashboards import Dashboard, mesh
@@ -549,6 +552,103 @@ async def test_a_webhook_that_never_answers_times_out() -> None:
             await webhooks.close()
     assert not answer.ok and answer.text == "timed out after 0.3 s"
     assert 0.25 <= elapsed < 2.0
+
+
+@contextlib.asynccontextmanager
+async def serve_raw(answer: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> AsyncIterator[str]:
+    """The URL of a server on 127.0.0.1 that reads a request head and then answers with `answer(writer)`; at the
+    end its connections are closed and their handlers finished."""
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await answer(writer)
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(answering(reader, writer))
+        handlers.add(task)
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            await task
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    finally:
+        server.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def test_a_gate_answering_a_huge_body_is_read_only_up_to_the_limit() -> None:
+    """50 MiB of answer, sent as fast as it goes: the gate's answer is read up to MAX_ANSWER bytes, never held whole."""
+    sent = 0
+
+    async def huge(writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (50 << 20))
+        chunk = b"x" * (1 << 16)
+        while sent < 50 << 20:
+            writer.write(chunk)
+            await writer.drain()
+            sent += len(chunk)
+
+    webhooks = Webhooks(SECRET, allow=["127.0.0.1"], timeout=5.0)
+    async with serve_raw(huge) as url:
+        try:
+            answer = await webhooks.post(url, {"event": "x"})
+        finally:
+            await webhooks.close()
+    assert answer.ok and answer.text.startswith("answered 200: xxx") and len(answer.text) < 300
+    assert sent < 10 << 20, f"{sent} bytes were sent before the gate's answer was cut"
+
+
+async def test_a_gate_that_drips_its_answer_is_cut_at_the_timeout() -> None:
+    """A byte every 0.1 s keeps each read within httpx's per-read timeout; the whole call still ends at `timeout`."""
+
+    async def drip(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n")
+        for _ in range(100_000):
+            writer.write(b"x")
+            await writer.drain()
+            await asyncio.sleep(0.1)  # the hostile server's pace, not synchronisation
+
+    webhooks = Webhooks(SECRET, allow=["127.0.0.1"], timeout=0.5)
+    async with serve_raw(drip) as url:
+        try:
+            started = time.monotonic()
+            answer = await webhooks.post(url, {"event": "x"})
+            elapsed = time.monotonic() - started
+        finally:
+            await webhooks.close()
+    assert not answer.ok and answer.text == "timed out after 0.5 s"
+    assert elapsed < 2.0
+
+
+async def test_events_are_counted_by_outcome_and_a_full_queue_drops_the_oldest(receiver: Receiver) -> None:
+    events = Counter("events", "", ["outcome"], registry=CollectorRegistry())
+    webhooks = Webhooks(SECRET, allow=["127.0.0.1"], events=events)
+    for i in range(MAX_QUEUED + 2):
+        webhooks.event(receiver.url, {"event": "step", "n": i})
+    assert events.labels("dropped")._value.get() == 2
+    webhooks.event("http://169.254.169.254/latest", {"event": "step"})  # refused: a failed delivery
+    sender = asyncio.ensure_future(webhooks.run())
+    try:
+        with anyio.fail_after(10):
+            while events.labels("sent")._value.get() + events.labels("failed")._value.get() < MAX_QUEUED:
+                await anyio.sleep(0.02)
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        await webhooks.close()
+    assert events.labels("sent")._value.get() == MAX_QUEUED - 1 and events.labels("failed")._value.get() == 1
+    assert events.labels("dropped")._value.get() == 3  # the queue was full again when the refused one came
+    assert [body["n"] for body, _ in receiver.received][:2] == [3, 4]  # the oldest went: 0, 1, then 2
 
 
 # 9. The API, through a real dashboard

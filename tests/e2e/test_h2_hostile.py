@@ -248,6 +248,17 @@ def per_request_cpu(gw: Gateway, enough: float = 0.2, most: int = 20_000) -> flo
         client.close()
 
 
+def flood_cpu(gw: Gateway, client: H2Client, data: bytes) -> float:
+    """Send `data` until the gateway closes the connection: the gateway's CPU seconds meanwhile."""
+    proc = psutil.Process(gw.proc.pid)
+    before = cpu_seconds(proc)
+    sender = Flood(client, [data])
+    sender.start()
+    client.wait_closed()
+    sender.join(READ_TIMEOUT)
+    return cpu_seconds(proc) - before
+
+
 def gateway_ok(gw: Gateway) -> None:
     """The gateway survived the attack without an unhandled error, and serves a normal request."""
     assert get(gw.inbound) == 200
@@ -467,15 +478,9 @@ def test_control_frame_flood_is_cut_off_at_bounded_cpu(hello_gateway: Gateway, h
     (a gateway without the limit ACKs them all and never closes: the wait fails). CPU bound: 0.5 s, ~10x what it
     costs; it catches per-frame work beyond the codec's, such as an ACK flushed per frame."""
     gw = hello_gateway
-    proc = psutil.Process(gw.proc.pid)
     assert get(gw.inbound) == 200
     client = h2_connect(gw.inbound)
-    before = cpu_seconds(proc)
-    sender = Flood(client, [FLOODS[kind].serialize() * CONTROL_FRAMES])
-    sender.start()
-    client.wait_closed()
-    sender.join(READ_TIMEOUT)
-    spent = cpu_seconds(proc) - before
+    spent = flood_cpu(gw, client, FLOODS[kind].serialize() * CONTROL_FRAMES)
     assert spent < 0.5, f"{spent:.3f}s of CPU for {CONTROL_FRAMES} {kind} frames"
     gateway_ok(gw)
 
@@ -486,17 +491,11 @@ def test_empty_data_flood_gets_goaway_enhance_your_calm(
     """Empty DATA frames without END_STREAM on an open upload (CVE-2019-9518), 20 x the glitch burst: libnghttp2
     counts each as a glitch and answers GOAWAY ENHANCE_YOUR_CALM once the burst is spent. CPU bound: 0.5 s."""
     gw = hello_gateway
-    proc = psutil.Process(gw.proc.pid)
     assert get(gw.inbound) == 200
     burst, _ = CODEC.glitch_rate_limit
     client = h2_connect(gw.inbound)
     client.send(client.request(1, method="POST", end=False))
-    before = cpu_seconds(proc)
-    sender = Flood(client, [DataFrame(1, data=b"").serialize() * (20 * burst)])
-    sender.start()
-    client.wait_closed()
-    sender.join(READ_TIMEOUT)
-    spent = cpu_seconds(proc) - before
+    spent = flood_cpu(gw, client, DataFrame(1, data=b"").serialize() * (20 * burst))
     assert client.goaway is not None, "closed without GOAWAY"
     assert client.goaway.error_code == ENHANCE_YOUR_CALM
     assert spent < 0.5, f"{spent:.3f}s of CPU for {20 * burst} empty DATA frames"
@@ -508,15 +507,11 @@ def test_window_update_flood_gets_goaway_enhance_your_calm(hello_gateway: Gatewa
     (each is valid until the window would pass 2^31 - 1), so the gateway counts them per read and says GOAWAY
     ENHANCE_YOUR_CALM. CPU bound: 1 s (each update is one event from the codec)."""
     gw = hello_gateway
-    proc = psutil.Process(gw.proc.pid)
     assert get(gw.inbound) == 200
     client = h2_connect(gw.inbound)
-    before = cpu_seconds(proc)
-    sender = Flood(client, [WindowUpdateFrame(0, window_increment=1).serialize() * (20 * http2.MAX_WINDOW_UPDATES)])
-    sender.start()
-    client.wait_closed()
-    sender.join(READ_TIMEOUT)
-    spent = cpu_seconds(proc) - before
+    spent = flood_cpu(
+        gw, client, WindowUpdateFrame(0, window_increment=1).serialize() * (20 * http2.MAX_WINDOW_UPDATES)
+    )
     assert client.goaway is not None, "closed without GOAWAY"
     assert client.goaway.error_code == ENHANCE_YOUR_CALM
     assert spent < 1.0, f"{spent:.3f}s of CPU for {20 * http2.MAX_WINDOW_UPDATES} WINDOW_UPDATE frames"
